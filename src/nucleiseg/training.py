@@ -1,0 +1,455 @@
+"""Training UNet++ on a prepared cache: one epoch loop, checkpoints, resume, DDP.
+
+A run folder holds everything about one training::
+
+    RUN_DIR/
+      train_config.json    the settings (resume reads them back)
+      last_state.pt        model + optimizer + scheduler + epoch, after every epoch
+      last.safetensors     the latest weights as a model file (predict, --init)
+      best.safetensors     the weights with the best validation score so far
+      metrics.csv          one row per epoch
+      curves.png           training vs validation curves
+
+Crops and augmentations are seeded by (seed, epoch, sample), so a run resumed
+from ``last_state.pt`` continues exactly as if it had never stopped.
+Under ``torchrun`` the same code trains with DistributedDataParallel; only
+rank 0 validates and writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .data.dataset import DEFAULT_KIND_WEIGHTS, CropDataset, EpochSampler, load_cached_image, sampling_weights
+from .data.targets import CHANNELS, make_targets
+from .errors import NucleisegError
+from .io import atomic_path
+from .losses import DeepSupervisionLoss
+from .metrics import PixelScoreAccumulator, instance_scores
+from .models import UNetPlusPlus, load_model_file, resolve_model_path, save_model
+from .postprocess import PostprocessParams, instances_from_probabilities
+from .preprocess import normalize
+
+log = logging.getLogger("nucleiseg.train")
+
+METRIC_COLUMNS = [
+    "epoch", "train_loss", "val_loss", "val_f1", "val_iou", "val_auc", "val_dsb", "val_ap50",
+    "lr", "seconds", "images_per_s",
+]
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (stored as ``train_config.json``).
+
+    Parameters
+    ----------
+    epochs : int
+        Passes of ``samples_per_epoch`` crops each.
+    batch_size : int
+        Crops per optimisation step (per process under torchrun).
+    crop : int
+        Side of the square training crops.
+    samples_per_epoch : int or None
+        Crops per epoch; None = the number of training images.
+    widths : tuple of int
+        UNet++ channel widths per level (depth = len - 1).
+    lr : float
+        Peak learning rate of Adam (AMSGrad).
+    weight_decay : float
+        Adam's L2 weight decay.
+    schedule : {"cosine", "plateau"}
+        Linear warm-up then cosine decay per step, or halve on a validation-loss plateau.
+    warmup_epochs : float
+        Length of the linear warm-up (cosine schedule).
+    precision : {"auto", "fp32", "bf16"}
+        bf16 autocast where the processor supports it ("auto") or always/never.
+    workers : int or None
+        Data-loading processes; None picks 0 on two cores or fewer (loading is
+        ~3% of a step there) and 2 otherwise.
+    seed : int
+        Seeds weights, crop sampling and augmentation.
+    augment_strength : float
+        Scales the photometric augmentations' probabilities (0 = geometric only).
+    kind_weights : dict
+        How much more often each image kind is drawn.
+    init : str or None
+        Model file to start from (fine-tuning); its widths replace ``widths``.
+    val_every : int
+        Validate every this many epochs (and always after the last).
+    threads : int or None
+        torch intra-op threads; None = all cores of this process's share.
+    """
+
+    epochs: int = 40
+    batch_size: int = 8
+    crop: int = 256
+    samples_per_epoch: int | None = None
+    widths: tuple[int, ...] = (16, 32, 64, 128, 256)
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    precision: str = "auto"
+    workers: int | None = None
+    seed: int = 0
+    augment_strength: float = 1.0
+    kind_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_KIND_WEIGHTS))
+    init: str | None = None
+    val_every: int = 1
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        self.widths = tuple(int(w) for w in self.widths)
+        if self.schedule not in ("cosine", "plateau"):
+            raise NucleisegError(f"schedule must be 'cosine' or 'plateau', got {self.schedule!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise NucleisegError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.crop < 16:
+            raise NucleisegError("epochs and batch size must be >= 1 and the crop >= 16")
+
+    @classmethod
+    def from_json(cls, path: Path) -> "TrainConfig":
+        return cls(**json.loads(path.read_text()))
+
+
+# ----------------------------------------------------------------------------- environment
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast runs natively (CPU with AVX-512 BF16/AMX, or a bf16 GPU)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None = plain fp32)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16" or bf16_supported(device):
+        return torch.bfloat16
+    return None
+
+
+@dataclass
+class _Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed() -> _Distributed:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return _Distributed()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return _Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class _Split:
+    ids: list[str]
+    kinds: list[str]
+    images: list[np.ndarray]
+    labels: list[np.ndarray]
+
+
+def load_split(cache_dir: Path, split: str) -> _Split:
+    """All images and labels of one split of a prepared cache, in memory."""
+    from .data.cache import read_cache
+
+    table = read_cache(cache_dir)
+    table = table[table["split"] == split]
+    ids = table["image_id"].astype(str).tolist()
+    pairs = [load_cached_image(cache_dir, i) for i in ids]
+    return _Split(ids, table["kind"].astype(str).tolist(), [p[0] for p in pairs], [p[1] for p in pairs])
+
+
+# ----------------------------------------------------------------------------- schedule
+def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+    if config.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=3)
+    total = max(1, config.epochs * steps_per_epoch)
+    warmup = max(1, int(config.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------- validation
+@torch.no_grad()
+def validate(
+    model: UNetPlusPlus,
+    split: _Split,
+    loss_fn: DeepSupervisionLoss,
+    autocast_dtype: torch.dtype | None,
+    params: PostprocessParams | None = None,
+) -> dict[str, float]:
+    """Loss, pixel F1/IoU/AUC of the body channel and DSB score, at native resolution."""
+    from .models.unetplusplus import pad_to_multiple
+
+    model.eval()
+    device = next(model.parameters()).device
+    pixels = PixelScoreAccumulator()
+    losses, dsb, ap50 = [], [], []
+    for image, labels in zip(split.images, split.labels):
+        x = torch.from_numpy(normalize(image))[None].to(device)
+        h, w = x.shape[-2:]
+        x = pad_to_multiple(x, 2**model.depth).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            heads = [t[..., :h, :w].float() for t in model(x)]
+        target = torch.from_numpy(make_targets(labels))[None].to(device)
+        losses.append(float(loss_fn(heads, target)))
+        probs = torch.stack([torch.sigmoid(t) for t in heads]).mean(0)[0].cpu().numpy()
+        pixels.update(labels > 0, probs[0] > 0.5, prob=probs[0])
+        pred = instances_from_probabilities(probs, CHANNELS[: probs.shape[0]], params)
+        scores = instance_scores(labels, pred)
+        dsb.append(scores.score)
+        ap50.append(scores.ap50)
+    summary = pixels.scores()
+    return {
+        "val_loss": float(np.mean(losses)),
+        "val_f1": summary["f1"],
+        "val_iou": summary["iou"],
+        "val_auc": summary.get("auc", float("nan")),
+        "val_dsb": float(np.mean(dsb)),
+        "val_ap50": float(np.mean(ap50)),
+    }
+
+
+# ----------------------------------------------------------------------------- files
+def _save_state(path: Path, model: torch.nn.Module, optimizer, scheduler, epoch: int, best: float) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "best_score": best,
+        "torch_rng": torch.get_rng_state(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _append_metrics(path: Path, row: dict[str, Any]) -> None:
+    rows = _read_metrics(path)
+    rows = [r for r in rows if int(r["epoch"]) < int(row["epoch"])] + [row]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: r.get(k, "") for k in METRIC_COLUMNS})
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def plot_curves(metrics_csv: Path, out_png: Path) -> None:
+    """Training vs validation loss, and the validation metrics, per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _read_metrics(metrics_csv)
+    if not rows:
+        return
+
+    def column(name: str) -> np.ndarray:
+        return np.array([float(r[name]) if r.get(name) not in ("", None) else np.nan for r in rows])
+
+    epochs = column("epoch")
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot(epochs, column("train_loss"), label="training")
+    ax_loss.plot(epochs, column("val_loss"), "o-", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="BCE + Dice loss", title="Loss")
+    ax_loss.legend()
+    for name, label in [("val_f1", "F1"), ("val_iou", "IoU"), ("val_auc", "AUC"), ("val_dsb", "DSB score"), ("val_ap50", "AP@0.5")]:
+        ax_metric.plot(epochs, column(name), "o-", label=label)
+    ax_metric.set(xlabel="epoch", ylim=(0, 1), title="Validation")
+    ax_metric.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main loop
+def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None = None, resume: bool = False,
+          max_steps: int | None = None) -> Path:
+    """Train (or resume training) a UNet++ on a prepared cache.
+
+    Parameters
+    ----------
+    cache_dir : str or Path
+        A cache written by ``nucleiseg prepare``.
+    run_dir : str or Path
+        Where checkpoints, metrics and curves go.
+    config : TrainConfig, optional
+        Settings for a new run; ignored on resume except ``epochs`` (which may extend it).
+    resume : bool
+        Continue from ``run_dir/last_state.pt``.
+    max_steps : int, optional
+        Stop after this many optimisation steps in total (tests, quick checks).
+
+    Returns
+    -------
+    Path
+        The best model file (``best.safetensors``).
+    """
+    cache_dir, run_dir = Path(cache_dir), Path(run_dir)
+    ddp = _init_distributed()
+    state_path = run_dir / "last_state.pt"
+    if resume:
+        if not state_path.exists():
+            raise NucleisegError("nothing to resume: no last_state.pt in this folder", run_dir)
+        saved = TrainConfig.from_json(run_dir / "train_config.json")
+        if config is not None and config.epochs > saved.epochs:
+            saved.epochs = config.epochs
+        config = saved
+    config = config or TrainConfig()
+    if ddp.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(run_dir / "train_config.json") as tmp:
+            tmp.write_text(json.dumps(asdict(config), indent=2))
+
+    device = torch.device(f"cuda:{ddp.local_rank}" if torch.cuda.is_available() else "cpu")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    autocast_dtype = resolve_precision(config.precision, device)
+
+    train_split = load_split(cache_dir, "train")
+    val_split = load_split(cache_dir, "val")
+    if not train_split.ids:
+        raise NucleisegError("the cache has no training images", cache_dir)
+    log.info("%d training and %d validation images; %s on %s", len(train_split.ids), len(val_split.ids),
+             "bf16" if autocast_dtype else "fp32", device)
+
+    # Model: fresh, or fine-tuned from a model file.
+    postprocess_meta: dict = {}
+    if config.init:
+        init_model, meta = load_model_file(resolve_model_path(config.init))
+        model = init_model.train()
+        config.widths = tuple(init_model.config.widths)
+        postprocess_meta = meta.get("postprocess", {})
+    else:
+        model = UNetPlusPlus(3, len(CHANNELS), config.widths)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, amsgrad=True)
+    loss_fn = DeepSupervisionLoss()
+
+    samples = config.samples_per_epoch or len(train_split.ids)
+    weights = sampling_weights(train_split.kinds, [im.shape[:2] for im in train_split.images], config.kind_weights, config.crop)
+    sampler = EpochSampler(weights, samples, seed=config.seed, rank=ddp.rank, world_size=ddp.world_size)
+    dataset = CropDataset(train_split.images, train_split.labels, config.crop, config.augment_strength)
+    workers = config.workers if config.workers is not None else (0 if (os.cpu_count() or 1) <= 2 else 2)
+    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers,
+                        drop_last=len(sampler) >= config.batch_size, persistent_workers=workers > 0)
+    steps_per_epoch = max(1, len(loader))
+    scheduler = _make_scheduler(optimizer, config, steps_per_epoch)
+
+    start_epoch, best_score = 1, -math.inf
+    if resume:
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, best_score = int(state["epoch"]) + 1, float(state["best_score"])
+        log.info("resuming %s at epoch %d", run_dir, start_epoch)
+
+    net = model
+    if ddp.world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    meta = {"postprocess": postprocess_meta or PostprocessParams().to_dict(), "preprocess": {"normalize": "percentile 1-99.8"},
+            "training": {"cache": str(cache_dir), "widths": list(config.widths)}}
+    steps_done = (start_epoch - 1) * steps_per_epoch
+    for epoch in range(start_epoch, config.epochs + 1):
+        sampler.set_epoch(epoch)
+        net.train()
+        started = time.perf_counter()
+        running, seen = 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not ddp.is_main, leave=False, dynamic_ncols=True)
+        for x, y in bar:
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                heads = net(x)
+            loss = loss_fn(heads, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if config.schedule == "cosine":
+                scheduler.step()
+            running += float(loss) * len(x)
+            seen += len(x)
+            steps_done += 1
+            bar.set_postfix(loss=f"{running / seen:.4f}", img_s=f"{seen * ddp.world_size / (time.perf_counter() - started):.2f}")
+            if max_steps is not None and steps_done >= max_steps:
+                break
+        elapsed = time.perf_counter() - started
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": running / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
+                               "seconds": round(elapsed, 1), "images_per_s": round(seen * ddp.world_size / elapsed, 2)}
+        last_epoch = epoch == config.epochs or (max_steps is not None and steps_done >= max_steps)
+        if ddp.is_main and val_split.ids and (epoch % config.val_every == 0 or last_epoch):
+            row.update(validate(model, val_split, loss_fn, autocast_dtype))
+            if config.schedule == "plateau":
+                scheduler.step(row["val_loss"])
+        if ddp.world_size > 1 and config.schedule == "plateau":
+            # keep every replica's learning rate in step with rank 0's decision
+            lr = torch.tensor([optimizer.param_groups[0]["lr"]], device=device)
+            dist.broadcast(lr, 0)
+            for group in optimizer.param_groups:
+                group["lr"] = float(lr)
+        if ddp.is_main:
+            # best = highest validation DSB score; without validation, lowest training loss
+            score = row["val_dsb"] if "val_dsb" in row else -row["train_loss"]
+            _append_metrics(run_dir / "metrics.csv", row)
+            save_model(run_dir / "last.safetensors", model, {**meta, "epoch": epoch})
+            if score > best_score:
+                best_score = score
+                save_model(run_dir / "best.safetensors", model, {**meta, "epoch": epoch})
+            _save_state(state_path, model, optimizer, scheduler, epoch, best_score)
+            plot_curves(run_dir / "metrics.csv", run_dir / "curves.png")
+            log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+        if ddp.world_size > 1:
+            dist.barrier()
+        if max_steps is not None and steps_done >= max_steps:
+            break
+    if ddp.world_size > 1:
+        dist.destroy_process_group()
+    return run_dir / "best.safetensors"
