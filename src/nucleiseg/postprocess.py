@@ -15,7 +15,6 @@ from typing import Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.morphology import remove_small_objects
 from skimage.segmentation import relabel_sequential, watershed
 
 
@@ -49,6 +48,22 @@ class PostprocessParams:
         return asdict(self)
 
 
+def remove_small_labels(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Set objects of fewer than ``min_size`` pixels to 0 (in a copy).
+
+    Examples
+    --------
+    >>> remove_small_labels(np.array([[1, 1, 0, 2]]), 2)
+    array([[1, 1, 0, 0]])
+    """
+    if min_size <= 1 or labels.max(initial=0) == 0:
+        return labels
+    counts = np.bincount(labels.ravel())
+    small = counts < min_size
+    small[0] = False
+    return np.where(small[labels], 0, labels)
+
+
 def boundary_probability(probs: np.ndarray, channels: Sequence[str]) -> np.ndarray | None:
     """The larger of the contour and touch probabilities, or None if neither is predicted."""
     parts = [probs[channels.index(name)] for name in ("contour", "touch") if name in channels]
@@ -65,8 +80,7 @@ def connected_components(body: np.ndarray, threshold: float = 0.5, min_size: int
     """
     mask = body > threshold
     labels, _ = ndi.label(mask)
-    if min_size > 1:
-        labels = remove_small_objects(labels, max_size=min_size - 1)
+    labels = remove_small_labels(labels, min_size)
     return relabel_sequential(labels)[0].astype(np.int32)
 
 
@@ -114,8 +128,7 @@ def instances_from_probabilities(
     foreground = body > params.foreground_threshold
     seeds = (body * (1.0 - boundary) > params.seed_threshold) & foreground
     markers, _ = ndi.label(seeds)
-    if params.min_seed_size > 1:
-        markers = remove_small_objects(markers, max_size=params.min_seed_size - 1)
+    markers = remove_small_labels(markers, params.min_seed_size)
     # Foreground blobs left without any seed (small or low-confidence nuclei) keep one seed each,
     # so no detected nucleus is lost to the seed threshold.
     blobs, n_blobs = ndi.label(foreground)
@@ -127,6 +140,5 @@ def instances_from_probabilities(
             offset = int(markers.max())
             markers = np.where(orphan, blobs + offset, markers)
     labels = watershed(-body, markers, mask=foreground)
-    if params.min_size > 1:
-        labels = remove_small_objects(labels, max_size=params.min_size - 1)
+    labels = remove_small_labels(labels, params.min_size)
     return relabel_sequential(labels)[0].astype(np.int32)

@@ -75,10 +75,10 @@ def normalize(rgb: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarr
     if rgb.ndim != 3 or rgb.shape[-1] != 3:
         raise ValueError(f"expected (H, W, 3), got shape {rgb.shape}")
     values = rgb.astype(np.float32) / 255.0
-    lo, hi = np.percentile(_subsample(values), (low, high))
+    lo, hi = (float(v) for v in np.percentile(_subsample(values), (low, high)))
     scale = 1.0 / max(hi - lo, 1e-2)  # a flat image stays flat instead of blowing up noise
     out = np.clip((values - lo) * scale, -0.5, 1.5)
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
+    return np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32)
 
 
 def clahe(rgb: np.ndarray, clip_limit: float = 2.0, tile_grid: int = 8) -> np.ndarray:

@@ -93,6 +93,8 @@ class TrainConfig:
         Validate every this many epochs (and always after the last).
     threads : int or None
         torch intra-op threads; None = all cores of this process's share.
+    cache : str or None
+        The prepared cache trained on (recorded so ``--resume`` needs no data argument).
     """
 
     epochs: int = 40
@@ -112,6 +114,7 @@ class TrainConfig:
     init: str | None = None
     val_every: int = 1
     threads: int | None = None
+    cache: str | None = None
 
     def __post_init__(self) -> None:
         self.widths = tuple(int(w) for w in self.widths)
@@ -340,6 +343,7 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
             saved.epochs = config.epochs
         config = saved
     config = config or TrainConfig()
+    config.cache = str(cache_dir.resolve())
     if ddp.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(run_dir / "train_config.json") as tmp:
