@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -195,7 +196,8 @@ def _run_train(args: argparse.Namespace) -> int:
             augment_strength=args.augment_strength, init=args.init, val_every=args.val_every, threads=args.threads,
         )
         best = train(_as_cache(Path(args.data)), out, config, max_steps=args.max_steps)
-    log.info("best model: %s", best)
+    if os.environ.get("RANK", "0") == "0":
+        log.info("best model: %s", best)
     return 0
 
 
@@ -225,15 +227,410 @@ def _cache_of_run(run_dir: "Path") -> "Path":
 
 
 # --------------------------------------------------------------------- predict
+# Kept equal to nucleiseg.inference.DEFAULT_TILE / DEFAULT_OVERLAP (a test checks): importing
+# inference here would load torch for every command, even 'nucleiseg --help'.
+_PREDICT_TILE = 1024
+_PREDICT_OVERLAP = 192
+_PREDICT_FORMATS = ("rle", "imagej-roi", "geojson")
+
+
+def _formats(text: str) -> list[str]:
+    """Parse --formats: a comma-separated subset of _PREDICT_FORMATS ('' or 'none' for none)."""
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    if names == ["none"]:
+        return []
+    unknown = [n for n in names if n not in _PREDICT_FORMATS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown format {', '.join(unknown)}; choose from {', '.join(_PREDICT_FORMATS)}"
+        )
+    return list(dict.fromkeys(names))
+
+
 def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="(not yet available)", formatter_class=_Formatter)
-    p.set_defaults(func=_not_yet)
+    p = sub.add_parser(
+        "predict",
+        help="find and outline the nuclei in images",
+        formatter_class=_Formatter,
+        description=(
+            "Segment every nucleus in each image and write, per image <name> (the file name without\n"
+            "its extension), into OUT_DIR:\n"
+            "  <name>_labels.tif         instance labels (16-bit; 32-bit past 65,535 nuclei), 0 = background\n"
+            "  <name>_mask.png           nuclei in white (255) on black\n"
+            "  <name>_overlay.png        the image with each nucleus outlined in its own colour\n"
+            "  <name>_nuclei.csv         one row per nucleus: label, area, centroid, bounding box,\n"
+            "                            equivalent diameter, eccentricity, mean intensity (grey image)\n"
+            "  <name>_probabilities.tif  with --save-probabilities: float32 body/contour/touch maps\n"
+            "  <name>_rois.zip           with --formats imagej-roi: ImageJ/Fiji ROI Manager polygons\n"
+            "  <name>.geojson            with --formats geojson: QuPath detections (File > Import objects)\n"
+            "and for the run: summary.csv (image, nuclei, mean area, status, message) and, with\n"
+            "--formats rle, submission.csv (Kaggle DSB ImageId,EncodedPixels).\n\n"
+            "INPUT: image files (PNG, JPEG, TIFF, BMP; 8/16-bit; grey, RGB or RGBA), folders (the\n"
+            "images directly inside) or glob patterns ('plates/*.tif', expanded here when the shell\n"
+            "did not). Two inputs with the same name get unique ones (<name>-2, ...), reported.\n\n"
+            "A bad image (missing, empty, truncated, not an image, smaller than 16x16 pixels) gets one\n"
+            "error line and the others are still segmented; the exit status is then 1. An image\n"
+            "without nuclei (e.g. all black) is valid: a warning, and its outputs are written.\n"
+            "Existing outputs are never replaced unless --overwrite is given: an image with any output\n"
+            "already in OUT_DIR is skipped with a message (not an error). summary.csv and\n"
+            "submission.csv are rewritten by every run and cover all its inputs. An OUT_DIR where an\n"
+            "output would replace an input image is refused. Every file is written atomically.\n\n"
+            "Examples:\n"
+            "  nucleiseg predict images/ -o results/\n"
+            "  nucleiseg predict 'plate1/*.tif' --mode fast --formats imagej-roi,geojson -o results/\n"
+            "  nucleiseg predict big_slide.tif --model runs/my-model --tile 1024 -o results/"
+        ),
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    p.add_argument("-o", "--out", metavar="OUT_DIR", required=True, default=argparse.SUPPRESS,
+                   help="folder for the outputs (created if needed; required)")
+    p.add_argument("--model", metavar="PATH|default", default="default",
+                   help="model file (.safetensors) or training run folder; 'default' is the shipped model")
+    p.add_argument("--mode", choices=("accurate", "fast"), default="accurate",
+                   help="accurate: all UNet++ heads averaged; fast: only the pruned sub-network "
+                   "stored with the model (several times faster)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average over the 8 flips/rotations (8x slower)")
+    p.add_argument("--tile", type=int, default=_PREDICT_TILE, metavar="PX",
+                   help="predict images larger than this in overlapping tiles of this side (0: never tile)")
+    p.add_argument("--overlap", type=int, default=_PREDICT_OVERLAP, metavar="PX",
+                   help="overlap of neighbouring tiles, at most half the tile")
+    p.add_argument("--min-size", type=int, default=argparse.SUPPRESS, metavar="PX",
+                   help="drop nuclei smaller than this many pixels (default: the model's setting)")
+    p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="tiles per forward pass (default: about 1 Mpixel of tiles, ~1.2 GB for the default model)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="network arithmetic; auto: bf16 where the processor or GPU runs it natively")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:1, ...; auto: cuda when available, else cpu")
+    p.add_argument("--threads", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="CPU threads for the network (default: PyTorch's choice)")
+    p.add_argument("--formats", type=_formats, default="none", metavar="LIST",
+                   help=f"extra outputs, comma-separated: {', '.join(_PREDICT_FORMATS)}")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write <name>_probabilities.tif (float32, channels x height x width)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of skipping the image")
+    p.set_defaults(func=_run_predict)
+
+
+def _predict_inputs(specs: Sequence[str]) -> tuple[list, list[tuple[str, str]]]:
+    """Expand INPUT arguments into image paths (in order, no repeats) and (input, problem) pairs."""
+    import glob
+    from pathlib import Path
+
+    from .io import IMAGE_SUFFIXES, list_images
+
+    paths: list[Path] = []
+    problems: list[tuple[str, str]] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            found = list_images(path)
+            if not found:
+                problems.append((spec, f"folder holds no images ({', '.join(IMAGE_SUFFIXES)}) directly inside"))
+        elif path.exists() or path.is_symlink():
+            found = [path]
+        elif glob.has_magic(spec):
+            found = sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                problems.append((spec, "no image file matches this pattern"))
+        else:
+            found = []
+            problems.append((spec, "no such file or folder"))
+        paths.extend(found)
+    unique: dict = {}
+    for path in paths:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values()), problems
+
+
+def _predict_names(paths: Sequence) -> tuple[list[str], list[str]]:
+    """A unique output name per input (its stem, or <stem>-2, -3, ...), and a note per renaming."""
+    taken: dict[str, object] = {}
+    names, notes = [], []
+    for path in paths:
+        name, k = path.stem, 2
+        while name.lower() in taken:  # case-insensitive: outputs may land on such a file system
+            name, k = f"{path.stem}-{k}", k + 1
+        if name != path.stem:
+            notes.append(f"{path}: same name as {taken[path.stem.lower()]}; its outputs are named {name}_*")
+        taken[name.lower()] = path
+        names.append(name)
+    return names, notes
+
+
+def _predict_outputs(out_dir, name: str, args: argparse.Namespace) -> dict:
+    """The output files of one image, keyed by kind."""
+    outputs = {
+        "labels": out_dir / f"{name}_labels.tif",
+        "mask": out_dir / f"{name}_mask.png",
+        "overlay": out_dir / f"{name}_overlay.png",
+        "table": out_dir / f"{name}_nuclei.csv",
+    }
+    if args.save_probabilities:
+        outputs["probabilities"] = out_dir / f"{name}_probabilities.tif"
+    if "imagej-roi" in args.formats:
+        outputs["rois"] = out_dir / f"{name}_rois.zip"
+    if "geojson" in args.formats:
+        outputs["geojson"] = out_dir / f"{name}.geojson"
+    return outputs
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+    from tqdm import tqdm
+
+    def say(kind: str, message: str) -> None:
+        tqdm.write(f"nucleiseg predict: {kind}: {message}", file=sys.stderr)
+
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NucleisegError("is a file; expected an output folder", out_dir)
+    paths, problems = _predict_inputs(args.inputs)
+    names, notes = _predict_names(paths)
+    plans = [_predict_outputs(out_dir, name, args) for name in names]
+
+    # Refuse, before any work, an OUT_DIR where an output would replace an input image.
+    inputs = {p.resolve(): p for p in paths}
+    run_files = [out_dir / "summary.csv"] + ([out_dir / "submission.csv"] if "rle" in args.formats else [])
+    for target in [f for plan in plans for f in plan.values()] + run_files:
+        if target.resolve() in inputs:
+            raise NucleisegError(
+                f"output {target} would overwrite the input image {inputs[target.resolve()]}; choose another OUT_DIR"
+            )
+
+    import torch
+
+    from .inference import check_tiling, load_model, segment
+    from .io import atomic_path, read_image, write_geojson, write_imagej_rois, write_labels_tiff, write_overlay
+    from .io import write_png, write_probabilities_tiff
+    from .preprocess import to_rgb_uint8
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(max(1, args.threads))
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = load_model(args.model, device)
+    except NucleisegError as exc:
+        if args.model == "default":
+            raise NucleisegError(f"{exc}; pass --model MODEL_FILE (a .safetensors file or a training run folder)") from None
+        raise
+    try:
+        check_tiling(args.tile or None, args.overlap, 2**model.depth)
+    except ValueError as exc:
+        raise NucleisegError(f"--tile/--overlap: {exc}") from None
+    if getattr(args, "batch_size", 1) < 1:
+        raise NucleisegError("--batch-size must be at least 1")
+    options = dict(
+        mode=args.mode, tta=args.tta, tile=args.tile or None, overlap=args.overlap,
+        min_size=getattr(args, "min_size", None), batch_size=getattr(args, "batch_size", None),
+        precision=args.precision,
+    )
+
+    for spec, problem in problems:
+        say("error", f"{spec}: {problem}")
+    for note in notes:
+        say("note", note)
+    rows = []
+    for path, name, plan in tqdm(list(zip(paths, names, plans)), desc="predict", unit="image",
+                                 file=sys.stderr, disable=True if args.quiet else None):
+        row = {"image": str(path), "name": name, "nuclei": None, "mean_area": None, "status": "ok", "message": ""}
+        rows.append(row)
+        existing = [f for f in plan.values() if f.exists()]
+        if existing and not args.overwrite:
+            row.update(status="skipped", message=f"{len(existing)} of its outputs exist (use --overwrite)")
+            say("note", f"{path}: skipped, {existing[0]} exists (--overwrite replaces it)")
+            _predict_fill_from_table(row, plan["table"])
+            continue
+        try:
+            image = read_image(path)
+            result = segment(image, model, **options)
+            if "probabilities" in plan:
+                write_probabilities_tiff(plan["probabilities"], result.probabilities, result.channels)
+            result.probabilities = None  # free the largest array before the writers' temporaries
+            labels = result.labels
+            if "rois" in plan:
+                write_imagej_rois(plan["rois"], labels)
+            if "geojson" in plan:
+                write_geojson(plan["geojson"], labels)
+            write_overlay(plan["overlay"], to_rgb_uint8(image), labels)
+            write_png(plan["mask"], (labels > 0).astype(np.uint8) * np.uint8(255))
+            with atomic_path(plan["table"]) as tmp:
+                result.table.to_csv(tmp, index=False)
+            write_labels_tiff(plan["labels"], labels)  # last: its presence marks a complete result
+        except NucleisegError as exc:
+            message = exc.message if exc.path is not None else str(exc)
+            row.update(status="failed", message=message)
+            say("error", f"{path}: {message}")
+            continue
+        except MemoryError:
+            row.update(status="failed", message="out of memory")
+            say("error", f"{path}: out of memory (try a smaller --tile or --batch-size)")
+            continue
+        except Exception as exc:  # a bug on one image must not cost the others; -v shows the traceback
+            log.debug("traceback of the failure on %s", path, exc_info=True)
+            row.update(status="failed", message=f"unexpected error ({type(exc).__name__}: {exc})")
+            say("error", f"{path}: unexpected error ({type(exc).__name__}: {exc}); run with -v for details")
+            continue
+        row.update(nuclei=result.n_nuclei,
+                   mean_area=round(float(result.table["area"].mean()), 2) if result.n_nuclei else 0.0)
+        if not result.n_nuclei:
+            row["message"] = "no nuclei found"
+            say("warning", f"{path}: no nuclei found (outputs written)")
+        del image, result, labels
+
+    failed = len(problems) + sum(r["status"] == "failed" for r in rows)
+    if "rle" in args.formats:
+        _predict_submission(out_dir / "submission.csv", rows, plans, say)
+    import pandas as pd
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = pd.DataFrame(
+        rows + [{"image": spec, "name": "", "status": "failed", "message": problem} for spec, problem in problems],
+        columns=["image", "name", "nuclei", "mean_area", "status", "message"],
+    ).astype({"nuclei": "Int64"})
+    with atomic_path(out_dir / "summary.csv") as tmp:
+        summary.to_csv(tmp, index=False)
+    if not args.quiet:
+        done = sum(r["status"] == "ok" for r in rows)
+        skipped = sum(r["status"] == "skipped" for r in rows)
+        print(f"{out_dir}: {done} images segmented, {skipped} skipped, {failed} failed"
+              f" (see {out_dir / 'summary.csv'})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _predict_fill_from_table(row: dict, table_path) -> None:
+    """Nucleus count and mean area of a skipped image, from its existing table, when readable."""
+    import pandas as pd
+
+    try:
+        areas = pd.read_csv(table_path)["area"]
+    except Exception:  # missing or foreign file: the summary leaves the numbers empty
+        return
+    row.update(nuclei=len(areas), mean_area=round(float(areas.mean()), 2) if len(areas) else 0.0)
+
+
+def _predict_submission(path, rows: list[dict], plans: list[dict], say: Callable[[str, str], None]) -> None:
+    """Write the Kaggle submission CSV from the label files of the run, one image in memory at a time."""
+    from .data.rle import write_rle_csv
+    from .io import read_labels
+
+    def items():
+        for row, plan in zip(rows, plans):
+            if row["status"] == "failed":
+                continue
+            try:
+                yield row["name"], read_labels(plan["labels"])
+            except NucleisegError as exc:
+                say("error", f"{row['image']}: not in submission.csv: {exc}")
+
+    write_rle_csv(path, items())
 
 
 # -------------------------------------------------------------------- evaluate
 def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="(not yet available)", formatter_class=_Formatter)
-    p.set_defaults(func=_not_yet)
+    p = sub.add_parser(
+        "evaluate",
+        help="score a model or predicted labels against annotations",
+        formatter_class=_Formatter,
+        description=(
+            "Score a model (or a folder of predicted label images) against annotated images and write\n"
+            "OUT_DIR/per_image.csv, OUT_DIR/summary.json and OUT_DIR/report.png (3 best and 3 worst\n"
+            "images with outlines, and the histogram of per-image scores); a short table goes to stdout.\n\n"
+            "Scores: DSB 2018 instance score and AP@0.5 (means over images); pixel F1, IoU and ROC AUC\n"
+            "(pixels of all images pooled); with a model also the connected-components baseline DSB,\n"
+            "so the watershed's gain is visible. Overall and per image kind.\n\n"
+            "DATA is a prepared cache (nucleiseg prepare) or a data folder 'prepare' reads; such a folder\n"
+            "is prepared into DATA-cache beside it first, as 'train' does.\n\n"
+            "Examples:\n"
+            "  nucleiseg evaluate cache/dsb2018 --model runs/dsb --out eval/dsb\n"
+            "  nucleiseg evaluate cache/dsb2018 --labels results/ --split all --out eval/other-tool"
+        ),
+    )
+    p.add_argument("data", metavar="DATA", help="prepared cache, or a folder in a layout 'prepare' reads")
+    p.add_argument("--out", "-o", metavar="OUT_DIR", required=True, default=argparse.SUPPRESS,
+                   help="folder for per_image.csv, summary.json and report.png (required)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="PATH|default", default=None,
+                        help="model file or training run folder to score (default: the shipped model)")
+    source.add_argument("--labels", metavar="PRED_DIR", default=None,
+                        help="score predicted label images instead: PRED_DIR/<image_id>.tif|.png or "
+                        "<image_id>_labels.tif (as 'predict' writes); a missing one is warned about and scores 0")
+    p.add_argument("--split", choices=("val", "train", "all"), default=None,
+                   help="images to score (default: val for a cache, all for a data folder prepared now)")
+    p.add_argument("--mode", choices=("accurate", "fast"), default="accurate",
+                   help="accurate: all UNet++ heads averaged; fast: the pruned network stored with the model")
+    p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations (8x slower)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                   help="arithmetic of the network (default: the inference default)")
+    p.add_argument("--tile", type=int, default=None, metavar="PX",
+                   help="predict large images in tiles of this side (default: the inference default)")
+    p.add_argument("--overlap", type=int, default=None, metavar="PX",
+                   help="overlap of neighbouring tiles (default: the inference default)")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_dataset, format_summary
+
+    if args.labels is not None and (args.tta or args.mode != "accurate" or args.precision or args.tile or args.overlap):
+        raise NucleisegError("--mode, --tta, --precision, --tile and --overlap go with --model, not --labels")
+    options = {"tta": args.tta, "precision": args.precision, "tile": args.tile, "overlap": args.overlap}
+    _, summary, paths = evaluate_dataset(
+        args.data,
+        args.out,
+        model=args.model,
+        labels_dir=args.labels,
+        split=args.split,
+        mode=args.mode,
+        predict_options={k: v for k, v in options.items() if v not in (None, False)},
+        progress=not args.quiet,
+    )
+    print(format_summary(summary))
+    log.info("wrote %s, %s and %s", paths["per_image"], paths["summary"], paths["report"])
+    return 0
+
+
+# ------------------------------------------------------------------------ tune
+def _add_tune_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="choose a model's post-processing thresholds on validation images",
+        formatter_class=_Formatter,
+        description=(
+            "Predict the validation images of a prepared cache once, grid-search the watershed's\n"
+            "thresholds (foreground, seed, minimum seed size, minimum object size) for the best mean\n"
+            "DSB score, and pick the fast mode's prune level (the smallest within 0.03 DSB of the\n"
+            "accurate mode). Both are stored in the model file's metadata ('postprocess',\n"
+            "'fast_prune_level'); the weights are not changed. Prints the DSB before and after.\n\n"
+            "Example:\n"
+            "  nucleiseg tune cache/dsb2018 --model runs/dsb/best.safetensors"
+        ),
+    )
+    p.add_argument("cache", metavar="CACHE", help="prepared cache (nucleiseg prepare)")
+    p.add_argument("--model", metavar="PATH", required=True, default=argparse.SUPPRESS,
+                   help="model file or training run folder to tune (required)")
+    p.add_argument("--out", "-o", metavar="MODEL_OUT", default=None,
+                   help="write the tuned model here instead of updating --model in place")
+    p.add_argument("--split", choices=("val", "train", "all"), default="val", help="images to tune on")
+    p.set_defaults(func=_run_tune)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from .tuning import tune_model
+
+    result = tune_model(args.cache, args.model, args.out, split=args.split, progress=not args.quiet)
+    p = result.params
+    print(f"validation DSB ({result.n_images} images, accurate mode): "
+          f"{result.dsb_before:.4f} before, {result.dsb_after:.4f} after tuning")
+    print(f"postprocess: foreground_threshold={p.foreground_threshold} seed_threshold={p.seed_threshold} "
+          f"min_seed_size={p.min_seed_size} min_size={p.min_size}")
+    levels = ", ".join(f"{k}: {v:.4f}" for k, v in result.fast_dsb.items())
+    print(f"fast mode: prune level {result.fast_prune_level} (DSB per level {levels})")
+    print(f"wrote {result.path}")
+    return 0
 
 
 # ---------------------------------------------------------------------- export
@@ -251,6 +648,7 @@ _PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train_parser,
     _add_predict_parser,
     _add_evaluate_parser,
+    _add_tune_parser,
     _add_export_parser,
 ]
 

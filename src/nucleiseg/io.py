@@ -11,11 +11,14 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from .errors import ImageReadError
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -73,7 +76,11 @@ def _as_2d_image(image: np.ndarray, path: Path) -> np.ndarray:
     """Squeeze singleton axes and bring channels last, or refuse a stack."""
     if image.dtype == bool:
         image = image.astype(np.uint8)
-    image = np.squeeze(image)
+    thin = (image.ndim == 2 and 1 in image.shape) or (
+        image.ndim == 3 and image.shape[-1] in (1, 2, 3, 4) and 1 in image.shape[:2]
+    )
+    if not thin:  # squeezing a 1-pixel-high or -wide image would lose a spatial axis
+        image = np.squeeze(image)
     if image.ndim == 3 and image.shape[0] in (1, 2, 3, 4) and image.shape[-1] > 4:
         image = np.moveaxis(image, 0, -1)
     if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 2, 3, 4)):
@@ -108,6 +115,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
     try:
         yield tmp
         os.replace(tmp, path)
@@ -158,3 +166,224 @@ def read_labels(path: str | Path) -> np.ndarray:
             raise ImageReadError("label image holds non-integer values", path)
         labels = labels.astype(np.int64)
     return labels
+
+
+# ------------------------------------------------------------------------------ output formats
+#: Outline colours of :func:`write_overlay`, cycled by label: saturated hues that
+#: stand out on dark fluorescence; a darkened 1-pixel halo keeps them visible on
+#: bright brightfield and stained-tissue images too.
+OVERLAY_COLOURS = np.array(
+    [
+        (255, 255, 0),  # yellow
+        (0, 255, 255),  # cyan
+        (255, 0, 255),  # magenta
+        (0, 255, 0),  # green
+        (255, 128, 0),  # orange
+        (0, 128, 255),  # azure
+        (255, 0, 128),  # rose
+        (128, 255, 0),  # chartreuse
+        (255, 64, 64),  # light red
+        (160, 96, 255),  # violet
+    ],
+    dtype=np.uint8,
+)
+
+# Rows handled at once by the band-wise writers: bounds temporaries on huge images.
+_BAND_ROWS = 1024
+
+
+def _check_labels(labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got {labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise ValueError("labels must be non-negative")
+    return labels
+
+
+def write_overlay(path: str | Path, rgb: np.ndarray, labels: np.ndarray) -> None:
+    """Write ``rgb`` with every nucleus outlined in its own colour, as PNG, atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output PNG.
+    rgb : ndarray, shape (H, W, 3), uint8
+        The image to draw on (see :func:`nucleiseg.preprocess.to_rgb_uint8`).
+    labels : ndarray, shape (H, W), integer
+        Instance labels, 0 for background.
+
+    Notes
+    -----
+    The inner boundary of nucleus ``k`` is drawn in ``OVERLAY_COLOURS[(k - 1) % 10]``;
+    background pixels just outside it are darkened to a third, so the outline
+    reads on dark and light images alike.
+
+    Examples
+    --------
+    >>> labels = np.zeros((32, 32), np.int32); labels[8:20, 8:20] = 1
+    >>> write_overlay("overlay.png", np.zeros((32, 32, 3), np.uint8), labels)  # doctest: +SKIP
+    """
+    from skimage.segmentation import find_boundaries
+
+    labels = _check_labels(labels)
+    rgb = np.asarray(rgb)
+    if rgb.shape != labels.shape + (3,) or rgb.dtype != np.uint8:
+        raise ValueError(f"rgb must be uint8 of shape {labels.shape + (3,)}, got {rgb.dtype} {rgb.shape}")
+    out = rgb.copy()
+    height = labels.shape[0]
+    for r0 in range(0, height, _BAND_ROWS):  # a 1-row halo makes bands agree with the whole image
+        r1 = min(height, r0 + _BAND_ROWS)
+        a0, a1 = max(0, r0 - 1), min(height, r1 + 1)
+        band = labels[a0:a1]
+        inner = find_boundaries(band, mode="inner")[r0 - a0 : r1 - a0]
+        halo = find_boundaries(band, mode="outer")[r0 - a0 : r1 - a0]
+        core = labels[r0:r1]
+        halo &= core == 0
+        view = out[r0:r1]
+        view[halo] //= 3
+        view[inner] = OVERLAY_COLOURS[(core[inner].astype(np.int64) - 1) % len(OVERLAY_COLOURS)]
+    write_png(path, out)
+
+
+def nucleus_outlines(labels: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """The outline polygon of every nucleus, in image (x, y) coordinates.
+
+    Parameters
+    ----------
+    labels : ndarray, shape (H, W), integer
+        Instance labels, 0 for background.
+
+    Yields
+    ------
+    label : int
+        The nucleus' label, in increasing order.
+    points : ndarray, shape (N, 2), float
+        Closed ring (first point repeated last) of ``(x, y)`` vertices, where
+        pixel ``(row, col)`` spans ``[col, col + 1) x [row, row + 1)`` (the
+        ImageJ and QuPath convention): the ring's bounding box is the nucleus'
+        bounding box. The outer boundary (from
+        :func:`skimage.measure.find_contours` at 0.5) of the largest piece.
+
+    Examples
+    --------
+    >>> labels = np.zeros((4, 5), np.int32); labels[1, 2] = 7
+    >>> [(k, p.min(axis=0).tolist(), p.max(axis=0).tolist()) for k, p in nucleus_outlines(labels)]
+    [(7, [2.0, 1.0], [3.0, 2.0])]
+    """
+    from scipy import ndimage as ndi
+    from skimage.measure import find_contours
+
+    labels = _check_labels(labels)
+    if not labels.size or labels.max() == 0:
+        return
+    for index, box in enumerate(ndi.find_objects(labels)):
+        if box is None:
+            continue
+        label = index + 1
+        mask = np.pad(labels[box] == label, 1).astype(np.float32)
+        rings = find_contours(mask, 0.5)
+        ring = max(rings, key=_ring_area)
+        # (row, col) of the padded crop -> (x, y) with pixel centres at +0.5
+        xy = np.empty_like(ring)
+        xy[:, 0] = ring[:, 1] + (box[1].start - 1 + 0.5)
+        xy[:, 1] = ring[:, 0] + (box[0].start - 1 + 0.5)
+        yield label, xy
+
+
+def _ring_area(ring: np.ndarray) -> float:
+    """Absolute shoelace area of a polygon."""
+    y, x = ring[:, 0], ring[:, 1]
+    return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
+
+
+def write_imagej_rois(path: str | Path, labels: np.ndarray) -> None:
+    """Write every nucleus as an ImageJ polygon ROI into a zip, atomically.
+
+    Open the zip in Fiji's ROI Manager (drag and drop, or *More > Open*). Each
+    ROI is named by its label; coordinates are sub-pixel, in pixels.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output ``.zip``. An image without nuclei gives an empty zip.
+    labels : ndarray, shape (H, W), integer
+        Instance labels, 0 for background.
+
+    Examples
+    --------
+    >>> labels = np.zeros((32, 32), np.int32); labels[8:20, 8:20] = 1
+    >>> write_imagej_rois("rois.zip", labels)  # doctest: +SKIP
+    >>> [r.name for r in roifile.roiread("rois.zip")]  # doctest: +SKIP
+    ['1']
+    """
+    import roifile
+
+    rois = []
+    for label, xy in nucleus_outlines(labels):
+        roi = roifile.ImagejRoi.frompoints(xy[:-1], name=str(label))  # ImageJ closes polygons itself
+        roi.roitype = roifile.ROI_TYPE.POLYGON
+        rois.append(roi)
+    with atomic_path(path) as tmp:
+        roifile.roiwrite(tmp, rois, mode="w")
+
+
+def write_geojson(path: str | Path, labels: np.ndarray) -> None:
+    """Write every nucleus as a QuPath detection in a GeoJSON FeatureCollection, atomically.
+
+    Coordinates are in pixels, (0, 0) the top-left corner of the image. Each
+    Feature is a Polygon (closed ring) with ``properties`` ``{"objectType":
+    "detection", "classification": {"name": "Nucleus"}, "label": k}``, which
+    QuPath (*File > Import objects*) reads as nucleus detections.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output ``.geojson``.
+    labels : ndarray, shape (H, W), integer
+        Instance labels, 0 for background.
+
+    Examples
+    --------
+    >>> labels = np.zeros((32, 32), np.int32); labels[8:20, 8:20] = 1
+    >>> write_geojson("nuclei.geojson", labels)  # doctest: +SKIP
+    """
+    import json
+
+    features = [
+        {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [xy.tolist()]},
+            "properties": {"objectType": "detection", "classification": {"name": "Nucleus"}, "label": label},
+        }
+        for label, xy in nucleus_outlines(labels)
+    ]
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump({"type": "FeatureCollection", "features": features}, handle)
+
+
+def write_probabilities_tiff(path: str | Path, probabilities: np.ndarray, channels: Sequence[str] | None = None) -> None:
+    """Write ``(C, H, W)`` float32 probability maps as an ImageJ hyperstack TIFF, atomically.
+
+    Fiji opens it as C channels; their names (``channels``) are stored as the
+    ImageJ channel labels.
+
+    Examples
+    --------
+    >>> write_probabilities_tiff("probs.tif", np.zeros((3, 8, 8), np.float32), ["body", "contour", "touch"])  # doctest: +SKIP
+    """
+    import tifffile
+
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    if probabilities.ndim != 3:
+        raise ValueError(f"probabilities must be (C, H, W), got shape {probabilities.shape}")
+    metadata: dict = {"axes": "CYX"}
+    if channels is not None:
+        if len(channels) != probabilities.shape[0]:
+            raise ValueError(f"{len(channels)} channel names for {probabilities.shape[0]} channels")
+        metadata["Labels"] = [str(c) for c in channels]
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, probabilities, imagej=True, metadata=metadata)

@@ -419,12 +419,14 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
             optimizer.step()
             if config.schedule == "cosine":
                 scheduler.step()
-            running += float(loss) * len(x)
+            running += loss.item() * len(x)
             seen += len(x)
             steps_done += 1
             bar.set_postfix(loss=f"{running / seen:.4f}", img_s=f"{seen * ddp.world_size / (time.perf_counter() - started):.2f}")
             if max_steps is not None and steps_done >= max_steps:
                 break
+        if ddp.world_size > 1:
+            _average_buffers(model, ddp)
         elapsed = time.perf_counter() - started
         row: dict[str, Any] = {"epoch": epoch, "train_loss": running / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
                                "seconds": round(elapsed, 1), "images_per_s": round(seen * ddp.world_size / elapsed, 2)}
@@ -455,5 +457,31 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
         if max_steps is not None and steps_done >= max_steps:
             break
     if ddp.world_size > 1:
+        _check_replicas_identical(model, ddp)
         dist.destroy_process_group()
     return run_dir / "best.safetensors"
+
+
+def _average_buffers(model: torch.nn.Module, ddp: _Distributed) -> None:
+    """Average BatchNorm running statistics over replicas.
+
+    DDP keeps parameters in step, but each replica updates its running
+    statistics from its own batches; averaging them at every epoch's end
+    makes the replicas identical again and uses every process's data.
+    """
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer /= ddp.world_size
+
+
+def _check_replicas_identical(model: torch.nn.Module, ddp: _Distributed) -> None:
+    """Gather every replica's weights and fail loudly if any differ from rank 0's."""
+    flat = torch.cat([t.detach().float().flatten() for t in model.state_dict().values()])
+    gathered = [torch.empty_like(flat) for _ in range(ddp.world_size)]
+    dist.all_gather(gathered, flat)
+    differing = [r for r, t in enumerate(gathered) if not torch.equal(t, gathered[0])]
+    if differing:
+        raise RuntimeError(f"replicas {differing} hold weights different from rank 0's")
+    if ddp.is_main:
+        log.info("all %d replicas hold identical weights", ddp.world_size)

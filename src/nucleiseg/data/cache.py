@@ -1,0 +1,773 @@
+"""The prepared cache: annotated images ingested once, in one layout.
+
+``prepare_dataset(DATA_DIR, CACHE)`` reads any supported layout (Kaggle
+folders, Kaggle run-length CSV, or paired images/labels folders) and writes::
+
+    CACHE/
+      manifest.json          format version, source, layout, per-source fingerprints, skipped files
+      index.csv              image_id, height, width, kind, n_nuclei, group, source
+      split.csv              image_id, split (train | val), reused on later runs
+      images/<image_id>.png  8-bit RGB (preprocess.to_rgb_uint8)
+      masks/<image_id>.png   uint8 semantic mask, 0 / 255
+      labels/<image_id>.tif  uint16 instance labels, 0 = background
+
+A source (an image with its masks or label file) is processed again only when
+its fingerprint (sizes and modification times of its files) changed, so a
+re-run on an unchanged folder does no work and touches no file.
+:func:`read_cache` gives the index with the split as one table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io as _stdio
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .. import __version__
+from ..errors import ImageReadError, NucleisegError
+from ..io import atomic_path, list_images, read_image, write_labels_tiff, write_png
+from ..preprocess import to_rgb_uint8
+from .dsb import find_kaggle_root, list_kaggle_images, read_kaggle_labels
+from .kinds import KINDS, image_kind
+from .paired import is_paired_layout, list_paired_images, read_paired_labels
+from .rle import read_rle_csv, rle_to_labels
+from .split import read_groups, split_train_val
+
+__all__ = ["prepare_dataset", "read_cache", "detect_layout", "PrepareResult", "LAYOUTS", "FORMAT_VERSION"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "nucleiseg-cache"
+FORMAT_VERSION = 1
+LAYOUTS = ("kaggle", "paired", "kaggle-rle")
+INDEX_COLUMNS = ("image_id", "height", "width", "kind", "n_nuclei", "group", "source")
+SPLIT_COLUMNS = ("image_id", "split")
+GROUPS_FILENAME = "mosaic_groups.csv"
+_LAYOUT_HELP = {
+    "kaggle": "kaggle (<id>/images/<id>.png with <id>/masks/*.png, or a folder holding stage1_train/)",
+    "paired": "paired (images/ and labels/ folders)",
+    "kaggle-rle": "kaggle-rle (Kaggle image folders or a folder of images, with --rle-csv)",
+}
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """One source: an image and where its annotation comes from."""
+
+    image_id: str
+    image: Path
+    masks: tuple[Path, ...] | None = None  # kaggle
+    labels: Path | None = None  # paired
+    rles: tuple[str, ...] | None = None  # kaggle-rle
+    rle_csv: Path | None = None
+
+    def files(self) -> list[Path]:
+        return [self.image, *(self.masks or ()), *([self.labels] if self.labels else [])]
+
+
+@dataclass
+class PrepareResult:
+    """What :func:`prepare_dataset` did.
+
+    Attributes
+    ----------
+    cache_dir : Path
+        The cache folder.
+    table : pandas.DataFrame
+        The prepared index with its ``split`` column (as :func:`read_cache`).
+    processed, reused : list of str
+        Image ids written in this run, and ids found up to date.
+    skipped : list of dict
+        ``{"image_id", "source", "reason"}`` for every source left out.
+    dropped : list of str
+        Ids removed from the cache because their source is gone.
+    """
+
+    cache_dir: Path
+    table: pd.DataFrame
+    processed: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- discovery
+def detect_layout(
+    data_dir: str | Path, layout: str = "auto", rle_csv: str | Path | None = None
+) -> tuple[str, Path]:
+    """Find which supported layout ``data_dir`` is in.
+
+    Parameters
+    ----------
+    data_dir : str or Path
+        The data folder given by the user.
+    layout : {'auto', 'kaggle', 'paired', 'kaggle-rle'}, optional
+        Force a layout instead of detecting it.
+    rle_csv : str or Path, optional
+        Kaggle label CSV; given with ``layout='auto'`` it selects ``kaggle-rle``.
+
+    Returns
+    -------
+    layout : str
+        One of :data:`LAYOUTS`.
+    root : Path
+        The folder the layout is rooted at (``stage1_train/`` for Kaggle data,
+        the image folder for ``kaggle-rle`` on a plain folder of images).
+
+    Raises
+    ------
+    NucleisegError
+        ``data_dir`` is missing, or in none of the layouts (the message lists
+        what was looked for).
+
+    Examples
+    --------
+    >>> detect_layout("/work/shared/data/dsb2018")  # doctest: +SKIP
+    ('kaggle', PosixPath('/work/shared/data/dsb2018/stage1_train'))
+    """
+    data_dir = Path(data_dir)
+    if layout not in ("auto", *LAYOUTS):
+        raise NucleisegError(f"unknown layout {layout!r}; choose auto, {', '.join(LAYOUTS)}")
+    if not data_dir.exists():
+        raise NucleisegError("data folder not found", data_dir)
+    if not data_dir.is_dir():
+        raise NucleisegError("is a file; expected the data folder", data_dir)
+    if rle_csv is not None and layout not in ("auto", "kaggle-rle"):
+        raise NucleisegError(f"--rle-csv goes with --layout kaggle-rle, not --layout {layout}")
+    if layout == "auto":
+        layout = "kaggle-rle" if rle_csv is not None else "paired" if is_paired_layout(data_dir) else "kaggle"
+        strict = False
+    else:
+        strict = True
+    root: Path | None
+    if layout == "paired":
+        root = data_dir if is_paired_layout(data_dir) else None
+    elif layout == "kaggle":
+        root = find_kaggle_root(data_dir)
+    else:
+        if rle_csv is None:
+            raise NucleisegError("--layout kaggle-rle needs --rle-csv FILE (the ImageId,EncodedPixels table)")
+        root = find_kaggle_root(data_dir)
+        if root is None:
+            for folder in (data_dir, data_dir / "images"):
+                if folder.is_dir() and list_images(folder):
+                    root = folder
+                    break
+    if root is None:
+        looked_for = _LAYOUT_HELP[layout] if strict else ", ".join(_LAYOUT_HELP.values())
+        raise NucleisegError(f"not in a known data layout; looked for {looked_for}", data_dir)
+    return layout, root
+
+
+def _list_samples(layout: str, root: Path, rle_csv: Path | None) -> tuple[list[_Sample], list[tuple[str, Path, str]]]:
+    if layout == "kaggle":
+        found, problems = list_kaggle_images(root)
+        return [_Sample(i, image, masks=tuple(masks)) for i, (image, masks) in found.items()], problems
+    if layout == "paired":
+        pairs, problems = list_paired_images(root)
+        return [_Sample(i, image, labels=labels) for i, (image, labels) in pairs.items()], problems
+    # kaggle-rle
+    assert rle_csv is not None
+    table = read_rle_csv(rle_csv)
+    if root.name == "images" or find_kaggle_root(root) is None:
+        images: dict[str, Path] = {}
+        problems = []
+        for path in list_images(root):
+            if path.stem in images:
+                problems.append((path.stem, path, f"another image is named {path.stem}.*; left out"))
+            else:
+                images[path.stem] = path
+    else:
+        found, problems = list_kaggle_images(root, need_masks=False)
+        images = {i: image for i, (image, _) in found.items()}
+    samples = []
+    for image_id, path in sorted(images.items()):
+        if image_id not in table:
+            problems.append((image_id, path, f"image has no rows in {rle_csv.name}"))
+            continue
+        samples.append(_Sample(image_id, path, rles=tuple(table[image_id]), rle_csv=rle_csv))
+    for image_id in sorted(set(table) - set(images)):
+        problems.append((image_id, rle_csv, f"rows in {rle_csv.name} for an image not found under {root}"))
+    return samples, problems
+
+
+def _fingerprint(sample: _Sample, root: Path, layout: str) -> str | None:
+    """Hash of the layout, each file's path, size and mtime (and the RLE rows); None if a file vanished."""
+    digest = hashlib.sha1(f"{FORMAT_VERSION}|{layout}".encode())
+    try:
+        for path in sample.files():
+            stat = path.stat()
+            try:
+                name = path.relative_to(root).as_posix()
+            except ValueError:
+                name = path.name
+            digest.update(f"|{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    except OSError:
+        return None
+    if sample.rles is not None:
+        digest.update(("|rle:" + "\n".join(sample.rles)).encode())
+    return digest.hexdigest()
+
+
+def _find_groups_file(data_dir: Path, root: Path) -> Path | None:
+    for folder in dict.fromkeys((data_dir, root, root.parent, data_dir.parent)):
+        candidate = folder / GROUPS_FILENAME
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+# --------------------------------------------------------------- processing
+def _init_pool_worker() -> None:
+    """Pool processes leave Ctrl-C to the main process, which stops the pool and saves what is done."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker()
+
+
+def _init_worker() -> None:
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except Exception:  # pragma: no cover - cv2 is a dependency; threads are only a speed matter
+        pass
+
+
+def _process_sample(sample: _Sample, out_dir: Path, source: str) -> dict:
+    """Read one source, write its three cache files; return its index row or why it was skipped."""
+    result: dict = {"image_id": sample.image_id, "source": source, "warnings": []}
+    try:
+        rgb = to_rgb_uint8(read_image(sample.image))
+    except (ImageReadError, ValueError) as exc:
+        result["skip"] = f"unreadable image ({getattr(exc, 'message', exc)})"
+        return result
+    height, width = rgb.shape[:2]
+    warnings: list[str] = result["warnings"]
+    if sample.masks is not None:
+        labels, problems = read_kaggle_labels(sample.masks, (height, width))
+        warnings.extend(problems)
+        if labels.max() == 0:
+            result["skip"] = f"none of its {len(sample.masks)} masks is usable"
+            return result
+    elif sample.labels is not None:
+        try:
+            labels = read_paired_labels(sample.labels, (height, width))
+        except ImageReadError as exc:
+            result["skip"] = f"unusable label file {sample.labels} ({exc.message})"
+            return result
+    else:
+        assert sample.rles is not None
+        labels, problems = rle_to_labels(sample.rles, (height, width))
+        warnings.extend(f"{sample.rle_csv} ({sample.image_id}): {p}" for p in problems)
+    n_nuclei = int(labels.max())
+    if n_nuclei == 0:
+        warnings.append(f"{sample.image}: no nucleus annotated (kept as an empty example)")
+    _write_png(out_dir / "images" / f"{sample.image_id}.png", rgb)
+    _write_png(out_dir / "masks" / f"{sample.image_id}.png", np.where(labels > 0, 255, 0).astype(np.uint8))
+    write_labels_tiff(out_dir / "labels" / f"{sample.image_id}.tif", labels)
+    result.update(height=height, width=width, kind=image_kind(rgb), n_nuclei=n_nuclei)
+    return result
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    """Write an 8-bit grey or RGB PNG atomically, with OpenCV at zlib level 3.
+
+    About 3.5 times faster than :func:`nucleiseg.io.write_png` (Pillow, level 6)
+    for files 2% larger; PNG writing is a third of the time of a prepare.
+    """
+    import cv2
+
+    data = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), data, [cv2.IMWRITE_PNG_COMPRESSION, 3]):
+            write_png(tmp, image)  # cv2 declined (unusual path or build): the plain writer
+
+
+def _run_all(tasks: list[tuple[_Sample, str]], out_dir: Path, workers: int, progress: bool):
+    """Yield results of :func:`_process_sample`, in a process pool when workers > 1."""
+    from tqdm import tqdm
+
+    # disable=None: no bar when stderr is not a terminal (a log file would fill with bar updates)
+    disable = None if progress and tasks else True
+    bar = tqdm(total=len(tasks), desc="prepare", unit="image", file=sys.stderr, disable=disable)
+    try:
+        if workers <= 1 or len(tasks) <= 1:
+            for sample, source in tasks:
+                yield _process_sample(sample, out_dir, source)
+                bar.update()
+            return
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=workers, initializer=_init_pool_worker) as pool:
+            futures = [pool.submit(_process_sample, sample, out_dir, source) for sample, source in tasks]
+            try:
+                for future in as_completed(futures):
+                    yield future.result()
+                    bar.update()
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+    finally:
+        bar.close()
+
+
+# ----------------------------------------------------------------- the cache
+def _read_manifest(out_dir: Path) -> dict | None:
+    path = out_dir / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unreadable manifest (%s); rebuilding the cache", path, exc)
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        log.warning("%s: not a nucleiseg cache manifest; rebuilding the cache", path)
+        return None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        log.info("cache format %s differs from %s; rebuilding", manifest.get("format_version"), FORMAT_VERSION)
+        return None
+    return manifest
+
+
+def _read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    try:
+        table = pd.read_csv(
+            path,
+            dtype={c: str for c in ("image_id", "kind", "group", "source", "split")},
+            keep_default_na=False,
+            na_values=[],
+        )
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        log.warning("%s: unreadable (%s); rebuilding it", path, exc)
+        return None
+    if any(c not in table.columns for c in columns):
+        log.warning("%s: missing columns; rebuilding it", path)
+        return None
+    return table
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    """Write ``text`` atomically unless the file already holds it; True when written."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return False
+    except OSError:
+        pass
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return True
+
+
+def _csv_text(table: pd.DataFrame) -> str:
+    buffer = _stdio.StringIO()
+    table.to_csv(buffer, index=False, lineterminator="\n")
+    return buffer.getvalue()
+
+
+def _only_cache_files(folder: Path) -> bool:
+    """True when ``folder`` holds nothing but what a (possibly interrupted) prepare writes."""
+    names = {"images", "masks", "labels", "index.csv", "split.csv", "manifest.json"}
+    return all(p.name in names or p.name.startswith(".") for p in folder.iterdir())
+
+
+def _outputs(out_dir: Path, image_id: str) -> list[Path]:
+    return [
+        out_dir / "images" / f"{image_id}.png",
+        out_dir / "masks" / f"{image_id}.png",
+        out_dir / "labels" / f"{image_id}.tif",
+    ]
+
+
+def prepare_dataset(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    layout: str = "auto",
+    rle_csv: str | Path | None = None,
+    groups: str | Path | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    workers: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> PrepareResult:
+    """Ingest an annotated data set into a prepared cache, doing only what changed.
+
+    Parameters
+    ----------
+    data_dir : str or Path
+        Data folder in the Kaggle layout (``<id>/images/``, ``<id>/masks/``,
+        or its parent holding ``stage1_train/``), the paired layout
+        (``images/`` + ``labels/``), or images for a run-length CSV.
+    out_dir : str or Path
+        Cache folder; created if needed. An existing folder must be empty or
+        a cache.
+    layout : {'auto', 'kaggle', 'paired', 'kaggle-rle'}, optional
+        Data layout; detected by default.
+    rle_csv : str or Path, optional
+        Kaggle label CSV (``ImageId,EncodedPixels``) for ``kaggle-rle``.
+    groups : str or Path, optional
+        CSV ``ImageId,mosaic_group`` of images that must share a side of the
+        split. Default: ``mosaic_groups.csv`` in or beside ``data_dir``.
+    val_fraction : float, optional
+        Share of validation images per image kind, in [0, 1).
+    seed : int, optional
+        Seed of the split.
+    workers : int, optional
+        Processes; default ``min(2, os.cpu_count())``.
+    force : bool, optional
+        Process every image again even when up to date (the split is kept).
+    progress : bool, optional
+        Show a progress bar on stderr.
+
+    Returns
+    -------
+    result : PrepareResult
+        The prepared table and what was processed, reused, skipped, dropped.
+
+    Raises
+    ------
+    NucleisegError
+        Missing data folder, unknown layout, unusable options, or no usable
+        image at all.
+
+    Examples
+    --------
+    >>> result = prepare_dataset("/work/shared/data/dsb2018", "cache/dsb2018")  # doctest: +SKIP
+    >>> len(result.processed), len(result.reused)  # doctest: +SKIP
+    (592, 0)
+    >>> prepare_dataset("/work/shared/data/dsb2018", "cache/dsb2018").reused[:1]  # doctest: +SKIP
+    ['00071198d059ba7f5914a526d124d28e6d010c92466da21d4a04cd5413362552']
+    """
+    started = time.perf_counter()
+    data_dir = Path(data_dir).expanduser().resolve()
+    out_dir = Path(out_dir).expanduser().resolve()
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise NucleisegError(f"--val-fraction must be at least 0 and below 1, got {val_fraction}")
+    workers = min(2, os.cpu_count() or 1) if workers is None else int(workers)
+    if workers < 1:
+        raise NucleisegError(f"--workers must be at least 1, got {workers}")
+    rle_path = None if rle_csv is None else Path(rle_csv).expanduser().resolve()
+    layout, root = detect_layout(data_dir, layout, rle_path)
+    if out_dir == data_dir or out_dir == root or root in out_dir.parents:
+        raise NucleisegError("the cache cannot be written into the data folder itself; choose another --out", out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NucleisegError("exists and is not a folder", out_dir)
+    manifest_path = out_dir / "manifest.json"
+    if out_dir.is_dir() and not manifest_path.is_file() and not _only_cache_files(out_dir):
+        raise NucleisegError(
+            "folder is not empty and holds no nucleiseg cache (manifest.json); choose another --out", out_dir
+        )
+
+    group_file = Path(groups).expanduser().resolve() if groups is not None else _find_groups_file(data_dir, root)
+    group_of = read_groups(group_file) if group_file is not None else {}
+    if groups is None and group_file is not None:
+        log.info("mosaic groups from %s (%d grouped images)", group_file, len(group_of))
+
+    samples, problems = _list_samples(layout, root, rle_path)
+    log.info("%s layout at %s: %d images found", layout, root, len(samples))
+
+    old_manifest = _read_manifest(out_dir)
+    old_index = _read_table(out_dir / "index.csv", INDEX_COLUMNS) if old_manifest is not None else None
+    old_rows = {} if old_index is None else {r["image_id"]: r for r in old_index.to_dict("records")}
+    # with force, nothing counts as up to date (old rows are still known, to drop what is gone)
+    old_images: dict = {} if force or old_manifest is None else old_manifest.get("images", {})
+    old_skipped = {
+        s["image_id"]: s
+        for s in ([] if force or old_manifest is None else old_manifest.get("skipped", []))
+        if isinstance(s, dict) and s.get("fingerprint")
+    }
+
+    entries: dict[str, dict] = {}
+    skipped: list[dict] = [
+        {"image_id": i, "source": _relative(p, data_dir), "reason": reason} for i, p, reason in problems
+    ]
+    rows: dict[str, dict] = {}
+    reused: list[str] = []
+    todo: list[tuple[_Sample, str]] = []
+    fingerprints: dict[str, str | None] = {}
+    for sample in samples:
+        fingerprint = _fingerprint(sample, root, layout)
+        fingerprints[sample.image_id] = fingerprint
+        source = _relative(sample.image, data_dir)
+        before = old_images.get(sample.image_id)
+        if (
+            fingerprint is not None
+            and before is not None
+            and before.get("fingerprint") == fingerprint
+            and sample.image_id in old_rows
+            and all(p.is_file() for p in _outputs(out_dir, sample.image_id))
+        ):
+            rows[sample.image_id] = {c: old_rows[sample.image_id][c] for c in INDEX_COLUMNS if c != "group"}
+            rows[sample.image_id]["source"] = source
+            entries[sample.image_id] = before
+            reused.append(sample.image_id)
+        elif fingerprint is not None and old_skipped.get(sample.image_id, {}).get("fingerprint") == fingerprint:
+            skipped.append(dict(old_skipped[sample.image_id], source=source))
+        else:
+            todo.append((sample, source))
+
+    # biggest sources first, so no large image is left alone at the end of the pool
+    todo.sort(key=lambda t: -sum(_size(p) for p in t[0].files()))
+    processed: list[str] = []
+    n_warned = 0
+    interrupted = False
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with _redirect_logging(progress):
+            for result in _run_all(todo, out_dir, workers, progress):
+                image_id = result["image_id"]
+                for message in result["warnings"]:
+                    log.warning("%s", message)
+                n_warned += bool(result["warnings"])
+                if "skip" in result:
+                    skipped.append(
+                        {
+                            "image_id": image_id,
+                            "source": result["source"],
+                            "reason": result["skip"],
+                            "fingerprint": fingerprints[image_id],
+                        }
+                    )
+                    continue
+                rows[image_id] = {c: result[c] for c in INDEX_COLUMNS if c != "group"}
+                entries[image_id] = {"fingerprint": fingerprints[image_id]}
+                if result["warnings"]:
+                    entries[image_id]["warnings"] = result["warnings"]
+                processed.append(image_id)
+    except KeyboardInterrupt:
+        # save what is done, so that the next run only does the rest
+        interrupted = True
+    processed.sort()
+    done = set(rows) | {s["image_id"] for s in skipped}
+    pending = [sample.image_id for sample, _ in todo if sample.image_id not in done]
+
+    for entry in skipped:
+        log.warning("skipped %s (%s): %s", entry["image_id"], entry["source"], entry["reason"])
+    if not rows:
+        if interrupted:
+            raise KeyboardInterrupt
+        raise NucleisegError(f"no usable image found ({len(skipped)} skipped, see the warnings above)", data_dir)
+
+    # images whose source is gone, that became unusable, or (interrupted) are not redone yet: drop their files
+    dropped = sorted(set(old_rows) - set(rows))
+    for image_id in dropped:
+        for path in _outputs(out_dir, image_id):
+            path.unlink(missing_ok=True)
+    dropped = sorted(set(dropped) - set(pending))
+
+    index = pd.DataFrame([rows[i] for i in sorted(rows)], columns=[c for c in INDEX_COLUMNS if c != "group"])
+    index.insert(INDEX_COLUMNS.index("group"), "group", [group_of.get(i, "") for i in index["image_id"]])
+    index = index[list(INDEX_COLUMNS)]
+
+    split_settings = {"seed": int(seed), "val_fraction": float(val_fraction)}
+    previous = old_manifest.get("split") if old_manifest else None
+    old_split = _read_table(out_dir / "split.csv", SPLIT_COLUMNS) if old_manifest else None
+    if interrupted:
+        # the split is drawn once all images are in: leave split.csv (and its settings) as they were
+        split_table = old_split
+        split_settings = previous or split_settings
+    else:
+        kept: dict[str, str] = {}
+        if old_split is not None and previous == split_settings:
+            kept = dict(zip(old_split["image_id"], old_split["split"]))
+        elif old_split is not None:
+            log.info("split settings changed (%s -> %s): drawing a new split", previous, split_settings)
+        split = split_train_val(
+            list(index["kind"]),
+            list(index["group"]),
+            val_fraction=val_fraction,
+            seed=seed,
+            fixed=[kept.get(i) for i in index["image_id"]] if kept else None,
+        )
+        split_table = pd.DataFrame({"image_id": index["image_id"], "split": split})
+        _warn_straddling(index["group"], split)
+
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "nucleiseg_version": (old_manifest or {}).get("nucleiseg_version", __version__),
+        "complete": not interrupted,
+        "source": str(data_dir),
+        "root": str(root),
+        "layout": layout,
+        "rle_csv": None if rle_path is None else str(rle_path),
+        "groups_file": None if group_file is None else str(group_file),
+        "split": split_settings,
+        "n_images": len(index),
+        "images": {i: entries[i] for i in sorted(entries)},
+        "skipped": sorted(skipped, key=lambda s: (s["image_id"], s["source"])),
+    }
+    changed = _write_if_changed(out_dir / "index.csv", _csv_text(index))
+    if split_table is not None:
+        changed |= _write_if_changed(out_dir / "split.csv", _csv_text(split_table))
+    comparable = {k: v for k, v in (old_manifest or {}).items() if k not in ("updated", "nucleiseg_version")}
+    if changed or processed or dropped or comparable != {k: v for k, v in manifest.items() if k != "nucleiseg_version"}:
+        manifest["nucleiseg_version"] = __version__
+        manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        _write_if_changed(manifest_path, json.dumps(manifest, indent=1) + "\n")
+
+    if interrupted:
+        log.warning(
+            "interrupted: %d images saved to %s, %d still to do; run the same command again to finish",
+            len(index), out_dir, len(pending),
+        )
+        raise KeyboardInterrupt
+
+    elapsed = time.perf_counter() - started
+    log.info(
+        "cache %s: %d images (%d processed, %d reused as up to date, %d skipped, %d dropped as gone) in %.1f s",
+        out_dir, len(index), len(processed), len(reused), len(skipped), len(dropped), elapsed,
+    )
+    n_old_warned = sum(1 for i in reused if entries[i].get("warnings"))
+    if n_warned or n_old_warned:
+        log.info(
+            "%d images had warnings (%d of them in earlier runs); all are listed in %s",
+            n_warned + n_old_warned, n_old_warned, manifest_path,
+        )
+    table = index.assign(split=split_table["split"].to_numpy())
+    for kind in KINDS:
+        part = table[table["kind"] == kind]
+        if len(part):
+            log.info(
+                "  %-12s %4d images: %d train, %d val",
+                kind, len(part), int((part["split"] == "train").sum()), int((part["split"] == "val").sum()),
+            )
+    return PrepareResult(out_dir, table, processed, reused, skipped, dropped)
+
+
+def _warn_straddling(groups: pd.Series, split: np.ndarray) -> None:
+    sides: dict[str, set] = {}
+    for group, side in zip(groups, split):
+        if group:
+            sides.setdefault(group, set()).add(side)
+    both = sorted(g for g, s in sides.items() if len(s) > 1)
+    if both:
+        log.warning(
+            "groups %s have images in both train and val (kept from the earlier split); "
+            "rerun with another --seed to draw a new split",
+            ", ".join(both[:10]) + (" ..." if len(both) > 10 else ""),
+        )
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return Path(path).relative_to(base).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+class _redirect_logging:
+    """Route log records through tqdm while a progress bar is shown."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._context = None
+
+    def __enter__(self):
+        if self.enabled:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._context = logging_redirect_tqdm(loggers=[logging.getLogger()])
+            self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._context is not None:
+            return self._context.__exit__(*exc)
+        return False
+
+
+def read_cache(cache_dir: str | Path) -> pd.DataFrame:
+    """Read a prepared cache's index with its train/validation split.
+
+    Parameters
+    ----------
+    cache_dir : str or Path
+        Folder written by :func:`prepare_dataset` (``nucleiseg prepare``).
+
+    Returns
+    -------
+    table : pandas.DataFrame
+        Columns ``image_id, height, width, kind, n_nuclei, group, source,
+        split``; ``group`` is ``""`` for an image standing alone. The image,
+        mask and label files are ``images/<image_id>.png``,
+        ``masks/<image_id>.png`` and ``labels/<image_id>.tif``.
+
+    Raises
+    ------
+    NucleisegError
+        The folder is missing or not a prepared cache.
+
+    Examples
+    --------
+    >>> table = read_cache("cache/dsb2018")  # doctest: +SKIP
+    >>> table.groupby(["kind", "split"]).size()  # doctest: +SKIP
+    """
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        raise NucleisegError("cache folder not found (run 'nucleiseg prepare DATA_DIR --out CACHE' first)", cache_dir)
+    hint = "; run 'nucleiseg prepare DATA_DIR --out CACHE' to make one"
+    try:
+        manifest = json.loads((cache_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise NucleisegError("not a prepared cache (no readable manifest.json)" + hint, cache_dir) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise NucleisegError("not a prepared cache (manifest.json is not a nucleiseg cache manifest)" + hint, cache_dir)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise NucleisegError(
+            f"cache format {manifest.get('format_version')} is not the supported {FORMAT_VERSION}; "
+            "run 'nucleiseg prepare' again",
+            cache_dir,
+        )
+    if manifest.get("complete") is False:
+        raise NucleisegError(
+            "the prepare that wrote this cache was interrupted; run the same 'nucleiseg prepare' again to finish it",
+            cache_dir,
+        )
+    index = _read_cache_table(cache_dir / "index.csv", INDEX_COLUMNS, hint)
+    split = _read_cache_table(cache_dir / "split.csv", SPLIT_COLUMNS, hint)
+    table = index.merge(split[list(SPLIT_COLUMNS)], on="image_id", how="left", validate="one_to_one")
+    if table["split"].isna().any():
+        missing = table.loc[table["split"].isna(), "image_id"].iloc[0]
+        raise NucleisegError(f"split.csv has no row for image {missing}; run 'nucleiseg prepare' again", cache_dir)
+    return table
+
+
+def _read_cache_table(path: Path, columns: Sequence[str], hint: str) -> pd.DataFrame:
+    try:
+        table = pd.read_csv(
+            path,
+            dtype={c: str for c in ("image_id", "kind", "group", "source", "split")},
+            keep_default_na=False,
+            na_values=[],
+        )
+    except (OSError, ValueError, pd.errors.ParserError):
+        raise NucleisegError(f"not a prepared cache (no readable {path.name})" + hint, path.parent) from None
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise NucleisegError(f"{path.name} lacks columns {', '.join(missing)}" + hint, path.parent)
+    return table[list(columns)]

@@ -1,0 +1,1 @@
+"""Tests of nucleiseg.data (ingestion, the prepared cache, the split)."""
