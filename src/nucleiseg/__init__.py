@@ -1,7 +1,29 @@
-"""nucleiseg: find and outline every cell nucleus in a microscopy image."""
+"""nucleiseg: find and outline every cell nucleus in a microscopy image.
+
+>>> import nucleiseg                                        # doctest: +SKIP
+>>> result = nucleiseg.segment(nucleiseg.io.read_image("cells.png"))  # doctest: +SKIP
+>>> result.labels, result.table                             # doctest: +SKIP
+
+``load_model`` and ``segment`` (from :mod:`nucleiseg.inference`) are imported
+on first use, so ``import nucleiseg`` stays light (no PyTorch).
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "load_model", "segment"]
+
+_LAZY = {"load_model": "inference", "segment": "inference"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

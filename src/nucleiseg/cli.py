@@ -144,7 +144,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder for checkpoints and metrics (required unless --resume)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--init", metavar="PATH|default", help="start from a trained model file (fine-tuning)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="number of epochs (with --resume: extend to this many)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="number of epochs (with --resume: change the run's length to this many)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="crops per step (per process)")
     p.add_argument("--crop", type=int, default=d.crop, help="side of the square training crops, in pixels")
     p.add_argument("--samples-per-epoch", type=int, default=None, help="crops per epoch (default: number of training images)")
@@ -635,8 +635,49 @@ def _run_tune(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- export
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="(not yet available)", formatter_class=_Formatter)
-    p.set_defaults(func=_not_yet)
+    p = sub.add_parser(
+        "export",
+        help="write a model as ONNX for other runtimes",
+        formatter_class=_Formatter,
+        description=(
+            "Write a model file as an ONNX graph from the normalised image to the probabilities, with\n"
+            "its BatchNorms folded, for ONNX Runtime, OpenVINO, TensorRT or DeepImageJ:\n"
+            "  input  'image'          float32 N x 3 x H x W; N, H and W dynamic, H and W multiples of\n"
+            "                          2**depth (16 for the default network): pad by reflection, crop after.\n"
+            "                          Values as nucleiseg.preprocess.normalize gives them (1st/99.8th\n"
+            "                          percentiles of the 8-bit RGB image to 0/1, clipped to [-0.5, 1.5]).\n"
+            "  output 'probabilities'  float32 N x C x H x W in [0, 1] (C = 3: body, contour, touch).\n"
+            "The model's metadata (channels, postprocess thresholds, preprocess, config) and the export's\n"
+            "settings (mode, prune_level, input_multiple) are stored as JSON in the ONNX metadata_props.\n\n"
+            "Needs the optional packages onnx and onnxscript: pip install 'nucleiseg[onnx]'.\n\n"
+            "Examples:\n"
+            "  nucleiseg export --format onnx default -o nuclei.onnx\n"
+            "  nucleiseg export --format onnx runs/my-model --mode fast -o nuclei-fast.onnx"
+        ),
+    )
+    p.add_argument("model", metavar="MODEL_IN",
+                   help="model file, training run folder (its best.safetensors) or 'default' (the shipped model)")
+    p.add_argument("--out", "-o", metavar="OUT", required=True, default=argparse.SUPPRESS,
+                   help="file to write, e.g. nuclei.onnx (required)")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="output format")
+    p.add_argument("--mode", choices=("accurate", "fast"), default="accurate",
+                   help="accurate: mean of all UNet++ heads; fast: only the pruned network stored with the model")
+    p.add_argument("--prune-level", type=int, default=None, metavar="K",
+                   help="export head K alone (1..depth), whatever --mode says; None: as --mode says")
+    p.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset version; None: the exporter's default")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx, read_onnx_metadata
+
+    path = export_onnx(args.model, args.out, mode=args.mode, prune_level=args.prune_level, opset=args.opset)
+    meta = read_onnx_metadata(path)
+    level = meta.get("prune_level")
+    how = "accurate mode (all heads)" if level is None else f"fast mode (head {level})"
+    print(f"wrote {path}: {how}; input 'image' N x 3 x H x W with H, W multiples of {meta.get('input_multiple')}, "
+          f"output 'probabilities' ({', '.join(meta.get('channels', []))})")
+    return 0
 
 
 def _not_yet(args: argparse.Namespace) -> int:
@@ -662,7 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  nucleiseg predict images/*.png -o results/      segment with the shipped model\n"
             "  nucleiseg prepare stage1_train --out cache/      ingest annotated data once\n"
             "  nucleiseg train cache/ --out runs/my-model       train or fine-tune\n"
-            "  nucleiseg evaluate --model runs/my-model/best.safetensors cache/   score a model\n\n"
+            "  nucleiseg evaluate cache/ --model runs/my-model --out report/   score a model\n\n"
             "Run 'nucleiseg COMMAND --help' for the options of each command."
         ),
         formatter_class=_Formatter,

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -321,7 +322,8 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
     run_dir : str or Path
         Where checkpoints, metrics and curves go.
     config : TrainConfig, optional
-        Settings for a new run; ignored on resume except ``epochs`` (which may extend it).
+        Settings for a new run; on resume only its ``epochs`` is used, to lengthen or
+        shorten the run (the learning-rate schedule follows).
     resume : bool
         Continue from ``run_dir/last_state.pt``.
     max_steps : int, optional
@@ -339,7 +341,8 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
         if not state_path.exists():
             raise NucleisegError("nothing to resume: no last_state.pt in this folder", run_dir)
         saved = TrainConfig.from_json(run_dir / "train_config.json")
-        if config is not None and config.epochs > saved.epochs:
+        if config is not None:
+            # a new length re-shapes the rest of the cosine schedule to end at the new last epoch
             saved.epochs = config.epochs
         config = saved
     config = config or TrainConfig()
@@ -393,6 +396,8 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, best_score = int(state["epoch"]) + 1, float(state["best_score"])
+        if start_epoch > config.epochs:
+            raise NucleisegError(f"already trained {start_epoch - 1} epochs; ask for more with --epochs", run_dir)
         log.info("resuming %s at epoch %d", run_dir, start_epoch)
 
     net = model
@@ -407,7 +412,9 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
         net.train()
         started = time.perf_counter()
         running, seen = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not ddp.is_main, leave=False, dynamic_ncols=True)
+        # redirected to a log file, the bar updates twice a minute instead of flooding it
+        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not ddp.is_main, leave=False,
+                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
         for x, y in bar:
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)

@@ -1,0 +1,432 @@
+"""Choosing the post-processing thresholds (and the fast mode's prune level) on validation images.
+
+:func:`tune_postprocess` grid-searches the four :class:`~nucleiseg.postprocess.PostprocessParams`
+for the highest mean DSB score. It gives exactly the labels of
+:func:`~nucleiseg.postprocess.instances_from_probabilities` for every combination
+(the tests check this) but shares the work between them: per image the seed map
+is computed once, the foreground and its blobs once per foreground threshold,
+the watershed once per (foreground, seed threshold, minimum seed size), and
+every ``min_size`` only filters that watershed's result.
+
+:func:`tune_model` is ``nucleiseg tune``: predict the validation split once,
+tune, pick the fast mode's prune level, and store both in the model file's
+metadata (``"postprocess"``, ``"fast_prune_level"``, ``"tuning"``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+from skimage.morphology import remove_small_objects
+from skimage.segmentation import watershed
+
+from .errors import NucleisegError
+from .io import atomic_path
+from .metrics import instance_scores
+from .postprocess import PostprocessParams, boundary_probability, connected_components, instances_from_probabilities
+
+__all__ = [
+    "DEFAULT_GRID",
+    "FAST_MODE_TOLERANCE",
+    "tune_postprocess",
+    "mean_dsb",
+    "choose_prune_level",
+    "update_model_metadata",
+    "tune_model",
+    "TuneResult",
+]
+
+log = logging.getLogger(__name__)
+
+#: The default search grid: 5 x 5 x 3 x 3 = 225 combinations, 75 watersheds per image.
+DEFAULT_GRID: dict[str, tuple] = {
+    "foreground_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
+    "seed_threshold": (0.4, 0.5, 0.6, 0.7, 0.8),
+    "min_seed_size": (2, 8, 20),
+    "min_size": (5, 15, 30),
+}
+
+#: The fast mode uses the smallest prune level whose validation DSB is at most this far below the accurate mode's.
+FAST_MODE_TOLERANCE = 0.03
+
+_PARAM_NAMES = tuple(DEFAULT_GRID)
+
+
+def _grid(grid: Mapping[str, Sequence] | None) -> dict[str, tuple]:
+    out = dict(DEFAULT_GRID)
+    for key, values in (grid or {}).items():
+        if key not in out:
+            raise ValueError(f"unknown grid parameter {key!r}; expected some of {', '.join(_PARAM_NAMES)}")
+        values = tuple(sorted(set(values)))
+        if not values:
+            raise ValueError(f"grid parameter {key!r} needs at least one value")
+        out[key] = values
+    for key in ("min_seed_size", "min_size"):
+        out[key] = tuple(int(v) for v in out[key])
+    for key in ("foreground_threshold", "seed_threshold"):
+        out[key] = tuple(float(v) for v in out[key])
+    return out
+
+
+def _remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+    # the same call as postprocess.instances_from_probabilities
+    if min_size <= 1:
+        return labels
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Only one label was provided")
+        return remove_small_objects(labels, max_size=min_size - 1)
+
+
+def _image_scores(
+    probs: np.ndarray, truth: np.ndarray, channels: Sequence[str], grid: dict[str, tuple]
+) -> dict[tuple, tuple[float, float]]:
+    """(DSB, AP50) of one image for every combination of the grid."""
+    channels = list(channels)
+    body = probs[channels.index("body")].astype(np.float32)
+    boundary = boundary_probability(probs, channels)
+    out: dict[tuple, tuple[float, float]] = {}
+
+    def score(labels: np.ndarray) -> tuple[float, float]:
+        s = instance_scores(truth, labels)
+        return s.score, s.ap50
+
+    if boundary is None:  # no contour/touch channel: connected components, seeds play no part
+        default = PostprocessParams()
+        for fg, ms in itertools.product(grid["foreground_threshold"], grid["min_size"]):
+            result = score(connected_components(body, fg, ms))
+            out[(fg, default.seed_threshold, default.min_seed_size, ms)] = result
+        return out
+
+    seed_map = body * (1.0 - boundary)
+    neg_body = -body
+    for fg in grid["foreground_threshold"]:
+        foreground = body > fg
+        blobs, n_blobs = ndi.label(foreground)
+        for st in grid["seed_threshold"]:
+            seeds = (seed_map > st) & foreground
+            markers_all, _ = ndi.label(seeds)
+            for mss in grid["min_seed_size"]:
+                markers = _remove_small(markers_all, mss)
+                if n_blobs:
+                    seeded = np.zeros(n_blobs + 1, bool)
+                    seeded[np.unique(blobs[markers > 0])] = True
+                    orphan = ~seeded[blobs] & (blobs > 0)
+                    if orphan.any():
+                        markers = np.where(orphan, blobs + int(markers.max()), markers)
+                flooded = watershed(neg_body, markers, mask=foreground)
+                for ms in grid["min_size"]:
+                    out[(fg, st, mss, ms)] = score(_remove_small(flooded, ms))
+    return out
+
+
+def tune_postprocess(
+    probs: Sequence[np.ndarray],
+    truths: Sequence[np.ndarray],
+    channels: Sequence[str] = ("body", "contour", "touch"),
+    grid: Mapping[str, Sequence] | None = None,
+    *,
+    progress: bool = False,
+) -> tuple[PostprocessParams, pd.DataFrame]:
+    """Grid-search the post-processing thresholds for the best mean DSB score.
+
+    Parameters
+    ----------
+    probs : sequence of ndarray, each (C, H, W)
+        Network probabilities of the validation images.
+    truths : sequence of ndarray, each (H, W)
+        Their annotated instance labels, in the same order.
+    channels : sequence of str
+        Channel names of ``probs``; must include ``"body"``. Without
+        ``"contour"``/``"touch"`` only ``foreground_threshold`` and
+        ``min_size`` matter (connected components) and the other two columns
+        hold the defaults.
+    grid : mapping name -> values, optional
+        Values to try for some of ``foreground_threshold``, ``seed_threshold``,
+        ``min_seed_size``, ``min_size``; the others keep :data:`DEFAULT_GRID`.
+    progress : bool
+        Show a progress bar over the images on stderr.
+
+    Returns
+    -------
+    best : PostprocessParams
+        The combination with the highest mean DSB (ties: higher mean AP@0.5,
+        then the first in grid order).
+    results : pandas.DataFrame
+        One row per combination: the four parameters, ``dsb`` and ``ap50``
+        (means over images), sorted best first.
+
+    Examples
+    --------
+    >>> p = np.zeros((3, 16, 16), np.float32); p[0, 4:12, 4:12] = 0.9
+    >>> t = np.zeros((16, 16), int); t[4:12, 4:12] = 1
+    >>> best, table = tune_postprocess([p], [t], grid={"foreground_threshold": [0.5]})
+    >>> float(table["dsb"].max())
+    1.0
+    """
+    channels = list(channels)
+    if "body" not in channels:
+        raise ValueError(f"channels must include 'body', got {channels}")
+    probs = list(probs)
+    truths = list(truths)
+    if len(probs) != len(truths):
+        raise ValueError(f"got {len(probs)} probability maps for {len(truths)} label images")
+    if not probs:
+        raise ValueError("tune_postprocess needs at least one image")
+    grid = _grid(grid)
+    from tqdm import tqdm
+
+    totals: dict[tuple, np.ndarray] = {}
+    for prob, truth in tqdm(list(zip(probs, truths)), desc="tune", unit="image", file=sys.stderr,
+                            disable=None if progress else True):
+        prob = np.asarray(prob)
+        if prob.ndim != 3 or prob.shape[0] != len(channels) or prob.shape[1:] != np.shape(truth):
+            raise ValueError(
+                f"probabilities of shape {prob.shape} do not match {len(channels)} channels "
+                f"and labels of shape {np.shape(truth)}"
+            )
+        for combo, values in _image_scores(prob, np.asarray(truth), channels, grid).items():
+            totals.setdefault(combo, np.zeros(2))[:] += values
+    rows = [dict(zip(_PARAM_NAMES, combo), dsb=t[0] / len(probs), ap50=t[1] / len(probs)) for combo, t in totals.items()]
+    table = pd.DataFrame(rows)
+    table["grid_order"] = np.arange(len(table))
+    table = table.sort_values(["dsb", "ap50", "grid_order"], ascending=[False, False, True], kind="mergesort")
+    table = table.drop(columns="grid_order").reset_index(drop=True)
+    best = table.iloc[0]
+    params = PostprocessParams(
+        foreground_threshold=float(best["foreground_threshold"]),
+        seed_threshold=float(best["seed_threshold"]),
+        min_seed_size=int(best["min_seed_size"]),
+        min_size=int(best["min_size"]),
+    )
+    return params, table
+
+
+def mean_dsb(
+    probs: Sequence[np.ndarray],
+    truths: Sequence[np.ndarray],
+    channels: Sequence[str],
+    params: PostprocessParams | None = None,
+) -> float:
+    """Mean DSB score of :func:`instances_from_probabilities` with ``params`` over the images."""
+    scores = [
+        instance_scores(truth, instances_from_probabilities(np.asarray(prob), channels, params)).score
+        for prob, truth in zip(probs, truths)
+    ]
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def choose_prune_level(
+    level_scores: Mapping[int, float], accurate_score: float, tolerance: float = FAST_MODE_TOLERANCE
+) -> int:
+    """The smallest prune level scoring at least ``accurate_score - tolerance``.
+
+    When no level is that close, the best-scoring one (the smallest among ties).
+
+    Examples
+    --------
+    >>> choose_prune_level({1: 0.50, 2: 0.58, 3: 0.60}, accurate_score=0.61)
+    2
+    >>> choose_prune_level({1: 0.3, 2: 0.4}, accurate_score=0.6)
+    2
+    """
+    if not level_scores:
+        raise ValueError("no prune level was scored")
+    for level in sorted(level_scores):
+        if level_scores[level] >= accurate_score - tolerance:
+            return int(level)
+    return int(max(sorted(level_scores), key=lambda k: level_scores[k]))
+
+
+def update_model_metadata(path: str | Path, updates: Mapping[str, Any], out: str | Path | None = None) -> Path:
+    """Rewrite a model file with the same tensors and its metadata updated, atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+        A nucleiseg safetensors model file.
+    updates : mapping
+        Metadata keys to set (values are stored as JSON, like
+        :func:`nucleiseg.models.save_model` does).
+    out : str or Path, optional
+        Where to write; default: replace ``path`` itself (atomically, so an
+        interruption leaves the old file intact).
+
+    Returns
+    -------
+    Path
+        The file written.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    out = path if out is None else Path(out)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise NucleisegError(f"not a nucleiseg model file ({exc})", path) from None
+    metadata.update({str(k): json.dumps(v) for k, v in updates.items()})
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return out
+
+
+@dataclass
+class TuneResult:
+    """What :func:`tune_model` did.
+
+    Attributes
+    ----------
+    params : PostprocessParams
+        The chosen thresholds (written as ``"postprocess"``).
+    previous : PostprocessParams
+        The thresholds the model file held before.
+    dsb_before, dsb_after : float
+        Mean validation DSB (accurate mode) with the previous and the chosen thresholds.
+    fast_prune_level : int
+        Written as ``"fast_prune_level"``.
+    fast_dsb : dict int -> float
+        Mean validation DSB of each prune level (fast mode) with the chosen thresholds.
+    n_images : int
+        Validation images used.
+    results : pandas.DataFrame
+        Every grid combination with its scores (:func:`tune_postprocess`).
+    path : Path
+        The model file written.
+    """
+
+    params: PostprocessParams
+    previous: PostprocessParams
+    dsb_before: float
+    dsb_after: float
+    fast_prune_level: int
+    fast_dsb: dict[int, float]
+    n_images: int
+    results: pd.DataFrame
+    path: Path
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _predict(model, rgb: np.ndarray, prune_level: int | None, options: Mapping[str, Any]) -> np.ndarray:
+    """Probabilities of the accurate mode (prune_level None) or of one prune level."""
+    from .inference import predict_probabilities
+
+    if prune_level is None:
+        return predict_probabilities(model, rgb, mode="accurate", **options)
+    return predict_probabilities(model, rgb, mode="fast", prune_level=prune_level, **options)
+
+
+def tune_model(
+    cache_dir: str | Path,
+    model: str | Path,
+    out: str | Path | None = None,
+    *,
+    split: str = "val",
+    grid: Mapping[str, Sequence] | None = None,
+    tolerance: float = FAST_MODE_TOLERANCE,
+    predict_options: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> TuneResult:
+    """Tune a model file's post-processing on a cache's validation split and store the result.
+
+    This is ``nucleiseg tune``. The validation images are predicted once in
+    accurate mode; :func:`tune_postprocess` picks the thresholds; then each
+    prune level ``1..depth`` predicts the same images in fast mode and the
+    smallest level within ``tolerance`` DSB of the accurate mode becomes
+    ``"fast_prune_level"``. The model file is rewritten with the same tensors
+    and the updated metadata (``"postprocess"``, ``"fast_prune_level"`` and a
+    ``"tuning"`` record of the scores).
+
+    Parameters
+    ----------
+    cache_dir : str or Path
+        A prepared cache (``nucleiseg prepare``).
+    model : str or Path
+        The model file (or run folder) to tune; ``"default"`` needs ``out``.
+    out : str or Path, optional
+        Where to write the tuned model; default: replace ``model`` in place (atomically).
+    split : {'val', 'train', 'all'}
+        Images to tune on.
+    """
+    from tqdm import tqdm
+
+    from .data.cache import read_cache
+    from .io import read_image, read_labels
+    from .models import load_model_file, resolve_model_path
+
+    if model is None or str(model) == "default":
+        if out is None:
+            raise NucleisegError("give --out FILE to tune the shipped default model (it is not changed in place)")
+    path = resolve_model_path(model)
+    out = path if out is None else Path(out)
+    if out.is_dir():
+        raise NucleisegError("is a folder; expected the model file to write", out)
+    if split not in ("val", "train", "all"):
+        raise NucleisegError(f"unknown split {split!r}; choose val, train or all")
+    table = read_cache(cache_dir)
+    if split != "all":
+        table = table[table["split"] == split]
+    if table.empty:
+        raise NucleisegError(f"the cache has no images in the {split!r} split (see split.csv)", cache_dir)
+    cache_dir = Path(cache_dir)
+    ids = table["image_id"].astype(str).tolist()
+
+    from .inference import load_model
+
+    net = load_model(path)
+
+    channels = list(net.channels)
+    previous = net.postprocess
+    options = {k: v for k, v in (predict_options or {}).items() if v is not None}
+    images = [read_image(cache_dir / "images" / f"{i}.png") for i in ids]
+    truths = [read_labels(cache_dir / "labels" / f"{i}.tif") for i in ids]
+    bar = dict(unit="image", file=sys.stderr, disable=None if progress else True)
+    probs = [_predict(net, rgb, None, options) for rgb in tqdm(images, desc="predict", **bar)]
+
+    dsb_before = mean_dsb(probs, truths, channels, previous)
+    params, results = tune_postprocess(probs, truths, channels, grid, progress=progress)
+    dsb_after = float(results["dsb"].iloc[0])
+    if dsb_after < dsb_before:  # the previous thresholds lie off the grid and do better: keep them
+        params, dsb_after = previous, dsb_before
+    del probs
+
+    depth = net.depth
+    fast_dsb: dict[int, float] = {}
+    for level in range(1, depth + 1):
+        level_probs = (_predict(net, rgb, level, options) for rgb in tqdm(images, desc=f"fast level {level}", **bar))
+        fast_dsb[level] = float(np.mean([
+            instance_scores(t, instances_from_probabilities(p, channels, params)).score
+            for p, t in zip(level_probs, truths)
+        ]))
+    level = choose_prune_level(fast_dsb, dsb_after, tolerance)
+    if fast_dsb[level] < dsb_after - tolerance:
+        log.warning(
+            "no prune level comes within %.2f DSB of the accurate mode (%.3f); fast mode uses the best, level %d (%.3f)",
+            tolerance, dsb_after, level, fast_dsb[level],
+        )
+    record = {
+        "split": split,
+        "n_images": len(ids),
+        "dsb_before": dsb_before,
+        "dsb_after": dsb_after,
+        "previous_postprocess": previous.to_dict(),
+        "fast_dsb_per_level": {str(k): v for k, v in fast_dsb.items()},
+        "fast_tolerance": tolerance,
+        "grid_size": int(len(results)),
+    }
+    updates = {"postprocess": params.to_dict(), "fast_prune_level": level, "tuning": record}
+    update_model_metadata(path, updates, out=out)
+    _, metadata = load_model_file(out)  # the file written must load again
+    return TuneResult(params, previous, dsb_before, dsb_after, level, fast_dsb, len(ids), results, out, metadata)

@@ -1,0 +1,114 @@
+"""``nucleiseg export``: the ONNX graph gives PyTorch's probabilities on a real image, in both modes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nucleiseg.cli import main
+from nucleiseg.io import read_image
+from nucleiseg.models import UNetPlusPlus, load_model_file, save_model
+from nucleiseg.models.unetplusplus import pad_to_multiple
+from nucleiseg.preprocess import normalize, to_rgb_uint8
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+DSB_TRAIN = Path(__file__).resolve().parent / "fixtures" / "dsb" / "stage1_train"
+POSTPROCESS = {"foreground_threshold": 0.4, "seed_threshold": 0.6, "min_seed_size": 7, "min_size": 11}
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random model (depth 3) with non-trivial BatchNorm statistics, saved with metadata."""
+    torch.manual_seed(0)
+    net = UNetPlusPlus(widths=(4, 8, 16, 32))
+    net.train()
+    with torch.no_grad():
+        for _ in range(2):
+            net(torch.rand(2, 3, 32, 32) * 1.5 - 0.2)
+    path = tmp_path_factory.mktemp("export") / "tiny.safetensors"
+    save_model(path, net.eval(), {"postprocess": POSTPROCESS, "fast_prune_level": 2})
+    return path
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    """A real DSB image, normalised and padded to a multiple of 8 (here 2**depth), as a batch of one."""
+    files = sorted(DSB_TRAIN.glob("*/images/*.png"))
+    assert files, "the DSB fixture is missing"
+    rgb = to_rgb_uint8(read_image(files[0]))[:90, :75]  # sides that need padding
+    x = torch.from_numpy(normalize(rgb))[None]
+    return pad_to_multiple(x, 8).numpy()
+
+
+@pytest.mark.parametrize("mode", ["accurate", "fast"])
+def test_onnx_runtime_matches_pytorch(model_file, image, tmp_path, mode):
+    out = tmp_path / f"{mode}.onnx"
+    assert main(["export", "--format", "onnx", str(model_file), "-o", str(out), "--mode", mode]) == 0
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert [o.name for o in session.get_outputs()] == ["probabilities"]
+
+    net, _ = load_model_file(model_file)
+    level = None if mode == "accurate" else 2
+    with torch.no_grad():
+        expected = net.predict_proba(torch.from_numpy(image), prune_level=level).numpy()
+    got = session.run(None, {"image": image})[0]
+    assert got.shape == expected.shape == (1, 3) + image.shape[2:]
+    assert np.abs(got - expected).max() <= 1e-3
+
+    # Dynamic batch and sides: two images of another size in one run.
+    batch = np.concatenate([image[..., :64, :48], image[..., 8:72, 16:64]])
+    with torch.no_grad():
+        expected = net.predict_proba(torch.from_numpy(batch), prune_level=level).numpy()
+    assert np.abs(session.run(None, {"image": batch})[0] - expected).max() <= 1e-3
+
+
+def test_metadata_is_stored_in_the_onnx_file(model_file, tmp_path):
+    from nucleiseg.export import export_onnx, read_onnx_metadata
+
+    out = export_onnx(model_file, tmp_path / "m.onnx", prune_level=1)
+    meta = read_onnx_metadata(out)
+    assert meta["channels"] == ["body", "contour", "touch"]
+    assert meta["postprocess"] == POSTPROCESS
+    assert meta["config"]["widths"] == [4, 8, 16, 32]
+    assert meta["mode"] == "fast" and meta["prune_level"] == 1
+    assert meta["input_multiple"] == 8
+    assert meta["source_model"] == "tiny.safetensors"
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    shape = session.get_inputs()[0].shape
+    assert shape[1] == 3 and all(isinstance(d, str) for d in (shape[0], shape[2], shape[3]))
+
+
+def test_bad_prune_level_is_a_one_line_error(model_file, tmp_path, capsys):
+    assert main(["export", str(model_file), "-o", str(tmp_path / "x.onnx"), "--prune-level", "9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "prune-level" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_missing_onnx_is_a_one_line_error_naming_the_package(model_file, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    assert main(["export", str(model_file), "-o", str(tmp_path / "y.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'onnx'" in err and "pip install" in err
+
+
+def test_torchscript_exporter_gives_the_same_graph_output(model_file, image, tmp_path):
+    """The fallback exporter (used where onnxscript is not installed) is correct too."""
+    from nucleiseg.export import export_onnx
+
+    out = export_onnx(model_file, tmp_path / "ts.onnx", exporter="torchscript")
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    net, _ = load_model_file(model_file)
+    with torch.no_grad():
+        expected = net.predict_proba(torch.from_numpy(image)).numpy()
+    assert np.abs(session.run(None, {"image": image})[0] - expected).max() <= 1e-3
+    assert [d for d in session.get_inputs()[0].shape] == ["N", 3, "H", "W"]

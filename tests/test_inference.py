@@ -1,0 +1,321 @@
+"""Prediction: model loading, native-resolution probabilities, modes, TTA, tiling, segment(), measurements."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nucleiseg import inference
+from nucleiseg.errors import NucleisegError
+from nucleiseg.inference import (
+    Model,
+    Segmentation,
+    label_nuclei,
+    load_model,
+    predict_probabilities,
+    segment,
+)
+from nucleiseg.measure import MEASUREMENT_COLUMNS, measure_nuclei
+from nucleiseg.metrics import dsb_score
+from nucleiseg.models import UNetPlusPlus, save_model
+from nucleiseg.postprocess import PostprocessParams, instances_from_probabilities
+from nucleiseg.preprocess import normalize, to_rgb_uint8
+
+DSB_TRAIN = Path(__file__).resolve().parent / "fixtures" / "dsb" / "stage1_train"
+WIDTHS = (4, 8, 16)  # depth 2: receptive field 44 px, 22 px each side
+
+
+def calibrated_tiny_model(seed: int = 0) -> UNetPlusPlus:
+    """A tiny random UNet++ that behaves like a trained one where tiling is concerned.
+
+    Fresh BatchNorm statistics shrink the activations layer after layer, so a
+    random network barely depends on its input (tiles would agree trivially).
+    Setting the statistics from the fixture images restores unit-scale
+    activations, and shifting the body bias makes about a quarter of the
+    pixels foreground, so there are nuclei to compare.
+    """
+    torch.manual_seed(seed)
+    net = UNetPlusPlus(widths=WIDTHS)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # running statistics = those of the one batch below
+    x = torch.from_numpy(np.stack([normalize(image) for image in _fixture_images()]))
+    with torch.no_grad():
+        net.train()(x)
+        net.eval()
+        for head, logits in zip(net.heads, net(x)):
+            head.bias[0] -= torch.quantile(logits[:, 0].flatten(), 0.75)
+    return net
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model file with metadata as training writes it."""
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_model(path, calibrated_tiny_model(),
+               {"postprocess": {"min_size": 5, "seed_threshold": 0.4}, "fast_prune_level": 1})
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(model_path: Path) -> Model:
+    return load_model(model_path)
+
+
+def _fixture_images() -> list[np.ndarray]:
+    from nucleiseg.io import read_image
+
+    return [to_rgb_uint8(read_image(p))[:256, :256] for p in sorted(DSB_TRAIN.glob("*/images/*.png"))]
+
+
+@pytest.fixture(scope="module")
+def mosaic() -> np.ndarray:
+    """A 2x2 mosaic of the DSB fixtures, cropped to odd sizes (500 x 470)."""
+    a, b, c, d = _fixture_images()
+    return np.ascontiguousarray(np.concatenate([np.concatenate([a, b], 1), np.concatenate([c, d], 1)], 0)[:500, :470])
+
+
+# ----------------------------------------------------------------------------- model
+def test_load_model(model: Model, model_path: Path) -> None:
+    assert model.path == model_path
+    assert model.channels == ("body", "contour", "touch")
+    assert model.postprocess == PostprocessParams(min_size=5, seed_threshold=0.4)
+    assert model.config["widths"] == list(WIDTHS)
+    assert model.depth == 2 and model.fast_prune_level == 1
+    assert not model.network.training
+    conv = model.network.nodes["x0_0"][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_default_model_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import nucleiseg.models as models
+
+    monkeypatch.setattr(models, "DEFAULT_MODEL_PATH", tmp_path / "absent.safetensors")
+    with pytest.raises(NucleisegError, match="default model is missing") as info:
+        load_model()
+    assert "absent.safetensors" in str(info.value)
+    with pytest.raises(NucleisegError, match="default model is missing"):
+        segment(np.zeros((32, 32), np.uint8))
+
+
+def test_default_model_is_cached(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
+    import nucleiseg.models as models
+
+    monkeypatch.setattr(models, "DEFAULT_MODEL_PATH", model_path)
+    monkeypatch.setattr(inference, "_default", {})
+    image = np.zeros((32, 32), np.uint8)
+    segment(image)
+    first = next(iter(inference._default.values()))
+    segment(image, model="default")
+    assert next(iter(inference._default.values())) is first and len(inference._default) == 1
+
+
+def test_import_is_light() -> None:
+    code = "import sys, nucleiseg; assert 'torch' not in sys.modules; assert callable(nucleiseg.segment)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------- probabilities
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8),  # odd RGB
+        np.random.default_rng(1).integers(0, 4095, (41, 29), dtype=np.uint16),  # 12-bit grey in 16
+        np.random.default_rng(2).integers(0, 255, (33, 35, 4), dtype=np.uint8),  # RGBA
+        np.random.default_rng(3).random((19, 70, 1)).astype(np.float32),  # float, one channel
+    ],
+    ids=["rgb-odd", "grey16", "rgba", "float-1ch"],
+)
+def test_native_resolution(model: Model, image: np.ndarray) -> None:
+    probs = predict_probabilities(model, image)
+    assert probs.shape == (3,) + image.shape[:2] and probs.dtype == np.float32
+    assert probs.min() >= 0 and probs.max() <= 1
+
+
+def test_tiled_native_resolution_odd_sizes(model: Model) -> None:
+    image = np.random.default_rng(4).integers(0, 255, (131, 97, 3), dtype=np.uint8)
+    probs = predict_probabilities(model, image, tile=48, overlap=16)
+    assert probs.shape == (3, 131, 97)
+
+
+def test_fast_mode_is_the_pruned_head(model: Model, mosaic: np.ndarray) -> None:
+    image = mosaic[:90, :75]
+    x = torch.from_numpy(normalize(to_rgb_uint8(image)))[None]
+    for kwargs, level in [({"mode": "fast"}, 1), ({"prune_level": 2}, 2), ({"mode": "fast", "prune_level": 2}, 2)]:
+        expected = model.network.predict_proba(x, prune_level=level)[0].numpy()
+        assert np.allclose(predict_probabilities(model, image, **kwargs), expected, atol=1e-6), kwargs
+    accurate = model.network.predict_proba(x)[0].numpy()
+    assert np.allclose(predict_probabilities(model, image), accurate, atol=1e-6)
+    assert not np.allclose(accurate, model.network.predict_proba(x, prune_level=1)[0].numpy(), atol=1e-3)
+    with pytest.raises(ValueError, match="prune_level"):
+        predict_probabilities(model, image, prune_level=3)
+    with pytest.raises(ValueError, match="mode"):
+        predict_probabilities(model, image, mode="quick")
+
+
+@pytest.mark.parametrize("tile", [None, 48], ids=["untiled", "tiled"])
+def test_tta_is_invariant_to_flips(model: Model, mosaic: np.ndarray, tile: int | None) -> None:
+    image = mosaic[100:161, 200:250]  # odd height, non-square
+    probs = predict_probabilities(model, image, tta=True, tile=tile, overlap=16)
+    for flip in (np.fliplr, np.flipud, lambda a: np.rot90(a, 1, axes=(0, 1))):
+        flipped = predict_probabilities(model, np.ascontiguousarray(flip(image)), tta=True, tile=tile, overlap=16)
+        back = np.stack([flip(p) for p in probs])
+        assert np.abs(back - flipped).max() < 1e-5
+
+
+def test_tiling_is_seamless(model: Model, mosaic: np.ndarray) -> None:
+    """The benchmark criterion on a small mosaic: probabilities within 1e-2, labels DSB >= 0.99."""
+    untiled = predict_probabilities(model, mosaic, tile=None)
+    tiled = predict_probabilities(model, mosaic, tile=128, overlap=64)  # 3 x 4 tiles over the seams
+    diff = np.abs(tiled - untiled)
+    assert diff.max() < 1e-2
+    # The window's dead margin (3/8 of 64 = 24 px) exceeds half the receptive field (22 px):
+    # every pixel then comes from tiles that did not see their edges, so they agree to rounding.
+    assert diff.max() < 1e-4
+    params = PostprocessParams(min_size=5)
+    reference = instances_from_probabilities(untiled, params=params)
+    labels = instances_from_probabilities(tiled, params=params)
+    assert reference.max() > 100
+    assert dsb_score(reference, labels) >= 0.99
+    # The model does feel tile edges: a short overlap misses the criterion.
+    assert np.abs(predict_probabilities(model, mosaic, tile=128, overlap=16) - untiled).max() > 1e-2
+
+
+def test_tiling_independent_of_batch_size(model: Model, mosaic: np.ndarray) -> None:
+    image = mosaic[:200, :150]
+    one = predict_probabilities(model, image, tile=64, overlap=16, batch_size=1)
+    many = predict_probabilities(model, image, tile=64, overlap=16, batch_size=5)
+    assert np.abs(one - many).max() < 1e-5  # batched convolutions may round differently
+
+
+@pytest.mark.parametrize("n", [16, 64, 65, 100, 127, 128, 129, 191, 200, 333, 1000])
+def test_tile_layout(n: int) -> None:
+    tile, overlap, align = 64, 24, 4
+    spans = inference._tile_spans(n, tile, overlap, align)
+    assert spans[0][0] == 0 and spans[-1][1] == n
+    for (s0, e0), (s1, e1) in zip(spans, spans[1:]):
+        assert s1 % align == 0 and s0 < s1 and e0 - s1 >= overlap
+    weights = inference._span_weights(n, spans, overlap)
+    total = np.zeros(n)
+    for w, (s, e) in zip(weights, spans):
+        total[s:e] += w
+    assert np.allclose(total, 1.0)
+    if len(spans) > 1:  # no down-weighting at the image border
+        assert weights[0][0] == 1.0 and weights[-1][-1] == 1.0
+
+
+def test_bad_arguments(model: Model) -> None:
+    image = np.zeros((40, 40), np.uint8)
+    with pytest.raises(NucleisegError, match=r"too small: the minimum is 16x16"):
+        predict_probabilities(model, np.zeros((1, 1), np.uint8))
+    with pytest.raises(ValueError, match="half the tile"):
+        predict_probabilities(model, image, tile=64, overlap=40)
+    with pytest.raises(ValueError, match="precision"):
+        predict_probabilities(model, image, precision="fp16")
+    with pytest.raises(TypeError, match="load_model"):
+        predict_probabilities(model.network, image)
+
+
+def test_bf16_close_to_fp32(model: Model, mosaic: np.ndarray) -> None:
+    image = mosaic[:64, :64]
+    fp32 = predict_probabilities(model, image)
+    bf16 = predict_probabilities(model, image, precision="bf16")
+    assert bf16.dtype == np.float32 and np.abs(bf16 - fp32).max() < 0.05
+
+
+# ----------------------------------------------------------------------------- nuclei
+def _random_blobs(shape=(300, 120), n=60, seed=0) -> np.ndarray:
+    from skimage.draw import disk
+
+    rng = np.random.default_rng(seed)
+    probs = np.zeros((3,) + shape, np.float32)
+    for _ in range(n):
+        centre = rng.integers(0, shape[0]), rng.integers(0, shape[1])
+        rr, cc = disk(centre, rng.integers(3, 9), shape=shape)
+        probs[0, rr, cc] = np.maximum(probs[0, rr, cc], rng.uniform(0.6, 1.0))
+        probs[1, rr, cc] = np.maximum(probs[1, rr, cc], rng.uniform(0.0, 0.3))
+    probs[2] = rng.uniform(0, 0.6, shape) * (probs[0] > 0)
+    probs[0] += rng.uniform(0, 1e-3, shape).astype(np.float32) * (probs[0] > 0)  # no exact ties, as in real output
+    return probs
+
+
+def test_label_nuclei_in_bands_equals_whole_image() -> None:
+    probs = _random_blobs()
+    params = PostprocessParams(min_size=5)
+    whole = instances_from_probabilities(probs, params=params)
+    banded = label_nuclei(probs, params=params, band_rows=20)
+    across = {k for b in range(20, whole.shape[0], 20) for k in np.intersect1d(whole[b - 1], whole[b]) if k}
+    assert len(across) > 3, "the test needs nuclei across band borders"
+    assert banded.dtype == np.int32 and banded.max() == whole.max() > 10
+    # the same partition of the pixels, whatever the numbering
+    pairs = np.unique(np.stack([whole.ravel(), banded.ravel()]), axis=1)
+    assert pairs.shape[1] == whole.max() + 1 and np.array_equal((whole > 0), (banded > 0))
+
+
+def test_label_nuclei_tall_and_joined_regions() -> None:
+    probs = np.zeros((3, 100, 30), np.float32)
+    probs[0, 2:95, 3:6] = 0.9  # one tall nucleus through every band
+    probs[0, 10:20, 10:20] = 0.8 + np.linspace(0, 0.01, 100, dtype=np.float32).reshape(10, 10)
+    probs[0, 40:45, 20:28] = 0.95
+    probs[0, 45:60, 25:28] = 0.95  # 8-connected to the one above: one region over two bands
+    params = PostprocessParams(min_size=5, min_seed_size=2)
+    whole = instances_from_probabilities(probs, params=params)
+    banded = label_nuclei(probs, params=params, band_rows=10)
+    assert banded.max() == whole.max() == 3
+    pairs = np.unique(np.stack([whole.ravel(), banded.ravel()]), axis=1)
+    assert pairs.shape[1] == 4
+    everything = np.full((3, 50, 20), 0.9, np.float32)  # foreground joined everywhere: one band
+    assert label_nuclei(everything, band_rows=10).max() == instances_from_probabilities(everything).max() == 1
+    assert label_nuclei(np.zeros((3, 50, 20), np.float32), band_rows=10).max() == 0
+
+
+def test_segment(model_path: Path, mosaic: np.ndarray) -> None:
+    image = mosaic[:120, :100]
+    result = segment(image, model=str(model_path), tile=64, overlap=16)
+    assert isinstance(result, Segmentation)
+    assert result.labels.shape == image.shape[:2] and result.labels.dtype == np.int32
+    assert result.probabilities.shape == (3,) + image.shape[:2]
+    assert list(result.table.columns) == list(MEASUREMENT_COLUMNS)
+    assert result.n_nuclei == result.labels.max() == len(np.unique(result.labels)) - 1
+    assert result.n_nuclei > 0
+    assert (result.table["area"] >= 5).all()  # the model's min_size
+    none = segment(image, model=str(model_path), min_size=10**6)
+    assert none.n_nuclei == 0 and none.labels.max() == 0
+    custom = segment(image, model=str(model_path), postprocess={"foreground_threshold": 0.999})
+    assert custom.n_nuclei <= result.n_nuclei
+
+
+# ----------------------------------------------------------------------------- measurements
+def test_measure_nuclei_values() -> None:
+    labels = np.zeros((20, 30), np.int32)
+    labels[2:6, 3:11] = 4  # 4 x 8 rectangle
+    labels[10:15, 20:25] = 7
+    grey = np.zeros((20, 30), np.uint16)
+    grey[2:6, 3:11] = 1000
+    table = measure_nuclei(labels, grey)
+    assert list(table.columns) == list(MEASUREMENT_COLUMNS)
+    row = table.iloc[0]
+    assert table["label"].tolist() == [4, 7] and table["area"].tolist() == [32, 25]
+    assert (row.centroid_y, row.centroid_x) == (3.5, 6.5)
+    assert (row.bbox_min_row, row.bbox_min_col, row.bbox_max_row, row.bbox_max_col) == (2, 3, 6, 11)
+    assert row.mean_intensity == 1000.0 and table.iloc[1].mean_intensity == 0.0  # raw 16-bit units
+    assert np.isclose(row.equivalent_diameter, np.sqrt(4 * 32 / np.pi))
+    assert 0 < row.eccentricity < 1 and np.isclose(table.iloc[1].eccentricity, 0)
+
+
+def test_measure_nuclei_colour_and_empty() -> None:
+    rgb = np.zeros((10, 10, 4), np.uint8)
+    rgb[..., :3] = (100, 200, 50)
+    labels = np.zeros((10, 10), np.uint16)
+    labels[3:6, 3:6] = 1
+    table = measure_nuclei(labels, rgb)
+    assert np.isclose(table.mean_intensity[0], 0.2125 * 100 + 0.7154 * 200 + 0.0721 * 50, atol=1e-3)
+    empty = measure_nuclei(np.zeros((10, 10), np.int32), rgb)
+    assert len(empty) == 0 and list(empty.columns) == list(MEASUREMENT_COLUMNS)
+    with pytest.raises(ValueError, match="does not match"):
+        measure_nuclei(labels, rgb[:5])

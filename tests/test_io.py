@@ -1,0 +1,195 @@
+"""Reading images and writing the output formats (overlay, ImageJ ROIs, GeoJSON, TIFFs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nucleiseg.errors import ImageReadError
+from nucleiseg.io import (
+    OVERLAY_COLOURS,
+    nucleus_outlines,
+    read_image,
+    read_labels,
+    write_geojson,
+    write_imagej_rois,
+    write_labels_tiff,
+    write_overlay,
+    write_png,
+    write_probabilities_tiff,
+)
+
+
+def _labels() -> np.ndarray:
+    """Three nuclei: a rectangle, a disc with a hole, and one touching the image border."""
+    from skimage.draw import disk
+
+    labels = np.zeros((60, 80), np.int32)
+    labels[5:15, 10:30] = 1
+    rr, cc = disk((38, 40), 12, shape=labels.shape)
+    labels[rr, cc] = 2
+    labels[36:40, 38:42] = 0  # a hole: the outline is still the outer boundary
+    labels[50:60, 70:80] = 5  # touches the bottom-right corner; label values need not be consecutive
+    return labels
+
+
+def _bbox(labels: np.ndarray, k: int) -> tuple[int, int, int, int]:
+    rows, cols = np.nonzero(labels == k)
+    return rows.min(), cols.min(), rows.max() + 1, cols.max() + 1
+
+
+# ----------------------------------------------------------------------------- reading
+def test_read_image_reports_bad_files(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    good = tmp_path / "good.png"
+    write_png(good, np.full((20, 20), 7, np.uint8))
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:40])
+    for path, words in [(empty, "empty"), (text, "cannot be read"), (truncated, "cannot be read"),
+                        (tmp_path / "missing.png", "no such file")]:
+        with pytest.raises(ImageReadError, match=words) as info:
+            read_image(path)
+        assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 1, 3), (1, 20), (20, 1, 4)])
+def test_read_image_keeps_thin_images_2d(tmp_path: Path, shape: tuple) -> None:
+    write_png(tmp_path / "thin.png", np.full(shape, 9, np.uint8))
+    assert read_image(tmp_path / "thin.png").shape == shape
+
+
+def test_read_image_16bit_grey_tiff(tmp_path: Path) -> None:
+    import tifffile
+
+    image = (np.arange(30 * 40, dtype=np.uint16).reshape(30, 40) * 50)
+    tifffile.imwrite(tmp_path / "a.tif", image)
+    out = read_image(tmp_path / "a.tif")
+    assert out.dtype == np.uint16 and np.array_equal(out, image)
+
+
+# ----------------------------------------------------------------------------- TIFFs
+def test_labels_tiff_round_trip_16_and_32_bit(tmp_path: Path) -> None:
+    labels = _labels()
+    write_labels_tiff(tmp_path / "l16.tif", labels)
+    back = read_labels(tmp_path / "l16.tif")
+    assert back.dtype == np.uint16 and np.array_equal(back, labels)
+    big = labels.astype(np.int64) * 20_000  # labels past 65,535
+    write_labels_tiff(tmp_path / "l32.tif", big)
+    back = read_labels(tmp_path / "l32.tif")
+    assert back.dtype == np.uint32 and np.array_equal(back, big)
+
+
+def test_probabilities_tiff(tmp_path: Path) -> None:
+    import tifffile
+
+    probs = np.random.default_rng(0).random((3, 17, 23), dtype=np.float32)
+    write_probabilities_tiff(tmp_path / "p.tif", probs, ["body", "contour", "touch"])
+    with tifffile.TiffFile(tmp_path / "p.tif") as tif:
+        assert tif.series[0].axes == "CYX"
+        assert tif.imagej_metadata["Labels"] == ["body", "contour", "touch"]
+        back = tif.asarray()
+    assert back.dtype == np.float32 and np.array_equal(back, probs)
+    with pytest.raises(ValueError, match="channel names"):
+        write_probabilities_tiff(tmp_path / "q.tif", probs, ["body"])
+
+
+# ----------------------------------------------------------------------------- overlay
+@pytest.mark.parametrize("background", [0, 255])
+def test_overlay_outlines_each_nucleus_in_its_colour(tmp_path: Path, background: int) -> None:
+    import imageio.v3 as iio
+    from skimage.segmentation import find_boundaries
+
+    labels = _labels()
+    rgb = np.full(labels.shape + (3,), background, np.uint8)
+    write_overlay(tmp_path / "o.png", rgb, labels)
+    out = iio.imread(tmp_path / "o.png")
+    assert out.shape == rgb.shape and out.dtype == np.uint8
+    inner = find_boundaries(labels, mode="inner")
+    for k in (1, 2, 5):
+        colour = OVERLAY_COLOURS[(k - 1) % len(OVERLAY_COLOURS)]
+        assert (out[inner & (labels == k)] == colour).all()
+    # Nucleus interiors and far background are untouched; the halo is dark on a white image.
+    assert (out[8:12, 14:26] == background).all() and (out[25, 60] == background).all()
+    halo = find_boundaries(labels, mode="outer") & (labels == 0)
+    assert (out[halo] == background // 3).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.png"]  # atomic: no temporary left
+
+
+def test_overlay_bands_match_whole_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import imageio.v3 as iio
+
+    import nucleiseg.io as io
+
+    labels = _labels()
+    rgb = np.random.default_rng(1).integers(0, 255, labels.shape + (3,), dtype=np.uint8)
+    write_overlay(tmp_path / "whole.png", rgb, labels)
+    monkeypatch.setattr(io, "_BAND_ROWS", 7)
+    write_overlay(tmp_path / "bands.png", rgb, labels)
+    assert np.array_equal(iio.imread(tmp_path / "whole.png"), iio.imread(tmp_path / "bands.png"))
+
+
+def test_overlay_rejects_mismatched_image(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="rgb must be uint8"):
+        write_overlay(tmp_path / "o.png", np.zeros((10, 10, 3), np.uint8), np.zeros((10, 11), np.int32))
+
+
+# ----------------------------------------------------------------------------- polygons
+def test_outlines_bbox_equals_nucleus_bbox() -> None:
+    labels = _labels()
+    seen = []
+    for k, xy in nucleus_outlines(labels):
+        seen.append(k)
+        assert np.array_equal(xy[0], xy[-1])  # closed ring
+        r0, c0, r1, c1 = _bbox(labels, k)
+        assert xy[:, 0].min() == c0 and xy[:, 0].max() == c1  # x is the column
+        assert xy[:, 1].min() == r0 and xy[:, 1].max() == r1
+    assert seen == [1, 2, 5]
+    assert list(nucleus_outlines(np.zeros((5, 5), np.int32))) == []
+
+
+def test_imagej_rois_read_back(tmp_path: Path) -> None:
+    import roifile
+
+    labels = _labels()
+    write_imagej_rois(tmp_path / "rois.zip", labels)
+    rois = roifile.roiread(tmp_path / "rois.zip")
+    assert [r.name for r in rois] == ["1", "2", "5"]
+    for roi in rois:
+        assert roi.roitype == roifile.ROI_TYPE.POLYGON
+        xy = roi.coordinates()
+        r0, c0, r1, c1 = _bbox(labels, int(roi.name))
+        assert (xy[:, 0].min(), xy[:, 1].min(), xy[:, 0].max(), xy[:, 1].max()) == (c0, r0, c1, r1)
+    write_imagej_rois(tmp_path / "none.zip", np.zeros((9, 9), np.uint16))
+    assert roifile.roiread(tmp_path / "none.zip") == []
+
+
+def test_geojson_read_back(tmp_path: Path) -> None:
+    labels = _labels()
+    write_geojson(tmp_path / "n.geojson", labels)
+    data = json.loads((tmp_path / "n.geojson").read_text())
+    assert data["type"] == "FeatureCollection"
+    assert [f["properties"]["label"] for f in data["features"]] == [1, 2, 5]
+    for feature in data["features"]:
+        assert feature["type"] == "Feature"
+        props = feature["properties"]
+        assert props["objectType"] == "detection" and props["classification"] == {"name": "Nucleus"}
+        assert feature["geometry"]["type"] == "Polygon"
+        ring = np.array(feature["geometry"]["coordinates"][0])
+        assert len(ring) >= 4 and np.array_equal(ring[0], ring[-1])
+        r0, c0, r1, c1 = _bbox(labels, props["label"])
+        assert (ring[:, 0].min(), ring[:, 1].min(), ring[:, 0].max(), ring[:, 1].max()) == (c0, r0, c1, r1)
+    write_geojson(tmp_path / "e.geojson", np.zeros((4, 4), np.int32))
+    assert json.loads((tmp_path / "e.geojson").read_text()) == {"type": "FeatureCollection", "features": []}
+
+
+def test_writers_reject_bad_labels(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="integers"):
+        write_geojson(tmp_path / "x.geojson", np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match="2-D"):
+        write_imagej_rois(tmp_path / "x.zip", np.zeros((2, 4, 4), np.int32))

@@ -1,0 +1,261 @@
+"""``nucleiseg predict``: outputs, formats, and bad input that never costs good work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from nucleiseg.cli import main
+from nucleiseg.io import read_image, read_labels, write_png
+from nucleiseg.models import UNetPlusPlus, save_model
+from nucleiseg.preprocess import normalize, to_rgb_uint8
+
+DSB_TRAIN = Path(__file__).resolve().parent / "fixtures" / "dsb" / "stage1_train"
+FLUO = "0b2e702f90aee4fff2bc6e4326308d50cf04701082e718d4f831c8959fbcda93"
+TISSUE = "af576e8ec3a8d0b57eb6a311299e9e4fd2047970d3dd9d6f52e54ea6a91109da"
+
+
+def _fixture(image_id: str, size: int = 96) -> np.ndarray:
+    return read_image(DSB_TRAIN / image_id / "images" / f"{image_id}.png")[:size, :size]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny model with BatchNorm statistics from real images, so that it finds blobs."""
+    torch.manual_seed(0)
+    net = UNetPlusPlus(widths=(4, 8, 16))
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
+    x = torch.from_numpy(np.stack([normalize(to_rgb_uint8(_fixture(i, 256))) for i in (FLUO, TISSUE)]))
+    with torch.no_grad():
+        net.train()(x)
+        net.eval()
+        for head, logits in zip(net.heads, net(x)):
+            head.bias[0] -= torch.quantile(logits[:, 0].flatten(), 0.75)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_model(path, net, {"postprocess": {"min_size": 5}})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def blind_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny model that never sees a nucleus (body bias -20)."""
+    torch.manual_seed(0)
+    net = UNetPlusPlus(widths=(4, 8, 16)).eval()
+    with torch.no_grad():
+        for head in net.heads:
+            head.bias[0] = -20.0
+    path = tmp_path_factory.mktemp("model") / "blind.safetensors"
+    save_model(path, net)
+    return str(path)
+
+
+def _good(folder: Path, name: str = "good.png", image_id: str = FLUO) -> Path:
+    path = folder / name
+    write_png(path, _fixture(image_id, 64))
+    return path
+
+
+def _run(capsys, *args: str) -> tuple[int, list[str]]:
+    """Run the CLI; return the exit status and the non-empty stderr lines (no progress bar)."""
+    status = main(["-q", "predict", *map(str, args)])
+    err = capsys.readouterr().err
+    return status, [line for line in err.splitlines() if line.strip()]
+
+
+def _outputs(out: Path, name: str) -> list[Path]:
+    return [out / f"{name}_{suffix}" for suffix in ("labels.tif", "mask.png", "overlay.png", "nuclei.csv")]
+
+
+# ----------------------------------------------------------------------------- outputs
+def test_outputs_and_formats(tmp_path: Path, capsys, model: str) -> None:
+    import tifffile
+
+    images = tmp_path / "images"
+    images.mkdir()
+    fluo = _fixture(FLUO, 80)
+    write_png(images / "rgba.png", fluo)  # RGBA 8-bit
+    tifffile.imwrite(images / "grey16.tif", (fluo[..., 0].astype(np.uint16) * 257)[:70, :75])
+    write_png(images / "tissue.png", _fixture(TISSUE, 90)[..., :3])
+    import imageio.v3 as iio
+
+    iio.imwrite(images / "photo.jpg", _fixture(TISSUE, 72)[..., :3])
+    out = tmp_path / "out"
+    status, lines = _run(capsys, images, "-o", out, "--model", model, "--formats", "rle,imagej-roi,geojson",
+                         "--save-probabilities", "--threads", "1", "--tile", "64", "--overlap", "16")
+    assert status == 0, lines
+    names = {"rgba": (80, 80), "grey16": (70, 75), "tissue": (90, 90), "photo": (72, 72)}
+    summary = pd.read_csv(out / "summary.csv")
+    assert sorted(summary["name"]) == sorted(names) and (summary["status"] == "ok").all()
+    for name, shape in names.items():
+        assert all(p.is_file() for p in _outputs(out, name))
+        labels = read_labels(out / f"{name}_labels.tif")
+        assert labels.shape == shape and labels.dtype == np.uint16
+        mask = read_image(out / f"{name}_mask.png")
+        assert set(np.unique(mask)) <= {0, 255} and np.array_equal(mask > 0, labels > 0)
+        assert read_image(out / f"{name}_overlay.png").shape == shape + (3,)
+        table = pd.read_csv(out / f"{name}_nuclei.csv")
+        assert len(table) == labels.max() and "mean_intensity" in table
+        assert int(summary.loc[summary["name"] == name, "nuclei"].iloc[0]) == len(table)
+        probs = tifffile.imread(out / f"{name}_probabilities.tif")
+        assert probs.shape == (3,) + shape and probs.dtype == np.float32
+        features = json.loads((out / f"{name}.geojson").read_text())["features"]
+        assert len(features) == len(table)
+        import roifile
+
+        assert len(roifile.roiread(out / f"{name}_rois.zip")) == len(table)
+    assert summary["nuclei"].sum() > 0
+    from nucleiseg.data.rle import read_rle_csv, rle_to_labels
+
+    rles = read_rle_csv(out / "submission.csv")
+    assert sorted(rles) == sorted(names)
+    for name, shape in names.items():
+        decoded, problems = rle_to_labels(rles[name], shape)
+        assert not problems and np.array_equal(decoded > 0, read_labels(out / f"{name}_labels.tif") > 0)
+    # atomic writes leave no temporary files behind
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_globs_same_names_and_existing_outputs(tmp_path: Path, capsys, model: str) -> None:
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        _good(tmp_path / folder, "cells.png")
+    out = tmp_path / "out"
+    status, lines = _run(capsys, tmp_path / "*" / "cells.png", "-o", out, "--model", model)
+    assert status == 0
+    assert [line for line in lines if "same name" in line] == [
+        f"nucleiseg predict: note: {tmp_path / 'b' / 'cells.png'}: same name as {tmp_path / 'a' / 'cells.png'}; "
+        "its outputs are named cells-2_*"
+    ]
+    assert all(p.is_file() for p in _outputs(out, "cells") + _outputs(out, "cells-2"))
+
+    before = {p: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "summary.csv"}
+    status, lines = _run(capsys, tmp_path / "a", tmp_path / "b", "-o", out, "--model", model)
+    assert status == 0
+    assert sum("skipped" in line for line in lines) == 2
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing replaced
+    summary = pd.read_csv(out / "summary.csv")
+    assert (summary["status"] == "skipped").all() and summary["nuclei"].notna().all()
+
+    status, lines = _run(capsys, tmp_path / "a", "-o", out, "--model", model, "--overwrite")
+    assert status == 0 and not any("skipped" in line for line in lines)
+    assert (out / "cells_labels.tif").stat().st_mtime_ns != before[out / "cells_labels.tif"]
+
+
+# ----------------------------------------------------------------------------- bad input
+def _zero_byte(folder: Path) -> tuple[Path, str]:
+    path = folder / "empty.png"
+    path.write_bytes(b"")
+    return path, "empty file"
+
+
+def _truncated(folder: Path) -> tuple[Path, str]:
+    whole = folder / "whole.tmp"
+    write_png(whole.with_suffix(".png"), _fixture(FLUO, 64))
+    data = whole.with_suffix(".png").read_bytes()
+    whole.with_suffix(".png").unlink()
+    path = folder / "truncated.png"
+    path.write_bytes(data[: len(data) // 2])
+    return path, "cannot be read as an image"
+
+
+def _not_an_image(folder: Path) -> tuple[Path, str]:
+    path = folder / "notes.tif"
+    path.write_text("these are my notes, not an image\n")
+    return path, "cannot be read as an image"
+
+
+def _tiny(folder: Path) -> tuple[Path, str]:
+    path = folder / "dot.png"
+    write_png(path, np.full((1, 1), 200, np.uint8))
+    return path, "1x1 pixels, too small: the minimum is 16x16"
+
+
+def _missing(folder: Path) -> tuple[Path, str]:
+    return folder / "absent.png", "no such file"
+
+
+@pytest.mark.parametrize("make_bad", [_zero_byte, _truncated, _not_an_image, _tiny, _missing],
+                         ids=["zero-byte", "truncated", "not-an-image", "1x1", "missing"])
+def test_bad_input_costs_no_good_work(tmp_path: Path, capsys, model: str, make_bad) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    bad, problem = make_bad(inputs)
+    good = _good(inputs)
+    out = tmp_path / "out"
+    status, lines = _run(capsys, bad, good, "-o", out, "--model", model)
+    assert status == 1
+    errors = [line for line in lines if ": error: " in line]
+    assert len(errors) == 1 and str(bad) in errors[0] and problem in errors[0], lines
+    assert all(p.is_file() for p in _outputs(out, "good"))
+    assert not any(out.glob(f"{bad.stem}_*"))
+    summary = pd.read_csv(out / "summary.csv").set_index("image")
+    assert summary.loc[str(bad), "status"] == "failed" and problem in summary.loc[str(bad), "message"]
+    assert summary.loc[str(good), "status"] == "ok"
+
+
+@pytest.mark.parametrize("value", [0, 255], ids=["all-black", "all-white"])
+def test_blank_images_are_valid(tmp_path: Path, capsys, model: str, blind_model: str, value: int) -> None:
+    path = tmp_path / "blank.png"
+    write_png(path, np.full((48, 40, 3), value, np.uint8))
+    status, lines = _run(capsys, path, "-o", tmp_path / "out", "--model", model)  # a working model: no crash
+    assert status == 0 and not any(": error: " in line for line in lines)
+    status, lines = _run(capsys, path, "-o", tmp_path / "out2", "--model", blind_model, "--formats",
+                         "rle,geojson,imagej-roi")
+    assert status == 0
+    assert lines == [f"nucleiseg predict: warning: {path}: no nuclei found (outputs written)"]
+    assert all(p.is_file() for p in _outputs(tmp_path / "out2", "blank"))
+    assert read_labels(tmp_path / "out2" / "blank_labels.tif").max() == 0
+    assert pd.read_csv(tmp_path / "out2" / "blank_nuclei.csv").empty
+
+
+def test_empty_folder_and_unmatched_glob(tmp_path: Path, capsys, model: str) -> None:
+    (tmp_path / "empty").mkdir()
+    good = _good(tmp_path)
+    status, lines = _run(capsys, tmp_path / "empty", tmp_path / "nothing*.tif", good, "-o", tmp_path / "out",
+                         "--model", model)
+    assert status == 1
+    assert any(str(tmp_path / "empty") in line and "no images" in line for line in lines)
+    assert any("nothing*.tif" in line and "no image file matches" in line for line in lines)
+    assert (tmp_path / "out" / "good_labels.tif").is_file()
+
+
+def test_refuses_to_overwrite_inputs(tmp_path: Path, capsys, model: str) -> None:
+    _good(tmp_path, "x.png")
+    _good(tmp_path, "x_mask.png")  # would be replaced by the mask of x.png
+    status, lines = _run(capsys, tmp_path, "-o", tmp_path, "--model", model)
+    assert status == 2
+    assert len(lines) == 1 and "would overwrite the input image" in lines[0] and "x_mask.png" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png", "x_mask.png"]
+
+
+def test_default_model_missing(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nucleiseg.models as models
+
+    monkeypatch.setattr(models, "DEFAULT_MODEL_PATH", tmp_path / "weights" / "default.safetensors")
+    status, lines = _run(capsys, _good(tmp_path), "-o", tmp_path / "out")
+    assert status == 2
+    assert len(lines) == 1
+    assert "default model is missing" in lines[0] and "--model" in lines[0] and "default.safetensors" in lines[0]
+
+
+def test_option_errors(tmp_path: Path, capsys, model: str) -> None:
+    good = _good(tmp_path)
+    status, lines = _run(capsys, good, "-o", tmp_path / "out", "--model", model, "--tile", "64", "--overlap", "48")
+    assert status == 2 and "half the tile" in lines[-1]
+    with pytest.raises(SystemExit):
+        main(["predict", str(good), "-o", str(tmp_path / "out"), "--formats", "rle,shapefile"])
+    assert "unknown format shapefile" in capsys.readouterr().err
+
+
+def test_cli_defaults_match_the_library() -> None:
+    from nucleiseg import cli, inference
+
+    assert cli._PREDICT_TILE == inference.DEFAULT_TILE
+    assert cli._PREDICT_OVERLAP == inference.DEFAULT_OVERLAP

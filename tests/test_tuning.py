@@ -1,0 +1,185 @@
+"""Tests of nucleiseg.tuning and the ``tune`` command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from nucleiseg import cli
+from nucleiseg.metrics import instance_scores
+from nucleiseg.postprocess import PostprocessParams, instances_from_probabilities
+from nucleiseg.tuning import (
+    DEFAULT_GRID,
+    _grid,
+    _image_scores,
+    choose_prune_level,
+    tune_postprocess,
+    update_model_metadata,
+)
+
+CHANNELS = ["body", "contour", "touch"]
+
+
+def touching_pair() -> tuple[np.ndarray, np.ndarray]:
+    """Two touching 10 x 10 nuclei that only a seed threshold in [0.544, 0.68) separates.
+
+    Left nucleus: p_body 0.95; right nucleus: p_body 0.68; a 2-px touch strip
+    (p_touch 0.2) across the contact. Seed map p_body * (1 - p_boundary): 0.95
+    left, 0.68 right, 0.76 and 0.544 on the strip's two columns. Seed threshold
+    <= 0.5: the strip joins the seeds, one object (DSB 0). >= 0.7: the right
+    nucleus has no seed of its own and is flooded from the left one (DSB 0).
+    0.6: the strip's right column breaks the seeds apart, two objects.
+    """
+    truth = np.zeros((20, 30), np.int32)
+    truth[4:14, 4:14] = 1
+    truth[4:14, 14:24] = 2
+    probs = np.zeros((3, 20, 30), np.float32)
+    probs[0][truth == 1] = 0.95
+    probs[0][truth == 2] = 0.68
+    probs[2, 4:14, 13:15] = 0.2
+    return probs, truth
+
+
+def test_grid_is_coarse_and_validated():
+    n = np.prod([len(v) for v in DEFAULT_GRID.values()])
+    assert 100 <= n <= 250
+    with pytest.raises(ValueError, match="unknown grid parameter"):
+        _grid({"threshold": [0.5]})
+
+
+def test_shared_computation_matches_instances_from_probabilities():
+    rng = np.random.default_rng(3)
+    probs = ndi.gaussian_filter(rng.random((3, 48, 48)), (0, 2.5, 2.5))
+    probs = ((probs - probs.min(axis=(1, 2), keepdims=True)) / np.ptp(probs, axis=(1, 2), keepdims=True)).astype(np.float32)
+    truth = ndi.label(probs[0] > 0.55)[0]
+    grid = _grid({"foreground_threshold": [0.3, 0.5], "seed_threshold": [0.3, 0.6], "min_seed_size": [1, 8],
+                  "min_size": [1, 20]})
+    scores = _image_scores(probs, truth, CHANNELS, grid)
+    assert len(scores) == 16
+    for combo, (dsb, ap50) in scores.items():
+        ref = instance_scores(truth, instances_from_probabilities(probs, CHANNELS, PostprocessParams(*combo)))
+        assert (dsb, ap50) == (ref.score, ref.ap50), combo
+
+
+def test_tune_finds_the_only_separating_seed_threshold():
+    probs, truth = touching_pair()
+    best, table = tune_postprocess([probs, probs], [truth, truth], CHANNELS)
+    assert best.seed_threshold == 0.6
+    assert best.foreground_threshold < 0.68  # the right nucleus must stay foreground
+    assert table.iloc[0]["dsb"] > 0.8  # the 1-px contact column goes to one side
+    assert len(table) == np.prod([len(v) for v in DEFAULT_GRID.values()])
+    # merged pair: DSB 0, or 0.5 when foreground_threshold 0.7 drops the right nucleus and leaves the left alone
+    assert table.loc[table["seed_threshold"] == 0.5, "dsb"].max() == 0.5
+    assert table.loc[table["seed_threshold"] == 0.8, "dsb"].max() == 0.5
+    labels = instances_from_probabilities(probs, CHANNELS, best)
+    assert labels.max() == 2
+
+
+def test_tune_body_only_channels_uses_connected_components():
+    probs, truth = touching_pair()
+    truth = (truth > 0).astype(np.int32)  # one object, body only
+    best, table = tune_postprocess([probs[:1]], [truth], ["body"], grid={"foreground_threshold": [0.5, 0.7]})
+    assert best.foreground_threshold == 0.5
+    assert len(table) == 2 * len(DEFAULT_GRID["min_size"])
+
+
+def test_tune_rejects_mismatched_inputs():
+    probs, truth = touching_pair()
+    with pytest.raises(ValueError, match="2 probability maps for 1"):
+        tune_postprocess([probs, probs], [truth], CHANNELS)
+    with pytest.raises(ValueError, match="do not match"):
+        tune_postprocess([probs[:2]], [truth], CHANNELS)
+
+
+def test_choose_prune_level():
+    assert choose_prune_level({1: 0.50, 2: 0.58, 3: 0.60}, 0.61) == 2
+    assert choose_prune_level({1: 0.60, 2: 0.58}, 0.61) == 1
+    assert choose_prune_level({1: 0.1, 2: 0.3, 3: 0.2}, 0.61) == 2  # none close: the best
+
+
+def make_cache(tmp_path: Path, n: int = 4, shape=(40, 48)) -> Path:
+    """A tiny prepared cache: n images with three square nuclei each."""
+    import imageio.v3 as iio
+    import tifffile
+
+    from nucleiseg.data.cache import prepare_dataset
+
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    (src / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        labels = np.zeros(shape, np.uint16)
+        for k in range(3):
+            r, c = 4 + 12 * k, 5 + 6 * i + 8 * k
+            labels[r : r + 9, c : c + 9] = k + 1
+        image = (rng.integers(0, 20, shape) + 180 * (labels > 0)).astype(np.uint8)
+        iio.imwrite(src / "images" / f"img{i}.png", image)
+        tifffile.imwrite(src / "labels" / f"img{i}.tif", labels)
+    cache = tmp_path / "cache"
+    prepare_dataset(src, cache, val_fraction=0.5, workers=1, progress=False)
+    return cache
+
+
+def _tiny_model(path: Path):
+    import torch
+
+    from nucleiseg.models import UNetPlusPlus, save_model
+
+    torch.manual_seed(0)
+    model = UNetPlusPlus(widths=(4, 8, 16)).eval()
+    save_model(path, model, {"postprocess": PostprocessParams().to_dict()})
+    return model
+
+
+def test_update_model_metadata_keeps_tensors(tmp_path):
+    from safetensors.torch import load_file
+
+    from nucleiseg.models import load_model_file
+
+    path = tmp_path / "m.safetensors"
+    _tiny_model(path)
+    before = load_file(str(path))
+    out = update_model_metadata(path, {"postprocess": {"seed_threshold": 0.7}, "fast_prune_level": 1},
+                                out=tmp_path / "copy.safetensors")
+    after = load_file(str(out))
+    assert before.keys() == after.keys() and all(bool((before[k] == after[k]).all()) for k in before)
+    _, meta = load_model_file(out)
+    assert meta["postprocess"] == {"seed_threshold": 0.7} and meta["fast_prune_level"] == 1
+    assert meta["config"]["widths"] == [4, 8, 16]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.safetensors", "m.safetensors"]  # no temp left
+
+
+def test_cli_tune_updates_metadata(tmp_path, capsys):
+    pytest.importorskip("nucleiseg.inference")
+    from safetensors.torch import load_file
+
+    from nucleiseg.models import load_model_file
+
+    cache = make_cache(tmp_path, n=4)
+    path = tmp_path / "tiny.safetensors"
+    _tiny_model(path)
+    weights = load_file(str(path))
+    rc = cli.main(["-q", "tune", str(cache), "--model", str(path), "--split", "all"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "before" in out.out and "after tuning" in out.out and "prune level" in out.out
+    model, meta = load_model_file(path)
+    assert set(meta["postprocess"]) == {"foreground_threshold", "seed_threshold", "min_seed_size", "min_size"}
+    assert meta["fast_prune_level"] in (1, 2)
+    assert meta["tuning"]["n_images"] == 4 and meta["tuning"]["dsb_after"] >= meta["tuning"]["dsb_before"]
+    after = load_file(str(path))
+    assert all(bool((weights[k] == after[k]).all()) for k in weights)
+
+
+def test_cli_tune_errors(tmp_path, capsys):
+    cache = tmp_path / "not-a-cache"
+    cache.mkdir()
+    rc = cli.main(["tune", str(cache), "--model", "default"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--out" in err and len(err.strip().splitlines()) == 1
+    rc = cli.main(["tune", str(cache), "--model", str(tmp_path / "missing.safetensors")])
+    assert rc == 2 and "no such model file" in capsys.readouterr().err
