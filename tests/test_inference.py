@@ -269,9 +269,26 @@ def test_label_nuclei_tall_and_joined_regions() -> None:
     assert banded.max() == whole.max() == 3
     pairs = np.unique(np.stack([whole.ravel(), banded.ravel()]), axis=1)
     assert pairs.shape[1] == 4
-    everything = np.full((3, 50, 20), 0.9, np.float32)  # foreground joined everywhere: one band
+    everything = np.full((3, 55, 20), 0.9, np.float32)  # foreground joined everywhere, within the margin
     assert label_nuclei(everything, band_rows=10).max() == instances_from_probabilities(everything).max() == 1
+    assert label_nuclei(everything, band_rows=10, margin=5).max() == 0  # a nucleus taller than the margin
     assert label_nuclei(np.zeros((3, 50, 20), np.float32), band_rows=10).max() == 0
+
+
+def test_label_nuclei_cuts_tall_clumps() -> None:
+    """A clump of touching nuclei taller than a band is cut with a margin; its nuclei stay the same."""
+    rng = np.random.default_rng(0)
+    probs = np.zeros((3, 400, 60), np.float32)
+    probs[0, 5:395, 10:50] = rng.uniform(0.7, 0.9, (390, 40))  # one 390-row region ...
+    probs[2, 5:395:20, 10:50] = 0.9  # ... of 19-row nuclei between touching strips
+    probs[2, 5:395, 30] = 0.9  # two nuclei side by side in each row
+    probs[0, 100:110, 55:58] = 0.95  # and a small separate nucleus
+    params = PostprocessParams(min_size=5, min_seed_size=2)
+    whole = instances_from_probabilities(probs, params=params)
+    banded = label_nuclei(probs, params=params, band_rows=40, margin=30)
+    assert whole.max() > 30 and banded.max() == whole.max()
+    pairs = np.unique(np.stack([whole.ravel(), banded.ravel()]), axis=1)
+    assert pairs.shape[1] == whole.max() + 1
 
 
 def test_segment(model_path: Path, mosaic: np.ndarray) -> None:

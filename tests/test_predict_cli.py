@@ -215,6 +215,28 @@ def test_blank_images_are_valid(tmp_path: Path, capsys, model: str, blind_model:
     assert pd.read_csv(tmp_path / "out2" / "blank_nuclei.csv").empty
 
 
+def test_failure_while_writing_leaves_no_partial_result(tmp_path: Path, capsys, model: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import nucleiseg.io as io
+
+    real = io.write_overlay
+
+    def broken(path, rgb, labels):
+        if "bad" in Path(path).name:
+            raise RuntimeError("disk on fire")
+        real(path, rgb, labels)
+
+    monkeypatch.setattr(io, "write_overlay", broken)
+    bad, good = _good(tmp_path, "bad.png"), _good(tmp_path, "good.png")
+    out = tmp_path / "out"
+    status, lines = _run(capsys, bad, good, "-o", out, "--model", model, "--formats", "geojson", "--save-probabilities")
+    assert status == 1
+    assert lines == [f"nucleiseg predict: error: {bad}: unexpected error (RuntimeError: disk on fire); "
+                     "run with -v for the traceback"]
+    assert not list(out.glob("bad*"))  # its probabilities and GeoJSON, written first, are gone
+    assert all(p.is_file() for p in _outputs(out, "good"))
+
+
 def test_empty_folder_and_unmatched_glob(tmp_path: Path, capsys, model: str) -> None:
     (tmp_path / "empty").mkdir()
     good = _good(tmp_path)

@@ -274,7 +274,8 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
             "Existing outputs are never replaced unless --overwrite is given: an image with any output\n"
             "already in OUT_DIR is skipped with a message (not an error). summary.csv and\n"
             "submission.csv are rewritten by every run and cover all its inputs. An OUT_DIR where an\n"
-            "output would replace an input image is refused. Every file is written atomically.\n\n"
+            "output would replace an input image is refused. Every file is written atomically, and an\n"
+            "image that fails leaves none of its new outputs behind.\n\n"
             "Examples:\n"
             "  nucleiseg predict images/ -o results/\n"
             "  nucleiseg predict 'plate1/*.tif' --mode fast --formats imagej-roi,geojson -o results/\n"
@@ -460,19 +461,19 @@ def _run_predict(args: argparse.Namespace) -> int:
             with atomic_path(plan["table"]) as tmp:
                 result.table.to_csv(tmp, index=False)
             write_labels_tiff(plan["labels"], labels)  # last: its presence marks a complete result
-        except NucleisegError as exc:
-            message = exc.message if exc.path is not None else str(exc)
+        except Exception as exc:  # one image's failure, even a bug, must not cost the others
+            if isinstance(exc, NucleisegError):
+                message = exc.message if exc.path is not None else str(exc)
+            elif isinstance(exc, MemoryError):
+                message = "out of memory (try a smaller --tile or --batch-size)"
+            else:
+                log.debug("traceback of the failure on %s", path, exc_info=True)
+                message = f"unexpected error ({type(exc).__name__}: {exc}); run with -v for the traceback"
             row.update(status="failed", message=message)
             say("error", f"{path}: {message}")
-            continue
-        except MemoryError:
-            row.update(status="failed", message="out of memory")
-            say("error", f"{path}: out of memory (try a smaller --tile or --batch-size)")
-            continue
-        except Exception as exc:  # a bug on one image must not cost the others; -v shows the traceback
-            log.debug("traceback of the failure on %s", path, exc_info=True)
-            row.update(status="failed", message=f"unexpected error ({type(exc).__name__}: {exc})")
-            say("error", f"{path}: unexpected error ({type(exc).__name__}: {exc}); run with -v for details")
+            for f in plan.values():  # no partial result that a later run would skip as done
+                if f not in existing and f.exists():
+                    f.unlink()
             continue
         row.update(nuclei=result.n_nuclei,
                    mean_area=round(float(result.table["area"].mean()), 2) if result.n_nuclei else 0.0)
@@ -678,10 +679,6 @@ def _run_export(args: argparse.Namespace) -> int:
     print(f"wrote {path}: {how}; input 'image' N x 3 x H x W with H, W multiples of {meta.get('input_multiple')}, "
           f"output 'probabilities' ({', '.join(meta.get('channels', []))})")
     return 0
-
-
-def _not_yet(args: argparse.Namespace) -> int:
-    raise NucleisegError(f"the '{args.command}' command is not available in this version")
 
 
 _PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
