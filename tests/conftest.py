@@ -34,3 +34,36 @@ def fixture_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     split["split"] = ["val" if i.endswith("_crop256") else "train" for i in split["image_id"]]
     split.to_csv(out / "split.csv", index=False)
     return out
+
+
+def _make_synthetic_cache(tmp_path: Path, n: int = 4, shape=(40, 48)):
+    """A tiny prepared cache of n images with three square nuclei each, and the labels by image id."""
+    import imageio.v3 as iio
+    import numpy as np
+    import tifffile
+
+    from nucleiseg.data.cache import prepare_dataset
+
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    (src / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    truth = {}
+    for i in range(n):
+        labels = np.zeros(shape, np.uint16)
+        for k in range(3):
+            r, c = 4 + 12 * k, 5 + 6 * i + 8 * k
+            labels[r : r + 9, c : c + 9] = k + 1
+        image = (rng.integers(0, 20, shape) + 180 * (labels > 0)).astype(np.uint8)
+        iio.imwrite(src / "images" / f"img{i}.png", image)
+        tifffile.imwrite(src / "labels" / f"img{i}.tif", labels)
+        truth[f"img{i}"] = labels
+    cache = tmp_path / "cache"
+    prepare_dataset(src, cache, val_fraction=0.5, workers=1, progress=False)
+    return cache, truth
+
+
+@pytest.fixture
+def synthetic_cache():
+    """Factory: ``synthetic_cache(tmp_path, n=4, shape=(40, 48)) -> (cache_dir, labels by id)``."""
+    return _make_synthetic_cache

@@ -25,33 +25,6 @@ def squares(shape=(20, 30), boxes=((2, 2, 8, 8), (10, 12, 18, 22)), values=None)
     return labels
 
 
-def make_cache(tmp_path: Path, n: int = 4, shape=(40, 48)) -> tuple[Path, dict[str, np.ndarray]]:
-    """A tiny prepared cache (all images in 'val' and 'train' as the split decides) and its labels by id."""
-    import imageio.v3 as iio
-    import tifffile
-
-    from nucleiseg.data.cache import prepare_dataset
-
-    src = tmp_path / "src"
-    (src / "images").mkdir(parents=True)
-    (src / "labels").mkdir()
-    rng = np.random.default_rng(0)
-    truth = {}
-    for i in range(n):
-        labels = np.zeros(shape, np.uint16)
-        for k in range(3):
-            r, c = 4 + 12 * k, 5 + 6 * i + 8 * k
-            labels[r : r + 9, c : c + 9] = k + 1
-        image = (rng.integers(0, 20, shape) + 180 * (labels > 0)).astype(np.uint8)
-        iio.imwrite(src / "images" / f"img{i}.png", image)
-        tifffile.imwrite(src / "labels" / f"img{i}.tif", labels)
-        truth[f"img{i}"] = labels
-    cache = tmp_path / "cache"
-    prepare_dataset(src, cache, val_fraction=0.5, workers=1, progress=False)
-    return cache, truth
-
-
-# ------------------------------------------------------------------ evaluate_labels
 def test_perfect_prediction_scores_one_and_has_per_kind_blocks():
     a, b = squares(), squares(boxes=((0, 0, 5, 5),))
     truth = {"a": a, "b": b}
@@ -173,10 +146,10 @@ def test_find_prediction_names(tmp_path):
     assert find_prediction(tmp_path, "z") is None
 
 
-def test_cli_evaluate_labels_end_to_end(tmp_path, capsys, caplog):
+def test_cli_evaluate_labels_end_to_end(tmp_path, capsys, caplog, synthetic_cache):
     from nucleiseg.io import write_labels_tiff, write_png
 
-    cache, truth = make_cache(tmp_path)
+    cache, truth = synthetic_cache(tmp_path)
     preds = tmp_path / "preds"
     preds.mkdir()
     write_labels_tiff(preds / "img0_labels.tif", truth["img0"])  # as 'nucleiseg predict' names it
@@ -203,8 +176,8 @@ def test_cli_evaluate_labels_end_to_end(tmp_path, capsys, caplog):
     assert (out / "report.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
-def test_cli_evaluate_user_errors(tmp_path, capsys):
-    cache, _ = make_cache(tmp_path, n=2)
+def test_cli_evaluate_user_errors(tmp_path, capsys, synthetic_cache):
+    cache, _ = synthetic_cache(tmp_path, n=2)
     rc = cli.main(["evaluate", str(cache), "--labels", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "prediction folder not found" in err and len(err.strip().splitlines()) == 1
@@ -218,13 +191,13 @@ def test_cli_evaluate_user_errors(tmp_path, capsys):
     assert rc == 2 and "go with --model" in capsys.readouterr().err
 
 
-def test_cli_evaluate_model(tmp_path, capsys):
+def test_cli_evaluate_model(tmp_path, capsys, synthetic_cache):
     pytest.importorskip("nucleiseg.inference")
     import torch
 
     from nucleiseg.models import UNetPlusPlus, save_model
 
-    cache, _ = make_cache(tmp_path, n=2)
+    cache, _ = synthetic_cache(tmp_path, n=2)
     torch.manual_seed(0)
     model_path = tmp_path / "tiny.safetensors"
     save_model(model_path, UNetPlusPlus(widths=(4, 8, 16)).eval())

@@ -100,30 +100,6 @@ def test_choose_prune_level():
     assert choose_prune_level({1: 0.1, 2: 0.3, 3: 0.2}, 0.61) == 2  # none close: the best
 
 
-def make_cache(tmp_path: Path, n: int = 4, shape=(40, 48)) -> Path:
-    """A tiny prepared cache: n images with three square nuclei each."""
-    import imageio.v3 as iio
-    import tifffile
-
-    from nucleiseg.data.cache import prepare_dataset
-
-    src = tmp_path / "src"
-    (src / "images").mkdir(parents=True)
-    (src / "labels").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        labels = np.zeros(shape, np.uint16)
-        for k in range(3):
-            r, c = 4 + 12 * k, 5 + 6 * i + 8 * k
-            labels[r : r + 9, c : c + 9] = k + 1
-        image = (rng.integers(0, 20, shape) + 180 * (labels > 0)).astype(np.uint8)
-        iio.imwrite(src / "images" / f"img{i}.png", image)
-        tifffile.imwrite(src / "labels" / f"img{i}.tif", labels)
-    cache = tmp_path / "cache"
-    prepare_dataset(src, cache, val_fraction=0.5, workers=1, progress=False)
-    return cache
-
-
 def _tiny_model(path: Path):
     import torch
 
@@ -153,13 +129,13 @@ def test_update_model_metadata_keeps_tensors(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.safetensors", "m.safetensors"]  # no temp left
 
 
-def test_cli_tune_updates_metadata(tmp_path, capsys):
+def test_cli_tune_updates_metadata(tmp_path, capsys, synthetic_cache):
     pytest.importorskip("nucleiseg.inference")
     from safetensors.torch import load_file
 
     from nucleiseg.models import load_model_file
 
-    cache = make_cache(tmp_path, n=4)
+    cache, _ = synthetic_cache(tmp_path, n=4)
     path = tmp_path / "tiny.safetensors"
     _tiny_model(path)
     weights = load_file(str(path))

@@ -319,11 +319,11 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def overlay_outlines(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """A copy of an RGB image with every nucleus outlined, drawn by :func:`nucleiseg.io.write_overlay`.
+    """A copy of an RGB image with every nucleus outlined, drawn by :func:`nucleiseg.io.draw_overlay`.
 
     The same drawing as ``nucleiseg predict``'s overlays (one colour per
-    nucleus, darkened halo), so the report looks like the tool's outputs; it
-    goes through a temporary PNG because ``io`` offers the drawing only as a file.
+    nucleus, darkened halo), so the report looks like the tool's outputs; grey
+    or RGBA images and any integer label type are accepted.
 
     Examples
     --------
@@ -332,9 +332,7 @@ def overlay_outlines(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
     >>> int((out.sum(axis=-1) > 0).sum())  # the 12 border pixels of a 4 x 4 square
     12
     """
-    import tempfile
-
-    from .io import read_image, write_overlay
+    from .io import draw_overlay
 
     rgb = np.asarray(rgb)
     if rgb.ndim == 2:
@@ -343,10 +341,7 @@ def overlay_outlines(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels)
     if np.issubdtype(labels.dtype, np.unsignedinteger) and labels.dtype.itemsize >= 8:
         labels = labels.astype(np.int64)
-    with tempfile.TemporaryDirectory(prefix="nucleiseg-report-") as folder:
-        path = Path(folder) / "overlay.png"
-        write_overlay(path, rgb, labels)
-        return read_image(path)[..., :3]
+    return draw_overlay(rgb, labels)
 
 
 def _pick_rows(per_image: pd.DataFrame, n: int = 3) -> list[tuple[str, pd.Series]]:

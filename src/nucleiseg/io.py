@@ -203,13 +203,11 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
     return labels
 
 
-def write_overlay(path: str | Path, rgb: np.ndarray, labels: np.ndarray) -> None:
-    """Write ``rgb`` with every nucleus outlined in its own colour, as PNG, atomically.
+def draw_overlay(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """A copy of ``rgb`` with every nucleus outlined in its own colour.
 
     Parameters
     ----------
-    path : str or Path
-        Output PNG.
     rgb : ndarray, shape (H, W, 3), uint8
         The image to draw on (see :func:`nucleiseg.preprocess.to_rgb_uint8`).
     labels : ndarray, shape (H, W), integer
@@ -223,8 +221,10 @@ def write_overlay(path: str | Path, rgb: np.ndarray, labels: np.ndarray) -> None
 
     Examples
     --------
-    >>> labels = np.zeros((32, 32), np.int32); labels[8:20, 8:20] = 1
-    >>> write_overlay("overlay.png", np.zeros((32, 32, 3), np.uint8), labels)  # doctest: +SKIP
+    >>> labels = np.zeros((6, 6), np.int32); labels[1:5, 1:5] = 1
+    >>> out = draw_overlay(np.zeros((6, 6, 3), np.uint8), labels)
+    >>> int((out.sum(axis=-1) > 0).sum())  # the 12 border pixels of a 4 x 4 square
+    12
     """
     from skimage.segmentation import find_boundaries
 
@@ -245,7 +245,18 @@ def write_overlay(path: str | Path, rgb: np.ndarray, labels: np.ndarray) -> None
         view = out[r0:r1]
         view[halo] //= 3
         view[inner] = OVERLAY_COLOURS[(core[inner].astype(np.int64) - 1) % len(OVERLAY_COLOURS)]
-    write_png(path, out)
+    return out
+
+
+def write_overlay(path: str | Path, rgb: np.ndarray, labels: np.ndarray) -> None:
+    """Write :func:`draw_overlay` of ``rgb`` and ``labels`` as PNG, atomically.
+
+    Examples
+    --------
+    >>> labels = np.zeros((32, 32), np.int32); labels[8:20, 8:20] = 1
+    >>> write_overlay("overlay.png", np.zeros((32, 32, 3), np.uint8), labels)  # doctest: +SKIP
+    """
+    write_png(path, draw_overlay(rgb, labels))
 
 
 def nucleus_outlines(labels: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
