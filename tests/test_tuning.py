@@ -45,7 +45,7 @@ def touching_pair() -> tuple[np.ndarray, np.ndarray]:
 
 def test_grid_is_coarse_and_validated():
     n = np.prod([len(v) for v in DEFAULT_GRID.values()])
-    assert 100 <= n <= 250
+    assert 100 <= n <= 450
     with pytest.raises(ValueError, match="unknown grid parameter"):
         _grid({"threshold": [0.5]})
 

@@ -297,11 +297,14 @@ def plot_curves(metrics_csv: Path, out_png: Path) -> None:
     epochs = column("epoch")
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot(epochs, column("train_loss"), label="training")
-    ax_loss.plot(epochs, column("val_loss"), "o-", label="validation")
+    val_loss = column("val_loss")
+    ax_loss.plot(epochs[~np.isnan(val_loss)], val_loss[~np.isnan(val_loss)], "o-", label="validation")
     ax_loss.set(xlabel="epoch", ylabel="BCE + Dice loss", title="Loss")
     ax_loss.legend()
     for name, label in [("val_f1", "F1"), ("val_iou", "IoU"), ("val_auc", "AUC"), ("val_dsb", "DSB score"), ("val_ap50", "AP@0.5")]:
-        ax_metric.plot(epochs, column(name), "o-", label=label)
+        values = column(name)
+        known = ~np.isnan(values)  # validated epochs only, joined by lines
+        ax_metric.plot(epochs[known], values[known], "o-", label=label)
     ax_metric.set(xlabel="epoch", ylim=(0, 1), title="Validation")
     ax_metric.legend(loc="lower right")
     fig.tight_layout()
@@ -465,6 +468,7 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
             break
     if ddp.world_size > 1:
         _check_replicas_identical(model, ddp)
+        dist.barrier()  # leave together: a gloo peer closing early can abort the other at exit
         dist.destroy_process_group()
     return run_dir / "best.safetensors"
 
