@@ -407,6 +407,8 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
     if ddp.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    # validation scores instances with the thresholds the model will be used with (a fine-tuned model's inherited ones)
+    val_params = PostprocessParams.from_dict(postprocess_meta)
     meta = {"postprocess": postprocess_meta or PostprocessParams().to_dict(), "preprocess": {"normalize": "percentile 1-99.8"},
             "training": {"cache": str(cache_dir), "widths": list(config.widths)}}
     steps_done = (start_epoch - 1) * steps_per_epoch
@@ -442,7 +444,7 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
                                "seconds": round(elapsed, 1), "images_per_s": round(seen * ddp.world_size / elapsed, 2)}
         last_epoch = epoch == config.epochs or (max_steps is not None and steps_done >= max_steps)
         if ddp.is_main and val_split.ids and (epoch % config.val_every == 0 or last_epoch):
-            row.update(validate(model, val_split, loss_fn, autocast_dtype))
+            row.update(validate(model, val_split, loss_fn, autocast_dtype, val_params))
             if config.schedule == "plateau":
                 scheduler.step(row["val_loss"])
         if ddp.world_size > 1 and config.schedule == "plateau":
