@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from . import __version__
@@ -201,7 +202,7 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _as_cache(data: "Path") -> "Path":
+def _as_cache(data: Path) -> Path:
     """A prepared cache as is; a raw data folder is prepared next to itself first."""
     from .data.cache import prepare_dataset
 
@@ -215,7 +216,7 @@ def _as_cache(data: "Path") -> "Path":
     return cache
 
 
-def _cache_of_run(run_dir: "Path") -> "Path":
+def _cache_of_run(run_dir: Path) -> Path:
     import json
     from pathlib import Path
 

@@ -8,6 +8,7 @@ line can report it in one line and go on with the other images.
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import tempfile
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .errors import ImageReadError
+from .errors import ImageReadError, NucleisegError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -90,6 +91,35 @@ def _as_2d_image(image: np.ndarray, path: Path) -> np.ndarray:
     raise ImageReadError(
         f"expected a 2-D grey, RGB or RGBA image, got an array of shape {image.shape}", path
     )
+
+
+def read_csv_rows(path: str | Path, columns: Sequence[str], what: str = "CSV") -> list[dict[str, str]]:
+    """The rows of a CSV file with a header, checking it has ``columns``.
+
+    Values are stripped strings ('' for empty cells); a UTF-8 byte-order mark is
+    accepted (spreadsheets write one).
+
+    Raises
+    ------
+    NucleisegError
+        The file is missing, unreadable, or lacks one of ``columns``.
+
+    Examples
+    --------
+    >>> rows = read_csv_rows("mosaic_groups.csv", ["ImageId", "mosaic_group"])  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise NucleisegError(f"{what} not found", path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            missing = [c for c in columns if c not in (reader.fieldnames or [])]
+            if missing:
+                raise NucleisegError(f"expected a CSV with columns {','.join(columns)}, missing {', '.join(missing)}", path)
+            return [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise NucleisegError(f"cannot be read as a CSV ({exc})", path) from None
 
 
 def list_images(folder: str | Path) -> list[Path]:

@@ -18,8 +18,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import NucleisegError
-from ..io import atomic_path
+from ..io import atomic_path, read_csv_rows
 
 __all__ = [
     "rle_encode",
@@ -253,28 +252,13 @@ def read_rle_csv(path: str | Path) -> dict[str, list[str]]:
     >>> rles["00071198d059..."][:1]  # doctest: +SKIP
     ['6908 1 7161 8 ...']
     """
-    path = Path(path)
-    if not path.is_file():
-        raise NucleisegError("run-length CSV not found", path)
     out: dict[str, list[str]] = {}
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            missing = [c for c in RLE_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise NucleisegError(
-                    f"expected a CSV with columns {','.join(RLE_COLUMNS)}, missing {', '.join(missing)}", path
-                )
-            for row in reader:
-                image_id = (row["ImageId"] or "").strip()
-                if not image_id:
-                    continue
-                rles = out.setdefault(image_id, [])
-                encoded = (row["EncodedPixels"] or "").strip()
-                if encoded:
-                    rles.append(encoded)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise NucleisegError(f"cannot be read as a CSV ({exc})", path) from None
+    for row in read_csv_rows(path, RLE_COLUMNS, "run-length CSV"):
+        if not row["ImageId"]:
+            continue
+        rles = out.setdefault(row["ImageId"], [])
+        if row["EncodedPixels"]:
+            rles.append(row["EncodedPixels"])
     return out
 
 

@@ -9,14 +9,13 @@ validation at about the requested fraction.
 
 from __future__ import annotations
 
-import csv
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ..errors import NucleisegError
+from ..io import read_csv_rows
 
 __all__ = ["split_train_val", "read_groups", "GROUP_COLUMNS"]
 
@@ -151,23 +150,8 @@ def read_groups(path: str | Path) -> dict[str, str]:
     >>> groups["00071198d059..."]  # doctest: +SKIP
     'mosaic013'
     """
-    path = Path(path)
-    if not path.is_file():
-        raise NucleisegError("group CSV not found", path)
     out: dict[str, str] = {}
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            missing = [c for c in GROUP_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise NucleisegError(
-                    f"expected a CSV with columns {','.join(GROUP_COLUMNS)}, missing {', '.join(missing)}", path
-                )
-            for row in reader:
-                image_id = (row["ImageId"] or "").strip()
-                group = (row["mosaic_group"] or "").strip()
-                if image_id and group:
-                    out[image_id] = group
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise NucleisegError(f"cannot be read as a CSV ({exc})", path) from None
+    for row in read_csv_rows(path, GROUP_COLUMNS, "group CSV"):
+        if row["ImageId"] and row["mosaic_group"]:
+            out[row["ImageId"]] = row["mosaic_group"]
     return out

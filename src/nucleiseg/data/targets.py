@@ -25,7 +25,9 @@ def touching_area(labels: np.ndarray, size: int = 5) -> np.ndarray:
     Examples
     --------
     >>> lab = np.zeros((5, 7), np.uint16); lab[:, :3] = 1; lab[:, 4:] = 2
-    >>> touching_area(lab, size=3)[2].astype(int)
+    >>> touching_area(lab, size=3)[2].astype(int)  # the 1-px gap sees both nuclei
+    array([0, 0, 0, 1, 0, 0, 0])
+    >>> touching_area(lab, size=5)[2].astype(int)  # and so do the nuclei's facing edges
     array([0, 0, 1, 1, 1, 0, 0])
     """
     labels = np.asarray(labels)

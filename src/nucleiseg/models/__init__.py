@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ..errors import NucleisegError
 from .unetplusplus import UNetPlusPlus, UNetPlusPlusConfig
