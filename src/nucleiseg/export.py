@@ -54,6 +54,7 @@ from torch import nn
 from .errors import NucleisegError
 from .models import DEFAULT_CHANNELS, UNetPlusPlus, load_model_file, resolve_model_path
 from .models.fuse import fuse_batchnorm
+from .models.unetplusplus import heads_to_probabilities
 
 __all__ = ["export_onnx", "read_onnx_metadata", "ProbabilityNetwork", "ONNX_INPUT", "ONNX_OUTPUT"]
 
@@ -76,12 +77,7 @@ class ProbabilityNetwork(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         heads = self.network(image, prune_level=self.prune_level)
-        if self.prune_level is None:
-            total = torch.sigmoid(heads[0])
-            for logits in heads[1:]:
-                total = total + torch.sigmoid(logits)
-            return total * (1.0 / len(heads))
-        return torch.sigmoid(heads[-1])
+        return heads_to_probabilities(heads, pruned=self.prune_level is not None)
 
 
 def _require(module: str, what: str) -> None:
@@ -90,18 +86,12 @@ def _require(module: str, what: str) -> None:
 
 
 def _resolve_level(depth: int, metadata: dict[str, Any], mode: str, prune_level: int | None) -> int | None:
-    if mode not in ("accurate", "fast"):
-        raise ValueError(f"mode must be 'accurate' or 'fast', got {mode!r}")
-    if prune_level is not None:
-        level = int(prune_level)
-        if not 1 <= level <= depth:
-            raise NucleisegError(f"--prune-level must be in 1..{depth} for this model, got {prune_level}")
-        return level
-    if mode == "fast":  # the rule of nucleiseg.inference.Model.fast_prune_level
-        from .inference import DEFAULT_FAST_PRUNE_LEVEL
+    """Prediction's rule (:func:`nucleiseg.inference.resolve_prune_level`), a bad level reported for the CLI."""
+    from .inference import resolve_prune_level
 
-        return min(max(int(metadata.get("fast_prune_level", DEFAULT_FAST_PRUNE_LEVEL)), 1), depth)
-    return None
+    if prune_level is not None and not 1 <= int(prune_level) <= depth:
+        raise NucleisegError(f"--prune-level must be in 1..{depth} for this model, got {prune_level}")
+    return resolve_prune_level(depth, metadata, mode, prune_level)
 
 
 def _load(model: Any) -> tuple[UNetPlusPlus, dict[str, Any], str | None]:

@@ -130,8 +130,7 @@ class Model:
     @property
     def fast_prune_level(self) -> int:
         """The head fast mode uses: metadata ``fast_prune_level`` (default 2), within 1..depth."""
-        level = int(self.metadata.get("fast_prune_level", DEFAULT_FAST_PRUNE_LEVEL))
-        return min(max(level, 1), self.depth)
+        return resolve_prune_level(self.depth, self.metadata, "fast")
 
 
 def load_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> Model:
@@ -220,15 +219,27 @@ def prepare_image(image: np.ndarray) -> np.ndarray:
     return normalize(to_rgb_uint8(image))
 
 
-def _prune_level(model: Model, mode: str, prune_level: int | None) -> int | None:
+def resolve_prune_level(depth: int, metadata: dict[str, Any], mode: str, prune_level: int | None = None) -> int | None:
+    """The head to compute: ``prune_level`` if given, else the model's fast head in fast mode, else None (all).
+
+    The fast head is the metadata's ``fast_prune_level`` (chosen by ``nucleiseg tune``;
+    :data:`DEFAULT_FAST_PRUNE_LEVEL` when absent), kept within 1..depth.
+
+    Examples
+    --------
+    >>> resolve_prune_level(4, {"fast_prune_level": 3}, "fast"), resolve_prune_level(4, {}, "accurate")
+    (3, None)
+    """
     if mode not in ("accurate", "fast"):
         raise ValueError(f"mode must be 'accurate' or 'fast', got {mode!r}")
     if prune_level is not None:
         level = int(prune_level)
-        if not 1 <= level <= model.depth:
-            raise ValueError(f"prune_level must be in 1..{model.depth}, got {prune_level}")
+        if not 1 <= level <= depth:
+            raise ValueError(f"prune_level must be in 1..{depth}, got {prune_level}")
         return level
-    return model.fast_prune_level if mode == "fast" else None
+    if mode == "fast":
+        return min(max(int(metadata.get("fast_prune_level", DEFAULT_FAST_PRUNE_LEVEL)), 1), depth)
+    return None
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -320,7 +331,7 @@ def predict_probabilities(
     """
     if not isinstance(model, Model):
         raise TypeError(f"model must be a nucleiseg Model (see load_model), got {type(model).__name__}")
-    level = _prune_level(model, mode, prune_level)
+    level = resolve_prune_level(model.depth, model.metadata, mode, prune_level)
     align = 2**model.depth
     tile, overlap = check_tiling(tile, overlap, align)
     autocast = _autocast_dtype(precision, model.device)

@@ -218,7 +218,7 @@ def validate(
     params: PostprocessParams | None = None,
 ) -> dict[str, float]:
     """Loss, pixel F1/IoU/AUC of the body channel and DSB score, at native resolution."""
-    from .models.unetplusplus import pad_to_multiple
+    from .models.unetplusplus import heads_to_probabilities, pad_to_multiple
 
     model.eval()
     device = next(model.parameters()).device
@@ -232,7 +232,7 @@ def validate(
             heads = [t[..., :h, :w].float() for t in model(x)]
         target = torch.from_numpy(make_targets(labels))[None].to(device)
         losses.append(float(loss_fn(heads, target)))
-        probs = torch.stack([torch.sigmoid(t) for t in heads]).mean(0)[0].cpu().numpy()
+        probs = heads_to_probabilities(heads, pruned=False)[0].cpu().numpy()
         pixels.update(labels > 0, probs[0] > 0.5, prob=probs[0])
         pred = instances_from_probabilities(probs, CHANNELS[: probs.shape[0]], params)
         scores = instance_scores(labels, pred)

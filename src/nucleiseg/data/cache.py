@@ -343,16 +343,21 @@ def _read_manifest(out_dir: Path) -> dict | None:
     return manifest
 
 
+def _load_csv(path: Path) -> pd.DataFrame:
+    """One of the cache's tables, text columns kept as strings ('' stays '', never NaN)."""
+    return pd.read_csv(
+        path,
+        dtype={c: str for c in ("image_id", "kind", "group", "source", "split")},
+        keep_default_na=False,
+        na_values=[],
+    )
+
+
 def _read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     try:
-        table = pd.read_csv(
-            path,
-            dtype={c: str for c in ("image_id", "kind", "group", "source", "split")},
-            keep_default_na=False,
-            na_values=[],
-        )
+        table = _load_csv(path)
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         log.warning("%s: unreadable (%s); rebuilding it", path, exc)
         return None
@@ -759,12 +764,7 @@ def read_cache(cache_dir: str | Path) -> pd.DataFrame:
 
 def _read_cache_table(path: Path, columns: Sequence[str], hint: str) -> pd.DataFrame:
     try:
-        table = pd.read_csv(
-            path,
-            dtype={c: str for c in ("image_id", "kind", "group", "source", "split")},
-            keep_default_na=False,
-            na_values=[],
-        )
+        table = _load_csv(path)
     except (OSError, ValueError, pd.errors.ParserError):
         raise NucleisegError(f"not a prepared cache (no readable {path.name})" + hint, path.parent) from None
     missing = [c for c in columns if c not in table.columns]

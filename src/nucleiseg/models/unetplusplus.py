@@ -148,13 +148,16 @@ class UNetPlusPlus(nn.Module):
         chunk = 1 if padded.device.type == "cpu" else len(padded)
         outputs = []
         for part in torch.split(padded, max(1, chunk)):
-            heads = self(part, prune_level=prune_level)
-            if prune_level is None:
-                outputs.append(torch.stack([torch.sigmoid(t.float()) for t in heads]).mean(dim=0))
-            else:
-                outputs.append(torch.sigmoid(heads[-1].float()))
+            outputs.append(heads_to_probabilities(self(part, prune_level=prune_level), pruned=prune_level is not None))
         probs = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return probs[..., :h, :w]
+
+
+def heads_to_probabilities(heads: list[torch.Tensor], pruned: bool) -> torch.Tensor:
+    """Accurate mode: the mean of all heads' sigmoids; pruned (fast) mode: the last head's sigmoid."""
+    if pruned:
+        return torch.sigmoid(heads[-1].float())
+    return torch.stack([torch.sigmoid(t.float()) for t in heads]).mean(dim=0)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
