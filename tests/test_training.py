@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from nucleiseg.cli import main
 from nucleiseg.data.dataset import CropDataset, EpochSampler
 from nucleiseg.errors import NucleisegError
-from nucleiseg.training import TrainConfig, load_split, train
+from nucleiseg.losses import DeepSupervisionLoss
+from nucleiseg.models import UNetPlusPlus
+from nucleiseg.training import TrainConfig, accumulate_gradients, load_split, train
 
 TINY = dict(widths=(4, 8, 16), crop=64, batch_size=4, threads=1, workers=0, val_every=1)
 
@@ -65,6 +67,36 @@ def test_crops_are_reproducible_from_their_seed(fixture_cache):
     assert x1.shape == (3, 64, 64) and y1.shape == (3, 64, 64)
 
 
+def test_threaded_batches_hold_the_same_crops(fixture_cache):
+    split = load_split(fixture_cache, "train")
+    items = [(i % len(split.images), 100 + i) for i in range(6)]
+    serial = CropDataset(split.images, split.labels, crop=64).__getitems__(items)
+    threaded = CropDataset(split.images, split.labels, crop=64, threads=3).__getitems__(items)
+    assert len(serial) == len(threaded) == 6
+    for (xa, ya), (xb, yb) in zip(serial, threaded):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(serial[0][0], serial[3][0])  # different seeds give different crops
+
+
+@pytest.mark.parametrize("micro_batch", [1, 2, 3])
+def test_micro_batches_accumulate_the_full_batch_gradient(micro_batch):
+    torch.manual_seed(0)
+    # Fixed BatchNorm statistics and a per-pixel loss: the chunks' weighted gradients must then add up
+    # to the batch's exactly (the batch-wide Dice term is, by design, taken per micro-batch).
+    model = UNetPlusPlus(3, 3, (4, 8, 16)).eval()
+    loss_fn = DeepSupervisionLoss(dice_weight=0.0)
+    x, y = torch.randn(5, 3, 32, 32), (torch.rand(5, 3, 32, 32) > 0.6).float()
+    full_loss = accumulate_gradients(model, loss_fn, x, y, micro_batch=5, autocast_dtype=None)
+    full = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    chunked_loss = accumulate_gradients(model, loss_fn, x, y, micro_batch=micro_batch, autocast_dtype=None)
+    with torch.no_grad():
+        assert full_loss == pytest.approx(5 * float(loss_fn(model(x), y)), rel=1e-5)
+    assert chunked_loss == pytest.approx(full_loss, rel=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, full[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def _train_cli(cache: Path, run: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "nucleiseg.cli", "train", str(cache), "--out", str(run), "--widths", "4,8,16",
             "--crop", "64", "--batch-size", "2", "--samples-per-epoch", "24", "--threads", "1", "--workers", "0",
@@ -102,7 +134,7 @@ def test_two_process_ddp_keeps_replicas_identical(fixture_cache, tmp_path):
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            "-m", "nucleiseg.cli", "train", str(fixture_cache), "--out", str(run), "--widths", "4,8,16",
-           "--crop", "64", "--batch-size", "2", "--samples-per-epoch", "8", "--epochs", "2", "--threads", "1",
+           "--crop", "64", "--batch-size", "4", "--micro-batch", "2", "--samples-per-epoch", "16", "--epochs", "2", "--threads", "1",
            "--workers", "0"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -117,6 +149,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert len(err) == 1 and "missing: no such folder" in err[0]
     assert main(["train", "--resume", str(tmp_path)]) == 2
     assert "not a training run folder" in capsys.readouterr().err
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "run"), "--kind-weights", "tissue=lots"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'tissue=lots' is not KIND=NUMBER" in err[0]
     with pytest.raises(NucleisegError, match="nothing to resume"):
         (tmp_path / "train_config.json").write_text("{}")
         train(tmp_path, tmp_path, resume=True)

@@ -147,6 +147,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", metavar="PATH|default", help="start from a trained model file (fine-tuning)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="number of epochs (with --resume: change the run's length to this many)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="crops per step (per process)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="crops per forward/backward pass, gradients accumulated over the batch (default: 4 on a CPU, the whole batch on a GPU)")
     p.add_argument("--crop", type=int, default=d.crop, help="side of the square training crops, in pixels")
     p.add_argument("--samples-per-epoch", type=int, default=None, help="crops per epoch (default: number of training images)")
     p.add_argument("--widths", default=",".join(map(str, d.widths)), help="channels per level, comma-separated; depth = count - 1")
@@ -159,6 +161,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto = bf16 where the processor runs it natively")
     p.add_argument("--augment", type=float, default=d.augment_strength, dest="augment_strength",
                    help="photometric augmentation strength, 0 = flips/rotations/crops only")
+    p.add_argument("--kind-weights", metavar="KIND=W,...", default=None,
+                   help="how often each image kind is drawn relative to the others "
+                        f"(default: {','.join(f'{k}={v:g}' for k, v in d.kind_weights.items())})")
     p.add_argument("--workers", type=int, default=None, help="data-loading processes (default: 0 on <= 2 cores, else 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for weights, sampling and augmentation")
@@ -191,7 +196,9 @@ def _run_train(args: argparse.Namespace) -> int:
         if (out / "last_state.pt").exists():
             raise NucleisegError("already holds a training run; use --resume to continue it or choose another --out", out)
         config = TrainConfig(
-            epochs=args.epochs, batch_size=args.batch_size, crop=args.crop, samples_per_epoch=args.samples_per_epoch,
+            epochs=args.epochs, batch_size=args.batch_size, micro_batch=args.micro_batch, crop=args.crop,
+            samples_per_epoch=args.samples_per_epoch,
+            kind_weights=_parse_kind_weights(args.kind_weights) if args.kind_weights else dict(TrainConfig().kind_weights),
             widths=widths, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
             warmup_epochs=args.warmup_epochs, precision=args.precision, workers=args.workers, seed=args.seed,
             augment_strength=args.augment_strength, init=args.init, val_every=args.val_every, threads=args.threads,
@@ -200,6 +207,26 @@ def _run_train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":
         log.info("best model: %s", best)
     return 0
+
+
+def _parse_kind_weights(text: str) -> dict[str, float]:
+    """``"tissue=3,brightfield=6"`` -> the default weights with those two replaced."""
+    from .data.kinds import KINDS
+    from .training import TrainConfig
+
+    weights = dict(TrainConfig().kind_weights)
+    for item in text.split(","):
+        kind, _, value = item.partition("=")
+        kind = kind.strip()
+        if kind not in KINDS:
+            raise NucleisegError(f"--kind-weights: unknown kind {kind!r}; the kinds are {', '.join(KINDS)}")
+        try:
+            weights[kind] = float(value)
+        except ValueError:
+            raise NucleisegError(f"--kind-weights: {item!r} is not KIND=NUMBER") from None
+        if weights[kind] < 0:
+            raise NucleisegError(f"--kind-weights: {kind}'s weight must be >= 0, got {value}")
+    return weights
 
 
 def _as_cache(data: Path) -> Path:

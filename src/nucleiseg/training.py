@@ -18,6 +18,7 @@ rank 0 validates and writes.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -63,6 +64,11 @@ class TrainConfig:
         Passes of ``samples_per_epoch`` crops each.
     batch_size : int
         Crops per optimisation step (per process under torchrun).
+    micro_batch : int or None
+        Crops per forward/backward pass; a step accumulates the gradients of
+        ``batch_size / micro_batch`` passes. None picks 4 on a CPU, where the
+        smaller activations stay in cache (~10% more images/s; BatchNorm then
+        normalises over 4 crops), and the whole batch on a GPU.
     crop : int
         Side of the square training crops.
     samples_per_epoch : int or None
@@ -100,6 +106,7 @@ class TrainConfig:
 
     epochs: int = 40
     batch_size: int = 8
+    micro_batch: int | None = None
     crop: int = 256
     samples_per_epoch: int | None = None
     widths: tuple[int, ...] = (16, 32, 64, 128, 256)
@@ -125,6 +132,8 @@ class TrainConfig:
             raise NucleisegError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.crop < 16:
             raise NucleisegError("epochs and batch size must be >= 1 and the crop >= 16")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise NucleisegError(f"micro batch must be >= 1, got {self.micro_batch}")
 
     @classmethod
     def from_json(cls, path: Path) -> "TrainConfig":
@@ -389,6 +398,7 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers,
                         drop_last=len(sampler) >= config.batch_size, persistent_workers=workers > 0)
     steps_per_epoch = max(1, len(loader))
+    micro_batch = config.micro_batch or (config.batch_size if device.type == "cuda" else min(4, config.batch_size))
     scheduler = _make_scheduler(optimizer, config, steps_per_epoch)
 
     start_epoch, best_score = 1, -math.inf
@@ -423,15 +433,12 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
         for x, y in bar:
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                heads = net(x)
-            loss = loss_fn(heads, y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_sum = accumulate_gradients(net, loss_fn, x, y, micro_batch, autocast_dtype)
             optimizer.step()
             if config.schedule == "cosine":
                 scheduler.step()
-            running += loss.item() * len(x)
+            running += loss_sum
             seen += len(x)
             steps_done += 1
             bar.set_postfix(loss=f"{running / seen:.4f}", img_s=f"{seen * ddp.world_size / (time.perf_counter() - started):.2f}")
@@ -473,6 +480,29 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
         dist.barrier()  # leave together: a gloo peer closing early can abort the other at exit
         dist.destroy_process_group()
     return run_dir / "best.safetensors"
+
+
+def accumulate_gradients(net: torch.nn.Module, loss_fn: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                         micro_batch: int, autocast_dtype: torch.dtype | None) -> float:
+    """Backpropagate the batch ``(x, y)`` in chunks of ``micro_batch`` crops.
+
+    Each chunk's loss is weighted by its share of the batch, so the summed
+    gradients are those of the batch's mean loss (BatchNorm statistics and the
+    batch-wide Dice term are then taken per chunk). Under DDP only the last
+    chunk synchronises gradients. Returns the chunks' losses summed over crops.
+    """
+    chunks = list(zip(torch.split(x, micro_batch), torch.split(y, micro_batch)))
+    total = 0.0
+    for index, (xs, ys) in enumerate(chunks):
+        last = index == len(chunks) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
+        with sync:
+            with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                heads = net(xs)
+            loss = loss_fn(heads, ys)
+            (loss * (len(xs) / len(x))).backward()
+        total += loss.item() * len(xs)
+    return total
 
 
 def _average_buffers(model: torch.nn.Module, ddp: _Distributed) -> None:

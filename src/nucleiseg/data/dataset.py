@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -42,25 +44,57 @@ class CropDataset(Dataset):
         Crop side.
     strength : float
         Photometric augmentation strength (see :func:`train_transform`).
+    threads : int
+        Threads that prepare the crops of one batch together (``__getitems__``);
+        the crops are the same whatever the number.
     """
 
-    def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], crop: int = 256, strength: float = 1.0):
+    def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], crop: int = 256, strength: float = 1.0,
+                 threads: int = 1):
         if len(images) != len(labels):
             raise ValueError("images and labels differ in length")
         self.images = list(images)
         self.labels = list(labels)
-        self.transform = train_transform(crop, strength)
+        self.crop, self.strength = crop, strength
+        self.threads = max(1, int(threads))
+        self._local = threading.local()  # one transform per thread: each reseeds its own generators
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def transform(self):
+        if not hasattr(self._local, "transform"):
+            self._local.transform = train_transform(self.crop, self.strength)
+        return self._local.transform
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed = item
-        self.transform.set_random_seed(int(seed))
-        out = self.transform(image=self.images[index], mask=self.labels[index])
+        transform = self.transform
+        transform.set_random_seed(int(seed))
+        out = transform(image=self.images[index], mask=self.labels[index])
         x = torch.from_numpy(normalize(out["image"]))
         y = torch.from_numpy(make_targets(out["mask"]))
         return x, y
+
+    def __getitems__(self, items: list[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A whole batch, over ``threads`` threads (OpenCV and NumPy release the GIL)."""
+        if self.threads == 1 or len(items) == 1:
+            return [self[item] for item in items]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="crops")
+        return list(self._pool.map(self.__getitem__, items))
+
+    def __getstate__(self) -> dict:
+        # loader worker processes get a copy without the thread pool and thread-local state
+        state = dict(self.__dict__)
+        state["_local"], state["_pool"] = None, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
 
 
 class EpochSampler(torch.utils.data.Sampler):
