@@ -393,8 +393,10 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
     samples = config.samples_per_epoch or len(train_split.ids)
     weights = sampling_weights(train_split.kinds, [im.shape[:2] for im in train_split.images], config.kind_weights, config.crop)
     sampler = EpochSampler(weights, samples, seed=config.seed, rank=ddp.rank, world_size=ddp.world_size)
-    dataset = CropDataset(train_split.images, train_split.labels, config.crop, config.augment_strength)
     workers = config.workers if config.workers is not None else (0 if (os.cpu_count() or 1) <= 2 else 2)
+    # without loader processes, the batch's crops are still prepared side by side, between network steps
+    crop_threads = min(4, torch.get_num_threads()) if workers == 0 else 1
+    dataset = CropDataset(train_split.images, train_split.labels, config.crop, config.augment_strength, threads=crop_threads)
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers,
                         drop_last=len(sampler) >= config.batch_size, persistent_workers=workers > 0)
     steps_per_epoch = max(1, len(loader))
