@@ -307,6 +307,31 @@ def test_segment(model_path: Path, mosaic: np.ndarray) -> None:
     assert custom.n_nuclei <= result.n_nuclei
 
 
+def test_segment_uses_the_thresholds_of_the_image_kind(model_path: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from nucleiseg.data.kinds import image_kind
+
+    images = _fixture_images()
+    kinds = [image_kind(i) for i in images]
+    fluorescence, tissue = images[kinds.index("fluorescence")], images[kinds.index("tissue")]
+    shared = load_model(model_path)
+    baseline = segment(tissue, model=shared)
+    assert baseline.n_nuclei > 0
+    # tissue images get thresholds of their own (here: a minimum size that removes everything)
+    by_kind = replace(shared, postprocess_by_kind={"tissue": PostprocessParams(min_size=10**6)})
+    assert by_kind.postprocess_for(tissue).min_size == 10**6
+    assert by_kind.postprocess_for(fluorescence) == shared.postprocess
+    assert segment(tissue, model=by_kind).n_nuclei == 0
+    assert segment(fluorescence, model=by_kind).n_nuclei == segment(fluorescence, model=shared).n_nuclei > 0
+    # and they travel in the model file's metadata
+    from nucleiseg.tuning import update_model_metadata
+
+    path = update_model_metadata(model_path, {"postprocess_by_kind": {"tissue": {"min_size": 10**6}}},
+                                 out=tmp_path / "by-kind.safetensors")
+    assert segment(tissue, model=str(path)).n_nuclei == 0
+
+
 # ----------------------------------------------------------------------------- measurements
 def test_measure_nuclei_values() -> None:
     labels = np.zeros((20, 30), np.int32)

@@ -15,6 +15,9 @@ from nucleiseg.tuning import (
     DEFAULT_GRID,
     _grid,
     _image_scores,
+    _tune_by_kind,
+    best_of_grid,
+    score_grid,
     choose_prune_level,
     tune_postprocess,
     update_model_metadata,
@@ -94,6 +97,36 @@ def test_tune_rejects_mismatched_inputs():
         tune_postprocess([probs[:2]], [truth], CHANNELS)
 
 
+def test_score_grid_then_best_of_grid_is_tune_postprocess():
+    probs, truth = touching_pair()
+    grid = {"min_seed_size": [2, 8], "min_size": [5, 15]}
+    combos, scores = score_grid([probs, probs[:, ::-1]], [truth, truth[::-1]], CHANNELS, grid)
+    assert scores.shape == (2, len(combos), 2)
+    best, table = best_of_grid(combos, scores)
+    expected, expected_table = tune_postprocess([probs, probs[:, ::-1]], [truth, truth[::-1]], CHANNELS, grid)
+    assert best == expected
+    assert table.equals(expected_table)
+    one, _ = best_of_grid(combos, scores[:1])  # a subset of the images, as per kind
+    score = instance_scores(truth, instances_from_probabilities(probs, CHANNELS, one)).score
+    assert score == pytest.approx(scores[0, :, 0].max()) and score > scores[0, :, 0].min()
+
+
+def test_tune_by_kind_keeps_clear_gains_on_enough_images():
+    shared = PostprocessParams(0.5, 0.5, 2, 5)
+    own = PostprocessParams(0.5, 0.6, 2, 5)
+    combos = [(0.5, 0.5, 2, 5), (0.5, 0.6, 2, 5)]
+    kinds = ["tissue"] * 5 + ["brightfield"] * 2 + ["fluorescence"] * 5
+    dsb = np.array([[0.3, 0.5]] * 5 + [[0.3, 0.9]] * 2 + [[0.70, 0.705]] * 5)
+    scores = np.stack([dsb, dsb], axis=-1)
+    by_kind, record = _tune_by_kind(kinds, combos, scores, dsb[:, 0], shared)
+    assert by_kind == {"tissue": own}  # brightfield: too few images; fluorescence: gain under 0.01
+    assert record["tissue"]["dsb_shared_thresholds"] == pytest.approx(0.3)
+    assert record["tissue"]["dsb_own_thresholds"] == pytest.approx(0.5)
+    assert record["brightfield"]["n_images"] == 2 and "dsb_own_thresholds" not in record["brightfield"]
+    assert record["fluorescence"]["uses_own_thresholds"] is False
+    assert _tune_by_kind(kinds, combos, scores, dsb[:, 0], shared, min_images=2)[0].keys() == {"tissue", "brightfield"}
+
+
 def test_choose_prune_level():
     assert choose_prune_level({1: 0.50, 2: 0.58, 3: 0.60}, 0.61) == 2
     assert choose_prune_level({1: 0.60, 2: 0.58}, 0.61) == 1
@@ -147,6 +180,10 @@ def test_cli_tune_updates_metadata(tmp_path, capsys, synthetic_cache):
     assert set(meta["postprocess"]) == {"foreground_threshold", "seed_threshold", "min_seed_size", "min_size"}
     assert meta["fast_prune_level"] in (1, 2)
     assert meta["tuning"]["n_images"] == 4 and meta["tuning"]["dsb_after"] >= meta["tuning"]["dsb_before"]
+    kinds = meta["tuning"]["kinds"]
+    assert sum(entry["n_images"] for entry in kinds.values()) == 4
+    assert set(meta["postprocess_by_kind"]) <= set(kinds)  # 4 images: under the 5 a kind needs
+    assert "images): DSB" in out.out
     after = load_file(str(path))
     assert all(bool((weights[k] == after[k]).all()) for k in weights)
 

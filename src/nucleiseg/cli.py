@@ -632,8 +632,11 @@ def _add_tune_parser(sub: argparse._SubParsersAction) -> None:
             "Predict the validation images of a prepared cache once, grid-search the watershed's\n"
             "thresholds (foreground, seed, minimum seed size, minimum object size) for the best mean\n"
             "DSB score, and pick the fast mode's prune level (the smallest within 0.03 DSB of the\n"
-            "accurate mode). Both are stored in the model file's metadata ('postprocess',\n"
-            "'fast_prune_level'); the weights are not changed. Prints the DSB before and after.\n\n"
+            "accurate mode). An image kind (fluorescence, tissue, brightfield: read from the pixels)\n"
+            "with 5 or more images whose own best thresholds score 0.01 DSB higher keeps them, and\n"
+            "prediction uses them for images of that kind. All are stored in the model file's\n"
+            "metadata ('postprocess', 'postprocess_by_kind', 'fast_prune_level'); the weights are\n"
+            "not changed. Prints the DSB before and after, per kind.\n\n"
             "Example:\n"
             "  nucleiseg tune cache/dsb2018 --model runs/dsb/best.safetensors"
         ),
@@ -656,6 +659,15 @@ def _run_tune(args: argparse.Namespace) -> int:
           f"{result.dsb_before:.4f} before, {result.dsb_after:.4f} after tuning")
     print(f"postprocess: foreground_threshold={p.foreground_threshold} seed_threshold={p.seed_threshold} "
           f"min_seed_size={p.min_seed_size} min_size={p.min_size}")
+    for kind, entry in result.kinds.items():
+        own = entry.get("dsb_own_thresholds")
+        line = f"  {kind} ({entry['n_images']} images): DSB {entry['dsb_shared_thresholds']:.4f} with these"
+        if own is None:
+            line += " (too few images for thresholds of its own)"
+        else:
+            line += f", {own:.4f} with its own best" + (" -> kept: " + " ".join(
+                f"{k}={v}" for k, v in result.by_kind[kind].to_dict().items()) if kind in result.by_kind else " (not kept)")
+        print(line)
     levels = ", ".join(f"{k}: {v:.4f}" for k, v in result.fast_dsb.items())
     print(f"fast mode: prune level {result.fast_prune_level} (DSB per level {levels})")
     print(f"wrote {result.path}")

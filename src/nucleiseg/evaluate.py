@@ -634,9 +634,11 @@ def evaluate_dataset(
         for image_id in tqdm(ids, **bar):
             rgb = read_image(cache_dir / "images" / f"{image_id}.png")
             probs = predict_probabilities(net, rgb, mode=mode, **options)
-            pred = _compact(label_nuclei(probs, channels, params))  # as segment() / predict do
+            pred = _compact(label_nuclei(probs, channels, net.postprocess_for(rgb)))  # as segment() / predict do
             preds[image_id] = pred
             evaluator.add(image_id, truth[image_id], pred, kinds[image_id], probs)
+        if net.postprocess_by_kind:
+            about["postprocess_by_kind"] = {kind: p.to_dict() for kind, p in net.postprocess_by_kind.items()}
         about.update(model=str(model or "default"), mode=mode, postprocess=params.to_dict(),
                      **{k: v for k, v in options.items() if isinstance(v, (bool, int, float, str))})
     per_image, summary = evaluator.result()

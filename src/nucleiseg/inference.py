@@ -104,6 +104,9 @@ class Model:
         Name of each output channel (``body``, ``contour``, ``touch``).
     postprocess : PostprocessParams
         Thresholds chosen on validation for this model.
+    postprocess_by_kind : dict str -> PostprocessParams
+        Thresholds for the image kinds (:func:`nucleiseg.data.kinds.image_kind`)
+        whose validation images did better with their own; see :meth:`postprocess_for`.
     config : dict
         The network configuration stored in the file.
     metadata : dict
@@ -115,6 +118,7 @@ class Model:
     network: UNetPlusPlus
     channels: tuple[str, ...]
     postprocess: PostprocessParams = field(default_factory=PostprocessParams)
+    postprocess_by_kind: dict[str, PostprocessParams] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
@@ -126,6 +130,19 @@ class Model:
     @property
     def depth(self) -> int:
         return self.network.depth
+
+    def postprocess_for(self, image: np.ndarray) -> PostprocessParams:
+        """The thresholds for this image: its kind's own, if tuned, else the model's.
+
+        The kind (fluorescence, tissue, brightfield) is read from the pixels as
+        when the training data were split, so a kind gets the thresholds
+        chosen on its own validation images.
+        """
+        if not self.postprocess_by_kind:
+            return self.postprocess
+        from .data.kinds import image_kind
+
+        return self.postprocess_by_kind.get(image_kind(image), self.postprocess)
 
     @property
     def fast_prune_level(self) -> int:
@@ -175,6 +192,8 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
         network=network,
         channels=channels,
         postprocess=PostprocessParams.from_dict(metadata.get("postprocess")),
+        postprocess_by_kind={kind: PostprocessParams.from_dict(values)
+                             for kind, values in (metadata.get("postprocess_by_kind") or {}).items()},
         config=dict(metadata.get("config", {})),
         metadata=metadata,
         path=resolved,
@@ -618,7 +637,8 @@ def segment(
     min_size : int, optional
         Drop nuclei smaller than this many pixels (default: the model's).
     postprocess : PostprocessParams or dict, optional
-        Watershed thresholds (default: the model's, chosen on validation).
+        Watershed thresholds (default: the model's for this image's kind, chosen
+        on validation; see :meth:`Model.postprocess_for`).
 
     Returns
     -------
@@ -634,7 +654,7 @@ def segment(
 
     model = _as_model(model)
     if postprocess is None:
-        params = model.postprocess
+        params = model.postprocess_for(image)
     elif isinstance(postprocess, PostprocessParams):
         params = postprocess
     else:

@@ -57,6 +57,11 @@ DEFAULT_GRID: dict[str, tuple] = {
     "min_size": (5, 15, 30, 60),
 }
 
+#: An image kind gets thresholds of its own when it has at least this many tuning images ...
+MIN_KIND_IMAGES = 5
+#: ... and its own thresholds beat the shared ones on them by at least this much DSB.
+MIN_KIND_GAIN = 0.01
+
 #: The fast mode uses the smallest prune level whose validation DSB is at most this far below the accurate mode's.
 FAST_MODE_TOLERANCE = 0.03
 
@@ -183,10 +188,29 @@ def tune_postprocess(
         raise ValueError(f"got {len(probs)} probability maps for {len(truths)} label images")
     if not probs:
         raise ValueError("tune_postprocess needs at least one image")
+    combos, scores = score_grid(probs, truths, channels, grid, progress=progress)
+    return best_of_grid(combos, scores)
+
+
+def score_grid(
+    probs: Sequence[np.ndarray],
+    truths: Sequence[np.ndarray],
+    channels: Sequence[str],
+    grid: Mapping[str, Sequence] | None = None,
+    *,
+    progress: bool = False,
+) -> tuple[list[tuple], np.ndarray]:
+    """Every image's (DSB, AP@0.5) under every grid combination.
+
+    Returns the combinations (tuples in the order of :data:`DEFAULT_GRID`'s keys)
+    and an array of shape ``(images, combinations, 2)``; :func:`best_of_grid`
+    picks from it for all images or any subset (one image kind, say).
+    """
     grid = _grid(grid)
     from tqdm import tqdm
 
-    totals: dict[tuple, np.ndarray] = {}
+    combos: list[tuple] = []
+    rows = []
     for prob, truth in tqdm(list(zip(probs, truths)), desc="tune", unit="image", file=sys.stderr,
                             disable=None if progress else True):
         prob = np.asarray(prob)
@@ -195,10 +219,23 @@ def tune_postprocess(
                 f"probabilities of shape {prob.shape} do not match {len(channels)} channels "
                 f"and labels of shape {np.shape(truth)}"
             )
-        for combo, values in _image_scores(prob, np.asarray(truth), channels, grid).items():
-            totals.setdefault(combo, np.zeros(2))[:] += values
-    rows = [dict(zip(_PARAM_NAMES, combo), dsb=t[0] / len(probs), ap50=t[1] / len(probs)) for combo, t in totals.items()]
-    table = pd.DataFrame(rows)
+        image = _image_scores(prob, np.asarray(truth), channels, grid)
+        combos = combos or list(image)
+        rows.append([image[c] for c in combos])
+    return combos, np.asarray(rows, dtype=np.float64).reshape(len(rows), len(combos), 2)
+
+
+def best_of_grid(combos: Sequence[tuple], scores: np.ndarray) -> tuple[PostprocessParams, pd.DataFrame]:
+    """The combination with the highest mean DSB over the images of ``scores`` (see :func:`score_grid`).
+
+    Ties go to the higher mean AP@0.5, then to the first in grid order.
+    Returns the parameters and the table of all combinations, best first.
+    """
+    if len(scores) == 0:
+        raise ValueError("no images to choose thresholds on")
+    means = scores.mean(axis=0)
+    table = pd.DataFrame([dict(zip(_PARAM_NAMES, combo)) for combo in combos])
+    table["dsb"], table["ap50"] = means[:, 0], means[:, 1]
     table["grid_order"] = np.arange(len(table))
     table = table.sort_values(["dsb", "ap50", "grid_order"], ascending=[False, False, True], kind="mergesort")
     table = table.drop(columns="grid_order").reset_index(drop=True)
@@ -295,7 +332,8 @@ class TuneResult:
     previous : PostprocessParams
         The thresholds the model file held before.
     dsb_before, dsb_after : float
-        Mean validation DSB (accurate mode) with the previous and the chosen thresholds.
+        Mean validation DSB (accurate mode) with the previous and the chosen
+        thresholds (each image with its kind's, where a kind has its own).
     fast_prune_level : int
         Written as ``"fast_prune_level"``.
     fast_dsb : dict int -> float
@@ -306,6 +344,10 @@ class TuneResult:
         Every grid combination with its scores (:func:`tune_postprocess`).
     path : Path
         The model file written.
+    by_kind : dict str -> PostprocessParams
+        The image kinds given thresholds of their own (``"postprocess_by_kind"``).
+    kinds : dict str -> dict
+        Per kind: images, DSB with the shared and with its own best thresholds.
     """
 
     params: PostprocessParams
@@ -317,6 +359,8 @@ class TuneResult:
     n_images: int
     results: pd.DataFrame
     path: Path
+    by_kind: dict[str, PostprocessParams] = field(default_factory=dict)
+    kinds: dict[str, dict] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
@@ -338,6 +382,7 @@ def tune_model(
     grid: Mapping[str, Sequence] | None = None,
     tolerance: float = FAST_MODE_TOLERANCE,
     predict_options: Mapping[str, Any] | None = None,
+    min_kind_images: int = MIN_KIND_IMAGES,
     progress: bool = True,
 ) -> TuneResult:
     """Tune a model file's post-processing on a cache's validation split and store the result.
@@ -346,7 +391,10 @@ def tune_model(
     accurate mode; :func:`tune_postprocess` picks the thresholds; then each
     prune level ``1..depth`` predicts the same images in fast mode and the
     smallest level within ``tolerance`` DSB of the accurate mode becomes
-    ``"fast_prune_level"``. The model file is rewritten with the same tensors
+    ``"fast_prune_level"``. An image kind with at least ``min_kind_images``
+    images whose own best thresholds beat the shared ones by
+    :data:`MIN_KIND_GAIN` DSB keeps them (``"postprocess_by_kind"``; prediction
+    picks them by the image's kind). The model file is rewritten with the same tensors
     and the updated metadata (``"postprocess"``, ``"fast_prune_level"`` and a
     ``"tuning"`` record of the scores).
 
@@ -360,10 +408,22 @@ def tune_model(
         Where to write the tuned model; default: replace ``model`` in place (atomically).
     split : {'val', 'train', 'all'}
         Images to tune on.
+    grid : mapping, optional
+        Values to search (see :func:`tune_postprocess`).
+    tolerance : float
+        DSB the fast mode may lose against the accurate mode.
+    predict_options : mapping, optional
+        More keywords for :func:`nucleiseg.inference.predict_probabilities`
+        (``tta``, ``precision``, ``tile``, ...).
+    min_kind_images : int
+        Fewest images of a kind for it to get thresholds of its own.
+    progress : bool
+        Progress bars on stderr.
     """
     from tqdm import tqdm
 
     from .data.cache import read_cache
+    from .data.kinds import image_kind
     from .io import read_image, read_labels
     from .models import load_model_file, resolve_model_path
 
@@ -397,19 +457,29 @@ def tune_model(
     probs = [_predict(net, rgb, None, options) for rgb in tqdm(images, desc="predict", **bar)]
 
     dsb_before = mean_dsb(probs, truths, channels, previous)
-    params, results = tune_postprocess(probs, truths, channels, grid, progress=progress)
-    dsb_after = float(results["dsb"].iloc[0])
-    if dsb_after < dsb_before:  # the previous thresholds lie off the grid and do better: keep them
-        params, dsb_after = previous, dsb_before
+    combos, scores = score_grid(probs, truths, channels, grid, progress=progress)
+    params, results = best_of_grid(combos, scores)
+    shared = scores[:, combos.index(_key(params)), 0]
+    if float(results["dsb"].iloc[0]) < dsb_before:  # the previous thresholds lie off the grid and do better: keep them
+        params = previous
+        shared = np.array([instance_scores(t, instances_from_probabilities(p, channels, params)).score
+                           for p, t in zip(probs, truths)])
     del probs
+
+    # Image kinds with enough validation images and a clear gain get thresholds of their own.
+    kinds = [image_kind(rgb) for rgb in images]
+    by_kind, kind_record = _tune_by_kind(kinds, combos, scores, shared, params, min_images=min_kind_images)
+    chosen = [by_kind.get(kind, params) for kind in kinds]
+    dsb_after = float(np.mean([scores[i, combos.index(_key(by_kind[k])), 0] if k in by_kind else shared[i]
+                               for i, k in enumerate(kinds)]))
 
     depth = net.depth
     fast_dsb: dict[int, float] = {}
     for level in range(1, depth + 1):
         level_probs = (_predict(net, rgb, level, options) for rgb in tqdm(images, desc=f"fast level {level}", **bar))
         fast_dsb[level] = float(np.mean([
-            instance_scores(t, instances_from_probabilities(p, channels, params)).score
-            for p, t in zip(level_probs, truths)
+            instance_scores(t, instances_from_probabilities(p, channels, c)).score
+            for p, t, c in zip(level_probs, truths, chosen)
         ]))
     level = choose_prune_level(fast_dsb, dsb_after, tolerance)
     if fast_dsb[level] < dsb_after - tolerance:
@@ -426,8 +496,38 @@ def tune_model(
         "fast_dsb_per_level": {str(k): v for k, v in fast_dsb.items()},
         "fast_tolerance": tolerance,
         "grid_size": int(len(results)),
+        "kinds": kind_record,
     }
-    updates = {"postprocess": params.to_dict(), "fast_prune_level": level, "tuning": record}
+    updates = {"postprocess": params.to_dict(), "fast_prune_level": level, "tuning": record,
+               "postprocess_by_kind": {kind: p.to_dict() for kind, p in by_kind.items()}}
     update_model_metadata(path, updates, out=out)
     _, metadata = load_model_file(out)  # the file written must load again
-    return TuneResult(params, previous, dsb_before, dsb_after, level, fast_dsb, len(ids), results, out, metadata)
+    return TuneResult(params, previous, dsb_before, dsb_after, level, fast_dsb, len(ids), results, out, by_kind,
+                      kind_record, metadata)
+
+
+def _key(params: PostprocessParams) -> tuple:
+    """``params`` as a combination of :func:`score_grid`."""
+    return (params.foreground_threshold, params.seed_threshold, params.min_seed_size, params.min_size)
+
+
+def _tune_by_kind(
+    kinds: Sequence[str], combos: Sequence[tuple], scores: np.ndarray, shared_scores: np.ndarray,
+    params: PostprocessParams, min_images: int = MIN_KIND_IMAGES, min_gain: float = MIN_KIND_GAIN,
+) -> tuple[dict[str, PostprocessParams], dict[str, dict]]:
+    """Per image kind: its best thresholds, kept where they beat the shared ``params`` by ``min_gain``
+    DSB on ``min_images`` or more images (``shared_scores``: each image's DSB under ``params``)."""
+    by_kind: dict[str, PostprocessParams] = {}
+    record: dict[str, dict] = {}
+    for kind in sorted(set(kinds)):
+        rows = np.array([k == kind for k in kinds])
+        shared = float(np.mean(shared_scores[rows]))
+        entry: dict[str, Any] = {"n_images": int(rows.sum()), "dsb_shared_thresholds": shared}
+        if rows.sum() >= min_images:
+            own, table = best_of_grid(combos, scores[rows])
+            entry.update(dsb_own_thresholds=float(table["dsb"].iloc[0]), own_thresholds=own.to_dict())
+            if entry["dsb_own_thresholds"] >= shared + min_gain and own != params:
+                by_kind[kind] = own
+        entry["uses_own_thresholds"] = kind in by_kind
+        record[kind] = entry
+    return by_kind, record
