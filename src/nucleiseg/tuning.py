@@ -9,8 +9,9 @@ the watershed once per (foreground, seed threshold, minimum seed size), and
 every ``min_size`` only filters that watershed's result.
 
 :func:`tune_model` is ``nucleiseg tune``: predict the validation split once,
-tune, pick the fast mode's prune level, and store both in the model file's
-metadata (``"postprocess"``, ``"fast_prune_level"``, ``"tuning"``).
+tune (for all images, then per image kind), pick the fast mode's prune level,
+and store them in the model file's metadata (``"postprocess"``,
+``"postprocess_by_kind"``, ``"fast_prune_level"``, ``"tuning"``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ from .postprocess import PostprocessParams, boundary_probability, connected_comp
 __all__ = [
     "DEFAULT_GRID",
     "FAST_MODE_TOLERANCE",
+    "MIN_KIND_IMAGES",
+    "MIN_KIND_GAIN",
     "tune_postprocess",
+    "score_grid",
+    "best_of_grid",
     "mean_dsb",
     "choose_prune_level",
     "update_model_metadata",
