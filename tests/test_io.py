@@ -193,3 +193,15 @@ def test_writers_reject_bad_labels(tmp_path: Path) -> None:
         write_geojson(tmp_path / "x.geojson", np.zeros((4, 4), np.float32))
     with pytest.raises(ValueError, match="2-D"):
         write_imagej_rois(tmp_path / "x.zip", np.zeros((2, 4, 4), np.int32))
+
+
+def test_written_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    # mkstemp's 0600 must not leak into outputs, also from writers that replace the temporary
+    # file they are handed (safetensors does), so a model file can be shared with a group.
+    from nucleiseg.io import _UMASK
+    from nucleiseg.models import UNetPlusPlus, save_model
+
+    save_model(tmp_path / "m.safetensors", UNetPlusPlus(widths=(4, 8)))
+    write_png(tmp_path / "a.png", np.zeros((4, 4), np.uint8))
+    for name in ("m.safetensors", "a.png"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~_UMASK, name
