@@ -155,3 +155,24 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(NucleisegError, match="nothing to resume"):
         (tmp_path / "train_config.json").write_text("{}")
         train(tmp_path, tmp_path, resume=True)
+
+
+def test_fine_tuning_starts_from_the_model_and_keeps_its_thresholds(fixture_cache, tmp_path):
+    from nucleiseg.models import load_model_file, save_model
+
+    torch.manual_seed(1)
+    parent = UNetPlusPlus(3, 3, (4, 8, 16))
+    thresholds = {"foreground_threshold": 0.4, "seed_threshold": 0.7, "min_seed_size": 3, "min_size": 9}
+    by_kind = {"tissue": {"foreground_threshold": 0.5, "seed_threshold": 0.8, "min_seed_size": 40, "min_size": 60}}
+    save_model(tmp_path / "parent.safetensors", parent, {"postprocess": thresholds, "postprocess_by_kind": by_kind})
+    config = TrainConfig(epochs=1, samples_per_epoch=4, init=str(tmp_path / "parent.safetensors"),
+                         widths=(16, 32), crop=64, batch_size=4, threads=1, workers=0)
+    train(fixture_cache, tmp_path / "run", config, max_steps=1)
+    child, meta = load_model_file(tmp_path / "run" / "last.safetensors")
+    assert child.config.widths == (4, 8, 16)  # the parent's architecture, whatever widths said
+    assert meta["postprocess"] == thresholds and meta["postprocess_by_kind"] == by_kind
+    moved = [name for name, value in child.state_dict().items() if not torch.equal(value, parent.state_dict()[name])]
+    assert moved  # it trained ...
+    assert all(  # ... one step away from the parent's weights, not from fresh ones
+        torch.allclose(v, parent.state_dict()[k], atol=0.05) for k, v in child.state_dict().items()
+        if v.is_floating_point() and "running" not in k)

@@ -379,11 +379,14 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
 
     # Model: fresh, or fine-tuned from a model file.
     postprocess_meta: dict = {}
+    inherited: dict = {}  # a fine-tuned model keeps its parent's per-kind thresholds until it is tuned again
     if config.init:
         init_model, meta = load_model_file(resolve_model_path(config.init))
         model = init_model.train()
         config.widths = tuple(init_model.config.widths)
         postprocess_meta = meta.get("postprocess", {})
+        if meta.get("postprocess_by_kind"):
+            inherited["postprocess_by_kind"] = meta["postprocess_by_kind"]
     else:
         model = UNetPlusPlus(3, len(CHANNELS), config.widths)
     model = model.to(device).to(memory_format=torch.channels_last)
@@ -422,7 +425,7 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
     # validation scores instances with the thresholds the model will be used with (a fine-tuned model's inherited ones)
     val_params = PostprocessParams.from_dict(postprocess_meta)
     meta = {"postprocess": postprocess_meta or PostprocessParams().to_dict(), "preprocess": {"normalize": "percentile 1-99.8"},
-            "training": {"cache": str(cache_dir), "widths": list(config.widths)}}
+            "training": {"cache": str(cache_dir), "widths": list(config.widths)}, **inherited}
     steps_done = (start_epoch - 1) * steps_per_epoch
     for epoch in range(start_epoch, config.epochs + 1):
         sampler.set_epoch(epoch)
