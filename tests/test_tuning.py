@@ -17,8 +17,8 @@ from nucleiseg.tuning import (
     _image_scores,
     _tune_by_kind,
     best_of_grid,
-    score_grid,
     choose_prune_level,
+    score_grid,
     tune_postprocess,
     update_model_metadata,
 )

@@ -39,7 +39,7 @@ def test_touching_area_uint16_path_matches_exact_filters(labels):
 
 
 def test_make_targets_channels_are_nested_in_body(labels):
-    body, contour, touch = make_targets(labels)
+    body, contour, _touch = make_targets(labels)
     np.testing.assert_array_equal(body, labels > 0)
     assert contour.sum() > 0 and np.all(contour <= body)
     # a contour pixel has a 4-neighbour outside its nucleus, so interiors hold none
