@@ -152,6 +152,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "run"), "--kind-weights", "tissue=lots"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'tissue=lots' is not KIND=NUMBER" in err[0]
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "run"), "--kind-weights", "brightfield=nan"]) == 2
+    assert "finite number >= 0" in capsys.readouterr().err
     with pytest.raises(NucleisegError, match="nothing to resume"):
         (tmp_path / "train_config.json").write_text("{}")
         train(tmp_path, tmp_path, resume=True)

@@ -224,8 +224,10 @@ def _parse_kind_weights(text: str) -> dict[str, float]:
             weights[kind] = float(value)
         except ValueError:
             raise NucleisegError(f"--kind-weights: {item!r} is not KIND=NUMBER") from None
-        if weights[kind] < 0:
-            raise NucleisegError(f"--kind-weights: {kind}'s weight must be >= 0, got {value}")
+        if not weights[kind] >= 0 or weights[kind] == float("inf"):  # also refuses nan
+            raise NucleisegError(f"--kind-weights: {kind}'s weight must be a finite number >= 0, got {value}")
+    if not any(weights.values()):
+        raise NucleisegError("--kind-weights: at least one kind needs a weight above 0")
     return weights
 
 
