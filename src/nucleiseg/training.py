@@ -67,8 +67,8 @@ class TrainConfig:
     micro_batch : int or None
         Crops per forward/backward pass; a step accumulates the gradients of
         ``batch_size / micro_batch`` passes. None picks 4 on a CPU, where the
-        smaller activations stay in cache (+9% images/s in
-        ``benchmarks/train_speed.py``, a few % in a real run; BatchNorm then
+        smaller activations stay in cache (+6% images/s in
+        ``benchmarks/train_speed.py``, +6-9% in a real run; BatchNorm then
         normalises over 4 crops), and the whole batch on a GPU.
     crop : int
         Side of the square training crops.

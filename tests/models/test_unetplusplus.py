@@ -95,3 +95,36 @@ def test_bad_model_files_give_clear_errors(tmp_path):
         load_model_file(tmp_path / "missing.safetensors")
     with pytest.raises(NucleisegError, match="unknown architecture"):
         build_model({"architecture": "resnet"})
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_block_on_parts_equals_block_on_their_concatenation(fused):
+    from nucleiseg.models.fuse import fuse_batchnorm
+    from nucleiseg.models.unetplusplus import ConvBlock
+
+    torch.manual_seed(1)
+    block = ConvBlock(4 + 4 + 8, 4)
+    block.train()
+    block(torch.randn(2, 16, 12, 12))  # non-trivial BatchNorm running statistics
+    block.eval()
+    if fused:
+        block = fuse_batchnorm(block)
+    parts = [torch.randn(2, 4, 12, 12), torch.randn(2, 4, 12, 12), torch.randn(2, 8, 12, 12)]
+    torch.testing.assert_close(block.forward_parts(parts), block(torch.cat(parts, dim=1)), rtol=1e-5, atol=1e-5)
+
+
+def test_network_follows_the_dense_skip_formula(net):
+    """The CPU path (sums of convolutions) equals X(i,j) = conv([X(i,0..j-1), up(X(i+1,j-1))]) written out."""
+    import torch.nn.functional as F
+
+    x = torch.randn(1, 3, 32, 32)
+    X = {(0, 0): net.nodes["x0_0"](x)}
+    for i in range(1, net.depth + 1):
+        X[i, 0] = net.nodes[f"x{i}_0"](F.max_pool2d(X[i - 1, 0], 2))
+    for j in range(1, net.depth + 1):
+        for i in range(net.depth - j + 1):
+            up = F.interpolate(X[i + 1, j - 1], scale_factor=2.0, mode="nearest")
+            X[i, j] = net.nodes[f"x{i}_{j}"](torch.cat([X[i, k] for k in range(j)] + [up], dim=1))
+    expected = [net.heads[j - 1](X[0, j]) for j in range(1, net.depth + 1)]
+    for got, want in zip(net(x), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -6,6 +6,10 @@ its own level with the upsampled node below::
 
     X(i, j) = conv( [X(i, 0), ..., X(i, j-1), up(X(i+1, j-1))] )
 
+On a CPU the convolution of the concatenation is computed as the sum of each
+part's convolution (:meth:`ConvBlock.forward_parts`): the same function and
+weights, without the memory traffic of building the concatenation.
+
 One 1×1 head reads each top node ``X(0, 1) ... X(0, depth)`` (deep supervision).
 Head ``k`` needs only the nodes with ``i + j <= k``, so pruning to head ``k``
 (the *fast* mode) skips the rest of the network instead of discarding it.
@@ -58,6 +62,28 @@ class UNetPlusPlusConfig:
 
 class ConvBlock(nn.Sequential):
     """Two 3×3 convolutions, each followed by BatchNorm and ReLU."""
+
+    def forward_parts(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """``self(torch.cat(parts, dim=1))``, without building the concatenation.
+
+        A convolution of concatenated inputs is the sum of each input's
+        convolution with its slice of the weight's input channels. On a CPU
+        this saves copying every earlier node into each new concatenation, and
+        the backward pass gets dense gradients instead of strided slices of
+        one: training runs ~28% more images/s (``benchmarks/train_speed.py``).
+        """
+        conv = self[0]
+        out = None
+        start = 0
+        for part in parts:
+            stop = start + part.shape[1]
+            bias = conv.bias if start == 0 else None  # a BatchNorm-folded block has one
+            y = F.conv2d(part, conv.weight[:, start:stop], bias, padding=conv.padding)
+            out = y if out is None else out + y
+            start = stop
+        for layer in list(self)[1:]:
+            out = layer(out)
+        return out
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(
@@ -128,8 +154,10 @@ class UNetPlusPlus(nn.Module):
             levels.append([self.nodes[f"x{i}_0"](F.max_pool2d(levels[i - 1][0], 2))])
         for j in range(1, k + 1):
             for i in range(0, k - j + 1):
-                below = F.interpolate(levels[i + 1][j - 1], scale_factor=2.0, mode=UPSAMPLE)
-                levels[i].append(self.nodes[f"x{i}_{j}"](torch.cat([*levels[i][:j], below], dim=1)))
+                node = self.nodes[f"x{i}_{j}"]
+                parts = [*levels[i][:j], F.interpolate(levels[i + 1][j - 1], scale_factor=2.0, mode=UPSAMPLE)]
+                # Same result either way; a GPU (not measured here) is left with one wide convolution.
+                levels[i].append(node.forward_parts(parts) if x.device.type == "cpu" else node(torch.cat(parts, dim=1)))
         return [self.heads[j - 1](levels[0][j]) for j in range(1, k + 1)]
 
     @torch.no_grad()
@@ -144,7 +172,7 @@ class UNetPlusPlus(nn.Module):
         h, w = x.shape[-2:]
         padded = pad_to_multiple(x, 2**self.depth)
         # On a CPU one image at a time is 25-35% faster than a batch: the dense skip pathways'
-        # concatenations stay in cache. GPUs prefer the whole batch.
+        # activations stay in cache. GPUs prefer the whole batch.
         chunk = 1 if padded.device.type == "cpu" else len(padded)
         outputs = []
         for part in torch.split(padded, max(1, chunk)):
