@@ -162,6 +162,18 @@ def test_update_model_metadata_keeps_tensors(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.safetensors", "m.safetensors"]  # no temp left
 
 
+def test_update_model_metadata_names_a_bad_file(tmp_path):
+    from nucleiseg.errors import NucleisegError
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(NucleisegError, match="junk.safetensors.*not a nucleiseg model file"):
+        update_model_metadata(junk, {"fast_prune_level": 1})
+    assert junk.read_bytes() == b"not a model"
+    with pytest.raises(NucleisegError, match="no such model file"):
+        update_model_metadata(tmp_path / "missing.safetensors", {"fast_prune_level": 1})
+
+
 def test_cli_tune_updates_metadata(tmp_path, capsys, synthetic_cache):
     pytest.importorskip("nucleiseg.inference")
     from safetensors.torch import load_file

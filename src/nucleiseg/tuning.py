@@ -309,17 +309,13 @@ def update_model_metadata(path: str | Path, updates: Mapping[str, Any], out: str
     Path
         The file written.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
+
+    from .models import read_raw_model_file
 
     path = Path(path)
     out = path if out is None else Path(out)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        tensors = load_file(str(path))
-    except Exception as exc:
-        raise NucleisegError(f"not a nucleiseg model file ({exc})", path) from None
+    tensors, metadata = read_raw_model_file(path)
     metadata.update({str(k): json.dumps(v) for k, v in updates.items()})
     with atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

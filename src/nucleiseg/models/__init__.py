@@ -12,13 +12,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 
 from ..errors import NucleisegError
 from .unetplusplus import UNetPlusPlus, UNetPlusPlusConfig
 
 __all__ = [
     "UNetPlusPlus", "UNetPlusPlusConfig", "build_model", "save_model", "load_model_file",
-    "DEFAULT_MODEL_PATH", "resolve_model_path",
+    "read_raw_model_file", "DEFAULT_MODEL_PATH", "resolve_model_path",
 ]
 
 DEFAULT_CHANNELS = ("body", "contour", "touch")
@@ -68,6 +69,28 @@ def save_model(path: str | Path, model: UNetPlusPlus, metadata: dict[str, Any] |
         save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
 
 
+def read_raw_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the undecoded (JSON string) metadata of a safetensors file.
+
+    Raises
+    ------
+    NucleisegError
+        Naming the file, when it is missing or not a safetensors file.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise NucleisegError("no such model file", path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = dict(f.metadata() or {})
+        return load_file(str(path)), raw
+    except Exception as exc:  # safetensors raises several types; all mean "not a model file"
+        raise NucleisegError(f"not a nucleiseg model file ({exc})", path) from None
+
+
 def load_model_file(path: str | Path) -> tuple[UNetPlusPlus, dict[str, Any]]:
     """Rebuild a network from a safetensors model file.
 
@@ -78,19 +101,12 @@ def load_model_file(path: str | Path) -> tuple[UNetPlusPlus, dict[str, Any]]:
     metadata : dict
         The decoded JSON metadata (``config``, ``channels``, ``postprocess``, ...).
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
-    if not path.is_file():
-        raise NucleisegError("no such model file", path)
+    state, raw = read_raw_model_file(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-        state = load_file(str(path))
         metadata = {k: json.loads(v) for k, v in raw.items()}
-    except Exception as exc:
-        raise NucleisegError(f"not a nucleiseg model file ({exc})", path) from None
+    except ValueError as exc:
+        raise NucleisegError(f"not a nucleiseg model file (metadata is not JSON: {exc})", path) from None
     if "config" not in metadata:
         raise NucleisegError("model file has no 'config' metadata; was it written by nucleiseg?", path)
     model = build_model(metadata["config"])
