@@ -49,8 +49,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,8 +59,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 
-from nucleiseg.models import DEFAULT_MODEL_PATH, UNetPlusPlus, load_model_file  # noqa: E402
-from nucleiseg.models.fuse import fuse_batchnorm, is_fused  # noqa: E402
+from nucleiseg.models import DEFAULT_MODEL_PATH, UNetPlusPlus, load_model_file
+from nucleiseg.models.fuse import fuse_batchnorm, is_fused
 
 DATA_CANDIDATES = [
     ROOT.parent / "shared" / "data" / "dsb2018" / "stage1_train",
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     t_net = 0.5 if quick else 3.0  # seconds of timing per network configuration
     results: dict[str, Any] = {"machine": machine(), "threads": args.threads, "quick": quick}
-    say = lambda text="": print(text, flush=True)  # noqa: E731
+    say = lambda text="": print(text, flush=True)
     m = results["machine"]
     say(f"# nucleiseg inference speed{' (QUICK smoke run: do not record)' if quick else ''}")
     say(f"{m['cpu']}, {m['cores']} cores, {args.threads} threads; Python {m['python']}, torch {m['torch']}, "

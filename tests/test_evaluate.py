@@ -11,7 +11,14 @@ import pytest
 
 from nucleiseg import cli
 from nucleiseg.errors import NucleisegError
-from nucleiseg.evaluate import Evaluator, evaluate_labels, find_prediction, format_summary, overlay_outlines, write_report
+from nucleiseg.evaluate import (
+    Evaluator,
+    evaluate_labels,
+    find_prediction,
+    format_summary,
+    overlay_outlines,
+    write_report,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

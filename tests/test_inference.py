@@ -93,7 +93,7 @@ def test_load_model(model: Model, model_path: Path) -> None:
 
 
 def test_default_model_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import nucleiseg.models as models
+    from nucleiseg import models
 
     monkeypatch.setattr(models, "DEFAULT_MODEL_PATH", tmp_path / "absent.safetensors")
     with pytest.raises(NucleisegError, match="default model is missing") as info:
@@ -104,7 +104,7 @@ def test_default_model_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 
 
 def test_default_model_is_cached(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
-    import nucleiseg.models as models
+    from nucleiseg import models
 
     monkeypatch.setattr(models, "DEFAULT_MODEL_PATH", model_path)
     monkeypatch.setattr(inference, "_default", {})

@@ -124,7 +124,7 @@ def test_overlay_outlines_each_nucleus_in_its_colour(tmp_path: Path, background:
 def test_overlay_bands_match_whole_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import imageio.v3 as iio
 
-    import nucleiseg.io as io
+    from nucleiseg import io
 
     labels = _labels()
     rgb = np.random.default_rng(1).integers(0, 255, labels.shape + (3,), dtype=np.uint8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -414,7 +415,7 @@ def test_summarize_instance_scores():
 
 def test_result_is_frozen_and_readonly():
     s = instance_scores(np.ones((3, 3), int), np.ones((3, 3), int))
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         s.score = 0.0
     with pytest.raises(ValueError):
         s.tp[0] = 5

@@ -217,7 +217,7 @@ def test_blank_images_are_valid(tmp_path: Path, capsys, model: str, blind_model:
 
 def test_failure_while_writing_leaves_no_partial_result(tmp_path: Path, capsys, model: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    import nucleiseg.io as io
+    from nucleiseg import io
 
     real = io.write_overlay
 
@@ -258,7 +258,7 @@ def test_refuses_to_overwrite_inputs(tmp_path: Path, capsys, model: str) -> None
 
 
 def test_default_model_missing(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
-    import nucleiseg.models as models
+    from nucleiseg import models
 
     monkeypatch.setattr(models, "DEFAULT_MODEL_PATH", tmp_path / "weights" / "default.safetensors")
     status, lines = _run(capsys, _good(tmp_path), "-o", tmp_path / "out")

@@ -12,8 +12,8 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from . import __version__
 from .errors import NucleisegError
@@ -435,8 +435,16 @@ def _run_predict(args: argparse.Namespace) -> int:
     import torch
 
     from .inference import check_tiling, load_model, segment
-    from .io import atomic_path, read_image, write_geojson, write_imagej_rois, write_labels_tiff, write_overlay
-    from .io import write_png, write_probabilities_tiff
+    from .io import (
+        atomic_path,
+        read_image,
+        write_geojson,
+        write_imagej_rois,
+        write_labels_tiff,
+        write_overlay,
+        write_png,
+        write_probabilities_tiff,
+    )
     from .preprocess import to_rgb_uint8
 
     if getattr(args, "threads", None):

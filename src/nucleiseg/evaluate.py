@@ -45,15 +45,15 @@ from .metrics import PixelScoreAccumulator, instance_scores, summarize_instance_
 from .postprocess import PostprocessParams, connected_components
 
 __all__ = [
-    "Evaluator",
-    "evaluate_labels",
-    "evaluate_dataset",
-    "open_dataset",
-    "find_prediction",
-    "write_report",
-    "format_summary",
-    "overlay_outlines",
     "AVERAGING",
+    "Evaluator",
+    "evaluate_dataset",
+    "evaluate_labels",
+    "find_prediction",
+    "format_summary",
+    "open_dataset",
+    "overlay_outlines",
+    "write_report",
 ]
 
 log = logging.getLogger(__name__)

@@ -56,7 +56,7 @@ from .models import DEFAULT_CHANNELS, UNetPlusPlus, load_model_file, resolve_mod
 from .models.fuse import fuse_batchnorm
 from .models.unetplusplus import heads_to_probabilities
 
-__all__ = ["export_onnx", "read_onnx_metadata", "ProbabilityNetwork", "ONNX_INPUT", "ONNX_OUTPUT"]
+__all__ = ["ONNX_INPUT", "ONNX_OUTPUT", "ProbabilityNetwork", "export_onnx", "read_onnx_metadata"]
 
 log = logging.getLogger("nucleiseg.export")
 

@@ -29,9 +29,10 @@ Examples
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -43,15 +44,15 @@ from .postprocess import PostprocessParams, instances_from_probabilities
 from .preprocess import normalize, to_rgb_uint8
 
 __all__ = [
+    "DEFAULT_OVERLAP",
+    "DEFAULT_TILE",
+    "MIN_IMAGE_SIZE",
     "Model",
     "Segmentation",
+    "label_nuclei",
     "load_model",
     "predict_probabilities",
     "segment",
-    "label_nuclei",
-    "DEFAULT_TILE",
-    "DEFAULT_OVERLAP",
-    "MIN_IMAGE_SIZE",
 ]
 
 log = logging.getLogger("nucleiseg.inference")

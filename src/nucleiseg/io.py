@@ -11,8 +11,8 @@ import contextlib
 import csv
 import os
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -403,9 +403,8 @@ def write_geojson(path: str | Path, labels: np.ndarray) -> None:
         }
         for label, xy in nucleus_outlines(labels)
     ]
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump({"type": "FeatureCollection", "features": features}, handle)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        json.dump({"type": "FeatureCollection", "features": features}, handle)
 
 
 def write_probabilities_tiff(path: str | Path, probabilities: np.ndarray, channels: Sequence[str] | None = None) -> None:

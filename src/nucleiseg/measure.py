@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["MEASUREMENT_COLUMNS", "measure_nuclei", "grey_image"]
+__all__ = ["MEASUREMENT_COLUMNS", "grey_image", "measure_nuclei"]
 
 # regionprops_table property -> column name in the table
 _PROPERTIES = {

@@ -32,29 +32,30 @@ background): the AUC is undefined there, and NaN is skipped by ``np.nanmean``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
 __all__ = [
-    "DSB_THRESHOLDS",
     "AUC_BINS",
+    "DSB_THRESHOLDS",
+    "InstanceScores",
+    "Overlaps",
+    "PixelScoreAccumulator",
     "confusion_counts",
+    "dice",
+    "dsb_score",
+    "f1_score",
+    "instance_scores",
+    "iou_matrix",
+    "iou_score",
+    "overlap_pairs",
+    "pixel_scores",
     "precision",
     "recall",
-    "f1_score",
-    "dice",
-    "iou_score",
     "roc_auc",
-    "pixel_scores",
-    "PixelScoreAccumulator",
-    "Overlaps",
-    "overlap_pairs",
-    "iou_matrix",
-    "InstanceScores",
-    "instance_scores",
-    "dsb_score",
     "summarize_instance_scores",
 ]
 
@@ -264,7 +265,7 @@ def _auc_exact(truth: np.ndarray, prob: np.ndarray) -> float:
     if n_pos == 0 or n_neg == 0:
         return float("nan")
     # Mid-ranks of tied values: rank = (number below) + (ties + 1) / 2, 1-based.
-    values, inverse, counts = np.unique(prob.ravel(), return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(prob.ravel(), return_inverse=True, return_counts=True)
     below = np.cumsum(counts) - counts
     midrank = below + (counts + 1) / 2.0
     rank_sum = float(np.sum(midrank[inverse.ravel()][t]))

@@ -10,8 +10,8 @@ validation split and stored with each model file (``"postprocess"``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -40,7 +40,7 @@ class PostprocessParams:
     min_size: int = 15
 
     @classmethod
-    def from_dict(cls, values: dict | None) -> "PostprocessParams":
+    def from_dict(cls, values: dict | None) -> PostprocessParams:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in (values or {}).items() if k in names})
 

@@ -36,7 +36,13 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .data.dataset import DEFAULT_KIND_WEIGHTS, CropDataset, EpochSampler, load_cached_image, sampling_weights
+from .data.dataset import (
+    DEFAULT_KIND_WEIGHTS,
+    CropDataset,
+    EpochSampler,
+    load_cached_image,
+    sampling_weights,
+)
 from .data.targets import CHANNELS, make_targets
 from .errors import NucleisegError
 from .io import atomic_path
@@ -137,7 +143,7 @@ class TrainConfig:
             raise NucleisegError(f"micro batch must be >= 1, got {self.micro_batch}")
 
     @classmethod
-    def from_json(cls, path: Path) -> "TrainConfig":
+    def from_json(cls, path: Path) -> TrainConfig:
         return cls(**json.loads(path.read_text()))
 
 

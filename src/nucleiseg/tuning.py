@@ -21,9 +21,10 @@ import json
 import logging
 import sys
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -34,21 +35,26 @@ from skimage.segmentation import watershed
 from .errors import NucleisegError
 from .io import atomic_path
 from .metrics import instance_scores
-from .postprocess import PostprocessParams, boundary_probability, connected_components, instances_from_probabilities
+from .postprocess import (
+    PostprocessParams,
+    boundary_probability,
+    connected_components,
+    instances_from_probabilities,
+)
 
 __all__ = [
     "DEFAULT_GRID",
     "FAST_MODE_TOLERANCE",
-    "MIN_KIND_IMAGES",
     "MIN_KIND_GAIN",
-    "tune_postprocess",
-    "score_grid",
-    "best_of_grid",
-    "mean_dsb",
-    "choose_prune_level",
-    "update_model_metadata",
-    "tune_model",
+    "MIN_KIND_IMAGES",
     "TuneResult",
+    "best_of_grid",
+    "choose_prune_level",
+    "mean_dsb",
+    "score_grid",
+    "tune_model",
+    "tune_postprocess",
+    "update_model_metadata",
 ]
 
 log = logging.getLogger(__name__)
@@ -496,7 +502,7 @@ def tune_model(
         "previous_postprocess": previous.to_dict(),
         "fast_dsb_per_level": {str(k): v for k, v in fast_dsb.items()},
         "fast_tolerance": tolerance,
-        "grid_size": int(len(results)),
+        "grid_size": len(results),
         "kinds": kind_record,
     }
     updates = {"postprocess": params.to_dict(), "fast_prune_level": level, "tuning": record,

@@ -15,7 +15,17 @@ import pytest
 from nucleiseg.data import prepare_dataset, read_cache
 from nucleiseg.errors import NucleisegError
 
-from .conftest import BRIGHTFIELD, DSB_TRAIN, FLUO_A, FLUO_B, KINDS, TISSUE, mask_files, read_masks, read_tif
+from .conftest import (
+    BRIGHTFIELD,
+    DSB_TRAIN,
+    FLUO_A,
+    FLUO_B,
+    KINDS,
+    TISSUE,
+    mask_files,
+    read_masks,
+    read_tif,
+)
 
 
 def _mtimes(folder):

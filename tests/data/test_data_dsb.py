@@ -8,7 +8,13 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from nucleiseg.data.dsb import find_kaggle_root, list_kaggle_images, merge_masks, read_kaggle_labels, read_mask
+from nucleiseg.data.dsb import (
+    find_kaggle_root,
+    list_kaggle_images,
+    merge_masks,
+    read_kaggle_labels,
+    read_mask,
+)
 
 from .conftest import DSB, DSB_TRAIN, FLUO_A, KINDS, mask_files, read_masks
 

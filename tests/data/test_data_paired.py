@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 from nucleiseg.data import prepare_dataset, read_cache
-from nucleiseg.data.paired import list_paired_images, read_paired_labels, relabel_consecutive
+from nucleiseg.data.paired import (
+    list_paired_images,
+    read_paired_labels,
+    relabel_consecutive,
+)
 from nucleiseg.errors import ImageReadError
 
 from .conftest import BRIGHTFIELD, FLUO_A, FLUO_B, KINDS, TISSUE, make_paired, read_tif

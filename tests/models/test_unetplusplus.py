@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from nucleiseg.models import UNetPlusPlus, build_model, load_model_file, save_model
 from nucleiseg.errors import NucleisegError
+from nucleiseg.models import UNetPlusPlus, build_model, load_model_file, save_model
 
 
 @pytest.fixture

@@ -26,9 +26,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -43,7 +43,7 @@ from .paired import is_paired_layout, list_paired_images, read_paired_labels
 from .rle import read_rle_csv, rle_to_labels
 from .split import read_groups, split_train_val
 
-__all__ = ["prepare_dataset", "read_cache", "detect_layout", "PrepareResult", "LAYOUTS", "FORMAT_VERSION"]
+__all__ = ["FORMAT_VERSION", "LAYOUTS", "PrepareResult", "detect_layout", "prepare_dataset", "read_cache"]
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ does the same from the files, decoding each mask once and reporting bad masks
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -25,9 +25,9 @@ __all__ = [
     "KAGGLE_SUBSETS",
     "find_kaggle_root",
     "list_kaggle_images",
-    "read_mask",
     "merge_masks",
     "read_kaggle_labels",
+    "read_mask",
 ]
 
 #: sub-folders of a Kaggle download that hold annotated images, in the order they are looked for

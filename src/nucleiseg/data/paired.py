@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import ImageReadError
 from ..io import list_images, read_labels
 
-__all__ = ["is_paired_layout", "list_paired_images", "relabel_consecutive", "read_paired_labels"]
+__all__ = ["is_paired_layout", "list_paired_images", "read_paired_labels", "relabel_consecutive"]
 
 
 def is_paired_layout(data_dir: str | Path) -> bool:

@@ -13,19 +13,19 @@ of the matching image.
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from ..io import atomic_path, read_csv_rows
 
 __all__ = [
-    "rle_encode",
-    "rle_decode",
     "labels_to_rle",
-    "rle_to_labels",
     "read_rle_csv",
+    "rle_decode",
+    "rle_encode",
+    "rle_to_labels",
     "write_rle_csv",
 ]
 

@@ -10,14 +10,14 @@ validation at about the requested fraction.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from ..io import read_csv_rows
 
-__all__ = ["split_train_val", "read_groups", "GROUP_COLUMNS"]
+__all__ = ["GROUP_COLUMNS", "read_groups", "split_train_val"]
 
 GROUP_COLUMNS = ("ImageId", "mosaic_group")
 TRAIN, VAL = "train", "val"

@@ -18,8 +18,14 @@ from ..errors import NucleisegError
 from .unetplusplus import UNetPlusPlus, UNetPlusPlusConfig
 
 __all__ = [
-    "UNetPlusPlus", "UNetPlusPlusConfig", "build_model", "save_model", "load_model_file",
-    "read_raw_model_file", "DEFAULT_MODEL_PATH", "resolve_model_path",
+    "DEFAULT_MODEL_PATH",
+    "UNetPlusPlus",
+    "UNetPlusPlusConfig",
+    "build_model",
+    "load_model_file",
+    "read_raw_model_file",
+    "resolve_model_path",
+    "save_model",
 ]
 
 DEFAULT_CHANNELS = ("body", "contour", "touch")

@@ -32,7 +32,7 @@ from torch import nn
 
 from .unetplusplus import UNetPlusPlus
 
-__all__ = ["fuse_batchnorm", "fold_conv_bn", "is_fused"]
+__all__ = ["fold_conv_bn", "fuse_batchnorm", "is_fused"]
 
 
 @torch.no_grad()

@@ -153,7 +153,7 @@ class UNetPlusPlus(nn.Module):
         for i in range(1, k + 1):
             levels.append([self.nodes[f"x{i}_0"](F.max_pool2d(levels[i - 1][0], 2))])
         for j in range(1, k + 1):
-            for i in range(0, k - j + 1):
+            for i in range(k - j + 1):
                 node = self.nodes[f"x{i}_{j}"]
                 parts = [*levels[i][:j], F.interpolate(levels[i + 1][j - 1], scale_factor=2.0, mode=UPSAMPLE)]
                 # Same result either way; a GPU (not measured here) is left with one wide convolution.
