@@ -112,3 +112,20 @@ def test_torchscript_exporter_gives_the_same_graph_output(model_file, image, tmp
         expected = net.predict_proba(torch.from_numpy(image)).numpy()
     assert np.abs(session.run(None, {"image": image})[0] - expected).max() <= 1e-3
     assert [d for d in session.get_inputs()[0].shape] == ["N", 3, "H", "W"]
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_exported_graph_has_one_convolution_per_layer(model_file, tmp_path, exporter):
+    """The graph keeps UNet++'s concatenations (one Conv per layer), not the CPU's sum of per-input convolutions."""
+    import onnx
+
+    from nucleiseg.export import export_onnx
+
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript")
+    out = export_onnx(model_file, tmp_path / f"{exporter}.onnx", exporter=exporter)
+    ops = [node.op_type for node in onnx.load(str(out)).graph.node]
+    net, _ = load_model_file(model_file)
+    n_conv_layers = sum(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+    assert ops.count("Conv") == n_conv_layers
+    assert ops.count("Concat") >= sum(range(1, net.depth + 1))  # one per dense node X(i, j), j >= 1
