@@ -137,6 +137,22 @@ def test_native_resolution(model: Model, image: np.ndarray) -> None:
     assert probs.min() >= 0 and probs.max() <= 1
 
 
+def test_float_image_with_missing_data(model: Model) -> None:
+    """NaN (no data) and infinities in a float image spoil neither its contrast nor its prediction."""
+    grey = _fixture_images()[0][..., 0].astype(np.float32) / 7.0  # a real image in float units
+    holed = grey.copy()
+    holed[:12, :12] = np.nan
+    holed[100, 100], holed[101, 101] = np.inf, -np.inf
+    rgb_clean, rgb_holed = to_rgb_uint8(grey), to_rgb_uint8(holed)
+    data = np.isfinite(holed)
+    assert np.abs(rgb_holed[data].astype(int) - rgb_clean[data]).max() <= 1
+    assert (rgb_holed[:12, :12] == rgb_clean.min()).all() and (rgb_holed[100, 100] == 255).all()
+    probs = predict_probabilities(model, holed)
+    assert np.isfinite(probs).all()
+    assert np.abs(probs[:, 20:, 20:] - predict_probabilities(model, grey)[:, 20:, 20:]).mean() < 0.01
+    assert (to_rgb_uint8(np.full((4, 4), np.nan, np.float32)) == 0).all()
+
+
 def test_tiled_native_resolution_odd_sizes(model: Model) -> None:
     image = np.random.default_rng(4).integers(0, 255, (131, 97, 3), dtype=np.uint8)
     probs = predict_probabilities(model, image, tile=48, overlap=16)

@@ -171,6 +171,20 @@ def _not_an_image(folder: Path) -> tuple[Path, str]:
     return path, "cannot be read as an image"
 
 
+def _z_stack(folder: Path) -> tuple[Path, str]:
+    import tifffile
+
+    path = folder / "stack.tif"
+    tifffile.imwrite(path, np.stack([_fixture(FLUO, 64)[..., 0]] * 5))
+    return path, "got an array of shape (5, 64, 64); a z-stack"
+
+
+def _foreign_format(folder: Path) -> tuple[Path, str]:
+    path = folder / "scan.nd2"
+    path.write_bytes(b"ND2 microscope file, not readable here" * 10)
+    return path, ".nd2 is not a format nucleiseg reads (BMP, JPG, PNG, TIF)"
+
+
 def _tiny(folder: Path) -> tuple[Path, str]:
     path = folder / "dot.png"
     write_png(path, np.full((1, 1), 200, np.uint8))
@@ -181,8 +195,8 @@ def _missing(folder: Path) -> tuple[Path, str]:
     return folder / "absent.png", "no such file"
 
 
-@pytest.mark.parametrize("make_bad", [_zero_byte, _truncated, _not_an_image, _tiny, _missing],
-                         ids=["zero-byte", "truncated", "not-an-image", "1x1", "missing"])
+@pytest.mark.parametrize("make_bad", [_zero_byte, _truncated, _not_an_image, _z_stack, _foreign_format, _tiny, _missing],
+                         ids=["zero-byte", "truncated", "not-an-image", "z-stack", "foreign-format", "1x1", "missing"])
 def test_bad_input_costs_no_good_work(tmp_path: Path, capsys, model: str, make_bad) -> None:
     inputs = tmp_path / "in"
     inputs.mkdir()

@@ -67,6 +67,11 @@ def read_image(path: str | Path) -> np.ndarray:
 
             image = iio.imread(path)
     except Exception as exc:  # decoders raise many types; all mean "not a readable image"
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            formats = ", ".join(sorted({s.lstrip(".").upper() for s in IMAGE_SUFFIXES} - {"JPEG", "TIFF"}))
+            raise ImageReadError(
+                f"cannot be read as an image: {path.suffix or 'no extension'} is not a format nucleiseg reads "
+                f"({formats}); convert it first, e.g. with Fiji (Bio-Formats) to TIFF", path) from None
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageReadError(f"cannot be read as an image ({reason})", path) from None
     image = np.asarray(image)
@@ -88,9 +93,11 @@ def _as_2d_image(image: np.ndarray, path: Path) -> np.ndarray:
         if image.size == 0:
             raise ImageReadError("image has no pixels", path)
         return image
-    raise ImageReadError(
-        f"expected a 2-D grey, RGB or RGBA image, got an array of shape {image.shape}", path
-    )
+    hint = ""
+    if image.ndim >= 3:  # what a microscope's multi-plane file usually is
+        hint = ("; a z-stack, time series or multi-channel stack? Segment one 2-D plane or a projection "
+                "(Fiji: Image > Stacks > Z Project), saved as its own image")
+    raise ImageReadError(f"expected a 2-D grey, RGB or RGBA image, got an array of shape {image.shape}{hint}", path)
 
 
 def read_csv_rows(path: str | Path, columns: Sequence[str], what: str = "CSV") -> list[dict[str, str]]:

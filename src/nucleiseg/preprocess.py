@@ -17,6 +17,8 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     8-bit data is kept as is; other depths are rescaled between their 0.1 and
     99.9 percentiles, so a 12-bit camera image in a 16-bit file is not crushed
     into the bottom of the range. Alpha is dropped; grey is repeated thrice.
+    Float NaN (no data) becomes the image's lowest value and stays out of the
+    percentiles.
 
     Examples
     --------
@@ -46,6 +48,17 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
 def _rescale_to_uint8(image: np.ndarray) -> np.ndarray:
     values = image.astype(np.float32)
     sample = _subsample(values)
+    finite = np.isfinite(values)
+    if not finite.all():
+        # NaN marks "no data" in float images (masked, stitched): it becomes the lowest value and stays out of
+        # the percentiles (-inf too; +inf the highest), instead of turning the whole image into noise.
+        if not finite.any():
+            return np.zeros(values.shape, np.uint8)
+        lowest, highest = float(values[finite].min()), float(values[finite].max())
+        sample = sample[np.isfinite(sample)]
+        if sample.size == 0:
+            sample = np.array([lowest, highest], np.float32)
+        values = np.nan_to_num(values, nan=lowest, posinf=highest, neginf=lowest)
     lo, hi = np.percentile(sample, (0.1, 99.9))
     if hi <= lo:
         hi = lo + 1.0
