@@ -11,6 +11,7 @@ import contextlib
 import csv
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -65,7 +66,9 @@ def read_image(path: str | Path) -> np.ndarray:
         else:
             import imageio.v3 as iio
 
-            image = iio.imread(path)
+            with warnings.catch_warnings():  # imageio's plugin probing announces its own deprecations
+                warnings.simplefilter("ignore", DeprecationWarning)
+                image = iio.imread(path)
     except Exception as exc:  # decoders raise many types; all mean "not a readable image"
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             formats = ", ".join(sorted({s.lstrip(".").upper() for s in IMAGE_SUFFIXES} - {"JPEG", "TIFF"}))
