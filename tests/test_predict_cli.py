@@ -290,6 +290,40 @@ def test_option_errors(tmp_path: Path, capsys, model: str) -> None:
     assert "unknown format shapefile" in capsys.readouterr().err
 
 
+def test_channel_picks_the_nuclear_stain(tmp_path: Path, capsys, model: str) -> None:
+    """--channel segments one channel of a multi-channel TIFF exactly as that channel saved alone."""
+    import tifffile
+
+    dapi = _fixture(FLUO, 96)[..., 0].astype(np.uint16) * 40  # 16-bit, as cameras write
+    other = np.random.default_rng(0).integers(0, 9000, dapi.shape).astype(np.uint16)  # a bright second stain
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    # (C, H, W) with DAPI second, as Fiji saves a composite
+    tifffile.imwrite(inputs / "stack.tif", np.stack([other, dapi, other[::-1]]), photometric="minisblack")
+    tifffile.imwrite(inputs / "dapi.tif", dapi)
+    out = tmp_path / "out"
+    status, lines = _run(capsys, inputs / "stack.tif", "-o", out, "--model", model, "--channel", "2")
+    assert status == 0, lines
+    assert _run(capsys, inputs / "dapi.tif", "-o", out, "--model", model)[0] == 0
+    picked, alone = read_labels(out / "stack_labels.tif"), read_labels(out / "dapi_labels.tif")
+    assert alone.max() > 0 and np.array_equal(picked, alone)
+    table = pd.read_csv(out / "stack_nuclei.csv")
+    assert table["mean_intensity"].max() > 255  # the channel's own 16-bit units
+
+    status, _ = _run(capsys, inputs / "stack.tif", "-o", tmp_path / "colour", "--model", model)
+    assert status == 0 and not np.array_equal(read_labels(tmp_path / "colour" / "stack_labels.tif"), alone)
+
+    status, lines = _run(capsys, inputs / "stack.tif", inputs / "dapi.tif", "-o", tmp_path / "bad", "--model",
+                         model, "--channel", "3", "--overwrite")
+    errors = [line for line in lines if ": error: " in line]
+    assert status == 1 and len(errors) == 1
+    assert "dapi.tif: --channel 3: the image has 1 channel, so there is no channel 3" in errors[0]
+    assert (tmp_path / "bad" / "stack_labels.tif").is_file()  # the other image is still done
+
+    status, lines = _run(capsys, inputs / "dapi.tif", "-o", tmp_path / "zero", "--model", model, "--channel", "0")
+    assert status == 2 and "--channel counts from 1" in lines[-1]
+
+
 def test_cli_defaults_match_the_library() -> None:
     from nucleiseg import cli, inference
 

@@ -309,6 +309,7 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
             "Examples:\n"
             "  nucleiseg predict images/ -o results/\n"
             "  nucleiseg predict 'plate1/*.tif' --mode fast --formats imagej-roi,geojson -o results/\n"
+            "  nucleiseg predict stained/ --channel 3 -o results/      (DAPI in the third channel)\n"
             "  nucleiseg predict big_slide.tif --model runs/my-model --tile 1024 -o results/"
         ),
     )
@@ -322,6 +323,10 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                    "stored with the model (several times faster)")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average over the 8 flips/rotations (8x slower)")
+    p.add_argument("--channel", type=int, default=None, metavar="N",
+                   help="segment only channel N (1 = first, as in Fiji) of multi-channel images, e.g. the "
+                   "DAPI/Hoechst channel of a fluorescence TIFF; the overlay and the intensities in "
+                   "<name>_nuclei.csv use that channel too (default: all channels, as colour)")
     p.add_argument("--tile", type=int, default=_PREDICT_TILE, metavar="PX",
                    help="predict images larger than this in overlapping tiles of this side (0: never tile)")
     p.add_argument("--overlap", type=int, default=_PREDICT_OVERLAP, metavar="PX",
@@ -445,8 +450,10 @@ def _run_predict(args: argparse.Namespace) -> int:
         write_png,
         write_probabilities_tiff,
     )
-    from .preprocess import to_rgb_uint8
+    from .preprocess import select_channel, to_rgb_uint8
 
+    if args.channel is not None and args.channel < 1:
+        raise NucleisegError(f"--channel counts from 1 (the first channel), got {args.channel}")
     if getattr(args, "threads", None):
         torch.set_num_threads(max(1, args.threads))
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -485,6 +492,11 @@ def _run_predict(args: argparse.Namespace) -> int:
             continue
         try:
             image = read_image(path)
+            if args.channel is not None:
+                try:
+                    image = select_channel(image, args.channel)
+                except ValueError as exc:
+                    raise NucleisegError(f"--channel {args.channel}: the image {exc}", path) from None
             result = segment(image, model, **options)
             if "probabilities" in plan:
                 write_probabilities_tiff(plan["probabilities"], result.probabilities, result.channels)

@@ -50,6 +50,31 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+def select_channel(image: np.ndarray, channel: int) -> np.ndarray:
+    """Channel ``channel`` (1 = the first, as Fiji numbers them) of an image, as a grey image.
+
+    For multi-channel fluorescence, whose nuclear stain (DAPI, Hoechst) is one
+    channel among several: segmenting the others as colour would dilute it.
+
+    Raises
+    ------
+    ValueError
+        ``channel`` is not one of the image's channels (a grey image has one).
+
+    Examples
+    --------
+    >>> rgb = np.zeros((4, 5, 3), np.uint16); rgb[..., 2] = 7
+    >>> select_channel(rgb, 3).shape, int(select_channel(rgb, 3).max())
+    ((4, 5), 7)
+    """
+    image = np.asarray(image)
+    n_channels = image.shape[-1] if image.ndim == 3 else 1
+    if not 1 <= channel <= n_channels:
+        raise ValueError(f"has {n_channels} channel{'s' if n_channels > 1 else ''}, "
+                         f"so there is no channel {channel} (channels count from 1)")
+    return image if image.ndim == 2 else image[..., channel - 1]
+
+
 def _rescale_to_uint8(image: np.ndarray) -> np.ndarray:
     values = image.astype(np.float32)
     sample = _subsample(values)
