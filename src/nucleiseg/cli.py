@@ -326,7 +326,8 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--channel", type=int, default=None, metavar="N",
                    help="segment only channel N (1 = first, as in Fiji) of multi-channel images, e.g. the "
                    "DAPI/Hoechst channel of a fluorescence TIFF; the overlay and the intensities in "
-                   "<name>_nuclei.csv use that channel too (default: all channels, as colour)")
+                   "<name>_nuclei.csv use that channel too (default: all channels, as colour; a 2-channel image "
+                   "is read as grey + alpha, so only its first channel counts)")
     p.add_argument("--tile", type=int, default=_PREDICT_TILE, metavar="PX",
                    help="predict images larger than this in overlapping tiles of this side (0: never tile)")
     p.add_argument("--overlap", type=int, default=_PREDICT_OVERLAP, metavar="PX",
