@@ -323,6 +323,14 @@ def test_channel_picks_the_nuclear_stain(tmp_path: Path, capsys, model: str) -> 
     status, lines = _run(capsys, inputs / "dapi.tif", "-o", tmp_path / "zero", "--model", model, "--channel", "0")
     assert status == 2 and "--channel counts from 1" in lines[-1]
 
+    # Two stains in a TIFF without --channel: segmented as grey + alpha, and the user is told.
+    tifffile.imwrite(inputs / "two.tif", np.stack([dapi, other]), photometric="minisblack")
+    status, lines = _run(capsys, inputs / "two.tif", "-o", tmp_path / "two", "--model", model)
+    assert status == 0 and any("two.tif: 2 channels, read as grey + alpha" in line for line in lines), lines
+    status, lines = _run(capsys, inputs / "two.tif", "-o", tmp_path / "two-1", "--model", model, "--channel", "1")
+    assert status == 0 and not any("grey + alpha" in line for line in lines)
+    assert np.array_equal(read_labels(tmp_path / "two-1" / "two_labels.tif"), alone)
+
 
 def test_cli_defaults_match_the_library() -> None:
     from nucleiseg import cli, inference

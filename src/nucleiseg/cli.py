@@ -442,6 +442,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     from .inference import check_tiling, load_model, segment
     from .io import (
+        TIFF_SUFFIXES,
         atomic_path,
         read_image,
         write_geojson,
@@ -493,6 +494,10 @@ def _run_predict(args: argparse.Namespace) -> int:
             continue
         try:
             image = read_image(path)
+            if args.channel is None and image.ndim == 3 and image.shape[-1] == 2 and path.suffix.lower() in TIFF_SUFFIXES:
+                # A 2-channel PNG is grey + alpha; a 2-channel TIFF is usually two stains.
+                say("note", f"{path}: 2 channels, read as grey + alpha: only channel 1 is segmented "
+                            "(--channel 2 segments the other)")
             if args.channel is not None:
                 try:
                     image = select_channel(image, args.channel)
