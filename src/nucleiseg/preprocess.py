@@ -78,8 +78,8 @@ def select_channel(image: np.ndarray, channel: int) -> np.ndarray:
 def _rescale_to_uint8(image: np.ndarray) -> np.ndarray:
     values = image.astype(np.float32)
     sample = _subsample(values)
-    finite = np.isfinite(values)
-    if not finite.all():
+    finite = np.isfinite(values) if np.issubdtype(image.dtype, np.floating) else None  # integers are all finite
+    if finite is not None and not finite.all():
         # NaN marks "no data" in float images (masked, stitched): it becomes the lowest value and stays out of
         # the percentiles (-inf too; +inf the highest), instead of turning the whole image into noise.
         if not finite.any():

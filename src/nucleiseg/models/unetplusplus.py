@@ -159,6 +159,7 @@ class UNetPlusPlus(nn.Module):
         factor = 2**k
         if x.shape[-2] % factor or x.shape[-1] % factor:
             raise ValueError(f"input height and width must be multiples of {factor}, got {tuple(x.shape[-2:])}")
+        sum_of_parts = _sum_of_parts(x)
         # levels[i] holds X(i, 0), X(i, 1), ... as they are computed.
         levels: list[list[torch.Tensor]] = [[self.nodes["x0_0"](x)]]
         for i in range(1, k + 1):
@@ -167,7 +168,7 @@ class UNetPlusPlus(nn.Module):
             for i in range(k - j + 1):
                 node = self.nodes[f"x{i}_{j}"]
                 parts = [*levels[i][:j], F.interpolate(levels[i + 1][j - 1], scale_factor=2.0, mode=UPSAMPLE)]
-                if _sum_of_parts(x):
+                if sum_of_parts:
                     levels[i].append(node.forward_parts(parts))
                 else:
                     levels[i].append(node(torch.cat(parts, dim=1)))
