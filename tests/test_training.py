@@ -178,3 +178,33 @@ def test_fine_tuning_starts_from_the_model_and_keeps_its_thresholds(fixture_cach
     assert all(  # ... one step away from the parent's weights, not from fresh ones
         torch.allclose(v, parent.state_dict()[k], atol=0.05) for k, v in child.state_dict().items()
         if v.is_floating_point() and "running" not in k)
+
+
+def test_channel_weights_reach_the_loss(fixture_cache, tmp_path):
+    """A channel weighted 0 gets no gradient: its rows of every head stay the parent's after training steps."""
+    from nucleiseg.models import load_model_file, save_model
+
+    torch.manual_seed(2)
+    parent = UNetPlusPlus(3, 3, (4, 8, 16))
+    save_model(tmp_path / "parent.safetensors", parent, {})
+    assert main(["train", str(fixture_cache), "--out", str(tmp_path / "run"), "--init", str(tmp_path / "parent.safetensors"),
+                 "--channel-weights", "contour=0,touch=0", "--epochs", "1", "--samples-per-epoch", "8",
+                 "--crop", "64", "--batch-size", "4", "--threads", "1", "--workers", "0"]) == 0
+    config = TrainConfig.from_json(tmp_path / "run" / "train_config.json")
+    assert config.channel_weights == {"body": 1.0, "contour": 0.0, "touch": 0.0}  # kept for --resume
+    child, _ = load_model_file(tmp_path / "run" / "last.safetensors")
+    before, after = parent.state_dict(), child.state_dict()
+    for name in (k for k in after if k.startswith("heads.")):
+        assert torch.equal(after[name][1:], before[name][1:]), name  # contour and touch rows untouched
+        assert not torch.equal(after[name][0], before[name][0]), name  # the body row trained
+
+
+def test_channel_weights_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "run"), "--channel-weights", "edge=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown channel 'edge'; the channels are body, contour, touch" in err[0]
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "run"),
+                 "--channel-weights", "body=0,contour=0,touch=0"]) == 2
+    assert "at least one channel needs a weight above 0" in capsys.readouterr().err
+    with pytest.raises(NucleisegError, match="channel weights must name body, contour, touch"):
+        TrainConfig(channel_weights={"body": 1.0})

@@ -164,6 +164,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kind-weights", metavar="KIND=W,...", default=None,
                    help="how often each image kind is drawn relative to the others "
                         f"(default: {','.join(f'{k}={v:g}' for k, v in d.kind_weights.items())})")
+    p.add_argument("--channel-weights", metavar="CHANNEL=W,...", default=None,
+                   help="weight of each output channel in the loss, e.g. touch=3 to stress where nuclei meet "
+                        f"(default: {','.join(f'{k}={v:g}' for k, v in d.channel_weights.items())})")
     p.add_argument("--workers", type=int, default=None, help="data-loading processes (default: 0 on <= 2 cores, else 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for weights, sampling and augmentation")
@@ -195,10 +198,14 @@ def _run_train(args: argparse.Namespace) -> int:
         out = Path(args.out)
         if (out / "last_state.pt").exists():
             raise NucleisegError("already holds a training run; use --resume to continue it or choose another --out", out)
+        d = TrainConfig()
         config = TrainConfig(
             epochs=args.epochs, batch_size=args.batch_size, micro_batch=args.micro_batch, crop=args.crop,
             samples_per_epoch=args.samples_per_epoch,
-            kind_weights=_parse_kind_weights(args.kind_weights) if args.kind_weights else dict(TrainConfig().kind_weights),
+            kind_weights=_parse_weights(args.kind_weights, "--kind-weights", d.kind_weights, "kind")
+            if args.kind_weights else dict(d.kind_weights),
+            channel_weights=_parse_weights(args.channel_weights, "--channel-weights", d.channel_weights, "channel")
+            if args.channel_weights else dict(d.channel_weights),
             widths=widths, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
             warmup_epochs=args.warmup_epochs, precision=args.precision, workers=args.workers, seed=args.seed,
             augment_strength=args.augment_strength, init=args.init, val_every=args.val_every, threads=args.threads,
@@ -209,25 +216,22 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_kind_weights(text: str) -> dict[str, float]:
-    """``"tissue=3,brightfield=6"`` -> the default weights with those two replaced."""
-    from .data.kinds import KINDS
-    from .training import TrainConfig
-
-    weights = dict(TrainConfig().kind_weights)
+def _parse_weights(text: str, option: str, defaults: dict[str, float], what: str) -> dict[str, float]:
+    """``"tissue=3,brightfield=6"`` -> ``defaults`` with those two replaced (``what``: "kind", "channel")."""
+    weights = dict(defaults)
     for item in text.split(","):
-        kind, _, value = item.partition("=")
-        kind = kind.strip()
-        if kind not in KINDS:
-            raise NucleisegError(f"--kind-weights: unknown kind {kind!r}; the kinds are {', '.join(KINDS)}")
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in defaults:
+            raise NucleisegError(f"{option}: unknown {what} {name!r}; the {what}s are {', '.join(defaults)}")
         try:
-            weights[kind] = float(value)
+            weights[name] = float(value)
         except ValueError:
-            raise NucleisegError(f"--kind-weights: {item!r} is not KIND=NUMBER") from None
-        if not weights[kind] >= 0 or weights[kind] == float("inf"):  # also refuses nan
-            raise NucleisegError(f"--kind-weights: {kind}'s weight must be a finite number >= 0, got {value}")
+            raise NucleisegError(f"{option}: {item!r} is not {what.upper()}=NUMBER") from None
+        if not weights[name] >= 0 or weights[name] == float("inf"):  # also refuses nan
+            raise NucleisegError(f"{option}: {name}'s weight must be a finite number >= 0, got {value}")
     if not any(weights.values()):
-        raise NucleisegError("--kind-weights: at least one kind needs a weight above 0")
+        raise NucleisegError(f"{option}: at least one {what} needs a weight above 0")
     return weights
 
 

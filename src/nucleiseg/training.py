@@ -101,6 +101,10 @@ class TrainConfig:
         Scales the photometric augmentations' probabilities (0 = geometric only).
     kind_weights : dict
         How much more often each image kind is drawn.
+    channel_weights : dict
+        Weight of each output channel (body, contour, touch) in the loss; a
+        heavier ``touch`` pushes the network to mark where nuclei meet, which
+        is what the watershed needs to cut them apart.
     init : str or None
         Model file to start from (fine-tuning); its widths replace ``widths``.
     val_every : int
@@ -126,6 +130,7 @@ class TrainConfig:
     seed: int = 0
     augment_strength: float = 1.0
     kind_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_KIND_WEIGHTS))
+    channel_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CHANNELS, 1.0))
     init: str | None = None
     val_every: int = 1
     threads: int | None = None
@@ -141,6 +146,9 @@ class TrainConfig:
             raise NucleisegError("epochs and batch size must be >= 1 and the crop >= 16")
         if self.micro_batch is not None and self.micro_batch < 1:
             raise NucleisegError(f"micro batch must be >= 1, got {self.micro_batch}")
+        if set(self.channel_weights) != set(CHANNELS) or not sum(self.channel_weights.values()) > 0:
+            raise NucleisegError(f"channel weights must name {', '.join(CHANNELS)} and not all be 0, "
+                                 f"got {self.channel_weights}")
 
     @classmethod
     def from_json(cls, path: Path) -> TrainConfig:
@@ -398,7 +406,7 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
         model = UNetPlusPlus(3, len(CHANNELS), config.widths)
     model = model.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, amsgrad=True)
-    loss_fn = DeepSupervisionLoss()
+    loss_fn = DeepSupervisionLoss(channel_weights=[config.channel_weights[name] for name in CHANNELS])
 
     samples = config.samples_per_epoch or len(train_split.ids)
     weights = sampling_weights(train_split.kinds, [im.shape[:2] for im in train_split.images], config.kind_weights, config.crop)
