@@ -288,6 +288,30 @@ def test_option_errors(tmp_path: Path, capsys, model: str) -> None:
     with pytest.raises(SystemExit):
         main(["predict", str(good), "-o", str(tmp_path / "out"), "--formats", "rle,shapefile"])
     assert "unknown format shapefile" in capsys.readouterr().err
+    for option, value in (("--scale", "0"), ("--diameter", "-3"), ("--scale", "nan")):
+        status, lines = _run(capsys, good, "-o", tmp_path / "out", "--model", model, option, value)
+        assert status == 2 and len(lines) == 1 and f"error: {option} must be a number > 0, got {value}" in lines[0]
+    with pytest.raises(SystemExit):
+        main(["predict", str(good), "-o", str(tmp_path / "out"), "--scale", "0.5", "--diameter", "30"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before any work
+    # a scale that leaves the image under 16 px is that image's one-line error, not the run's
+    status, lines = _run(capsys, good, "-o", tmp_path / "small", "--model", model, "--scale", "0.2")
+    assert status == 1 and any("good.png" in line and "13x13 at scale 0.2: too small" in line for line in lines)
+
+
+def test_scale_gives_outputs_at_the_image_size(tmp_path: Path, capsys, model: str) -> None:
+    good = _good(tmp_path)
+    for option in (("--scale", "1.5"), ("--diameter", "9")):
+        out = tmp_path / option[0].strip("-")
+        status, _ = _run(capsys, good, "-o", out, "--model", model, *option)
+        assert status == 0
+        assert read_labels(out / "good_labels.tif").shape == (64, 64)
+        assert read_image(out / "good_overlay.png").shape[:2] == (64, 64)
+    # --diameter 9 is --scale 2 for a model trained on 18-px nuclei
+    status, _ = _run(capsys, good, "-o", tmp_path / "two", "--model", model, "--scale", "2")
+    np.testing.assert_array_equal(read_labels(tmp_path / "two" / "good_labels.tif"),
+                                  read_labels(tmp_path / "diameter" / "good_labels.tif"))
 
 
 def test_channel_picks_the_nuclear_stain(tmp_path: Path, capsys, model: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -336,6 +337,7 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                    help="predict images larger than this in overlapping tiles of this side (0: never tile)")
     p.add_argument("--overlap", type=int, default=_PREDICT_OVERLAP, metavar="PX",
                    help="overlap of neighbouring tiles, at most half the tile")
+    _add_scale_options(p)
     p.add_argument("--min-size", type=int, default=argparse.SUPPRESS, metavar="PX",
                    help="drop nuclei smaller than this many pixels (default: the model's setting)")
     p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, metavar="N",
@@ -478,7 +480,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     options = dict(
         mode=args.mode, tta=args.tta, tile=args.tile or None, overlap=args.overlap,
         min_size=getattr(args, "min_size", None), batch_size=getattr(args, "batch_size", None),
-        precision=args.precision,
+        precision=args.precision, scale=_resolve_scale(args, model),
     )
 
     for spec, problem in problems:
@@ -630,15 +632,55 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
                    help="predict large images in tiles of this side (default: the inference default)")
     p.add_argument("--overlap", type=int, default=None, metavar="PX",
                    help="overlap of neighbouring tiles (default: the inference default)")
+    _add_scale_options(p)
     p.set_defaults(func=_run_evaluate)
+
+
+def _add_scale_options(p: argparse.ArgumentParser) -> None:
+    """--scale / --diameter, for nuclei much larger or smaller than the training data's."""
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--diameter", type=float, default=argparse.SUPPRESS, metavar="PX",
+                      help="typical nucleus diameter in your images, in pixels: the images are resized so it matches "
+                      "the training nuclei's (the default model: 18 px, most images 10-47 px); give it when your "
+                      "nuclei lie well outside that range, e.g. --diameter 36 for nuclei twice as wide (default: "
+                      "no resizing)")
+    size.add_argument("--scale", type=float, default=argparse.SUPPRESS, metavar="FACTOR",
+                      help="resize the images by FACTOR for the network (outputs keep the image's size): "
+                      "0.5 for nuclei twice as wide as the training nuclei, 2 for half as wide (default: 1)")
+
+
+def _resolve_scale(args: argparse.Namespace, model) -> float:
+    """The scale --scale / --diameter ask for, checked (1.0 when neither is given)."""
+    from .inference import check_scale, scale_for_diameter
+
+    diameter, scale = getattr(args, "diameter", None), getattr(args, "scale", None)
+    option, value = ("--diameter", diameter) if diameter is not None else ("--scale", scale)
+    if value is None:
+        return 1.0
+    if not (math.isfinite(value) and value > 0):
+        raise NucleisegError(f"{option} must be a number > 0, got {value:g}")
+    if diameter is None:
+        return check_scale(scale)
+    scale = scale_for_diameter(diameter, model)
+    log.info("nuclei %g px across: images resized by %.3g for the network", diameter, scale)
+    return scale
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_dataset, format_summary
 
-    if args.labels is not None and (args.tta or args.mode != "accurate" or args.precision or args.tile or args.overlap):
-        raise NucleisegError("--mode, --tta, --precision, --tile and --overlap go with --model, not --labels")
-    options = {"tta": args.tta, "precision": args.precision, "tile": args.tile, "overlap": args.overlap}
+    if args.labels is not None and (args.tta or args.mode != "accurate" or args.precision or args.tile or args.overlap
+                                    or hasattr(args, "scale") or hasattr(args, "diameter")):
+        raise NucleisegError("--mode, --tta, --precision, --tile, --overlap, --scale and --diameter go with --model, "
+                             "not --labels")
+    scale = None
+    if args.labels is None:
+        from .inference import load_model
+
+        model = load_model(args.model) if hasattr(args, "diameter") else None  # for its training diameter
+        scale = _resolve_scale(args, model)
+    options = {"tta": args.tta, "precision": args.precision, "tile": args.tile, "overlap": args.overlap,
+               "scale": None if scale == 1.0 else scale}
     _, summary, paths = evaluate_dataset(
         args.data,
         args.out,

@@ -572,7 +572,7 @@ def evaluate_dataset(
         Inference mode of the model.
     predict_options : mapping, optional
         More keywords for :func:`nucleiseg.inference.predict_probabilities`
-        (``tta``, ``tile``, ``overlap``, ``precision``).
+        (``tta``, ``tile``, ``overlap``, ``precision``, ``scale``).
     progress : bool
         Progress bar on stderr.
 
@@ -634,7 +634,8 @@ def evaluate_dataset(
         for image_id in tqdm(ids, **bar):
             rgb = read_image(cache_dir / "images" / f"{image_id}.png")
             probs = predict_probabilities(net, rgb, mode=mode, **options)
-            pred = _compact(label_nuclei(probs, channels, net.postprocess_for(rgb)))  # as segment() / predict do
+            params_here = net.postprocess_for(rgb).at_scale(options.get("scale", 1.0))  # as segment() / predict do
+            pred = _compact(label_nuclei(probs, channels, params_here))
             preds[image_id] = pred
             evaluator.add(image_id, truth[image_id], pred, kinds[image_id], probs)
         if net.postprocess_by_kind:

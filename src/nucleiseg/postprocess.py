@@ -11,7 +11,7 @@ validation split and stored with each model file (``"postprocess"``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -46,6 +46,21 @@ class PostprocessParams:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def at_scale(self, scale: float) -> PostprocessParams:
+        """The same thresholds for an image predicted at ``scale`` (sizes are in network pixels).
+
+        A nucleus of ``n`` pixels to the network covers ``n / scale**2`` of the image.
+
+        Examples
+        --------
+        >>> PostprocessParams(min_seed_size=20, min_size=30).at_scale(0.5).min_size
+        120
+        """
+        if scale == 1.0:
+            return self
+        return replace(self, min_seed_size=max(1, round(self.min_seed_size / scale**2)),
+                       min_size=max(1, round(self.min_size / scale**2)))
 
 
 def remove_small_labels(labels: np.ndarray, min_size: int) -> np.ndarray:
