@@ -3,7 +3,8 @@
 :func:`load_model` reads a model file into a :class:`Model`;
 :func:`predict_probabilities` turns any image :func:`~nucleiseg.io.read_image`
 returns into ``(C, H, W)`` probabilities (accurate or fast mode, optional
-8-fold test-time augmentation, overlapping tiles for large images);
+8-fold test-time augmentation, overlapping tiles for large images, optional
+resizing for nuclei far from the training size: ``scale``, :func:`scale_for_diameter`);
 :func:`segment` adds the watershed post-processing and a measurement table.
 
 Tiling

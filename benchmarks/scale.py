@@ -1,0 +1,75 @@
+"""Does resizing images to the training nuclei's size (``--scale`` / ``--diameter``) help?
+
+    .venv/bin/python benchmarks/scale.py cache/dsb2018 [--magnified cache/mag2] [--model default]
+
+Two measurements with one model and its own thresholds (sizes scaled with the image, as ``segment`` does):
+
+1. **Within the training range.** Each validation image of CACHE is predicted as is, and resized so that
+   its annotated nuclei's median equivalent diameter becomes the model's training diameter (18 px for the
+   shipped model; the factor kept within 0.5-2). This is the best any diameter estimate could do.
+2. **Outside it** (with ``--magnified``). A cache of the validation images enlarged twice
+   (``benchmarks/magnified_slice.py``, then ``nucleiseg prepare``; all its images are scored) is
+   predicted as is and at scale 0.5.
+
+Prints the mean DSB score overall and per image kind for each variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from nucleiseg.data.cache import read_cache
+from nucleiseg.inference import label_nuclei, load_model, predict_probabilities
+from nucleiseg.io import read_image, read_labels
+from nucleiseg.metrics import dsb_score
+
+
+def median_diameter(labels: np.ndarray) -> float:
+    """Median equivalent diameter (pixels) of the labelled objects."""
+    areas = np.bincount(labels.ravel())[1:]
+    return float(np.median(np.sqrt(4.0 * areas[areas > 0] / np.pi)))
+
+
+def score(model, cache: Path, split: str | None, scale_of, precision: str, name: str) -> list[dict]:
+    table = read_cache(cache)
+    if split is not None:
+        table = table[table["split"] == split]
+    rows = []
+    for image_id, kind in zip(table["image_id"].astype(str), table["kind"]):
+        image = read_image(cache / "images" / f"{image_id}.png")
+        truth = read_labels(cache / "labels" / f"{image_id}.tif")
+        scale = scale_of(truth)
+        probs = predict_probabilities(model, image, precision=precision, scale=scale)
+        labels = label_nuclei(probs, model.channels, model.postprocess_for(image).at_scale(scale))
+        rows.append({"variant": name, "kind": kind, "scale": scale, "dsb": dsb_score(truth, labels)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("cache", type=Path, help="a prepared cache (nucleiseg prepare); its validation split is used")
+    parser.add_argument("--magnified", type=Path, default=None, help="a prepared cache of 2x enlarged images")
+    parser.add_argument("--model", default="default", help="model file (default: the shipped model)")
+    parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    args = parser.parse_args()
+    model = load_model(args.model)
+    trained = model.nucleus_diameter
+    rows = score(model, args.cache, "val", lambda truth: 1.0, args.precision, "validation, as is")
+    rows += score(model, args.cache, "val", lambda truth: float(np.clip(trained / median_diameter(truth), 0.5, 2.0)),
+                  args.precision, f"validation, nuclei resized to {trained:g} px")
+    if args.magnified is not None:
+        rows += score(model, args.magnified, None, lambda truth: 1.0, args.precision, "2x enlarged, as is")
+        rows += score(model, args.magnified, None, lambda truth: 0.5, args.precision, "2x enlarged, scale 0.5")
+    scores = pd.DataFrame(rows)
+    print(f"DSB score, model {args.model}, {args.precision}")
+    summary = scores.groupby("variant", sort=False).agg(images=("dsb", "size"), dsb=("dsb", "mean"))
+    print(summary.round(3).to_string())
+    print(scores.pivot_table(index="kind", columns="variant", values="dsb", sort=False).round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()
