@@ -11,6 +11,8 @@ Two measurements with one model and its own thresholds (sizes scaled with the im
    (``benchmarks/magnified_slice.py``, then ``nucleiseg prepare``; all its images are scored) is
    predicted as is and at scale 0.5.
 
+Both sets are also predicted with ``scale="auto"`` (``--diameter auto``: the scale read from a first pass).
+
 Prints the mean DSB score overall and per image kind for each variant.
 """
 
@@ -23,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from nucleiseg.data.cache import read_cache
-from nucleiseg.inference import label_nuclei, load_model, predict_probabilities
+from nucleiseg.inference import load_model, predict_labels
 from nucleiseg.io import read_image, read_labels
 from nucleiseg.metrics import dsb_score
 
@@ -42,9 +44,7 @@ def score(model, cache: Path, split: str | None, scale_of, precision: str, name:
     for image_id, kind in zip(table["image_id"].astype(str), table["kind"]):
         image = read_image(cache / "images" / f"{image_id}.png")
         truth = read_labels(cache / "labels" / f"{image_id}.tif")
-        scale = scale_of(truth)
-        probs = predict_probabilities(model, image, precision=precision, scale=scale)
-        labels = label_nuclei(probs, model.channels, model.postprocess_for(image).at_scale(scale))
+        _, labels, scale = predict_labels(model, image, model.postprocess_for(image), scale_of(truth), precision=precision)
         rows.append({"variant": name, "kind": kind, "scale": scale, "dsb": dsb_score(truth, labels)})
     return rows
 
@@ -61,12 +61,15 @@ def main() -> None:
     rows = score(model, args.cache, "val", lambda truth: 1.0, args.precision, "validation, as is")
     rows += score(model, args.cache, "val", lambda truth: float(np.clip(trained / median_diameter(truth), 0.5, 2.0)),
                   args.precision, f"validation, nuclei resized to {trained:g} px")
+    rows += score(model, args.cache, "val", lambda truth: "auto", args.precision, "validation, --diameter auto")
     if args.magnified is not None:
         rows += score(model, args.magnified, None, lambda truth: 1.0, args.precision, "2x enlarged, as is")
         rows += score(model, args.magnified, None, lambda truth: 0.5, args.precision, "2x enlarged, scale 0.5")
+        rows += score(model, args.magnified, None, lambda truth: "auto", args.precision, "2x enlarged, --diameter auto")
     scores = pd.DataFrame(rows)
     print(f"DSB score, model {args.model}, {args.precision}")
-    summary = scores.groupby("variant", sort=False).agg(images=("dsb", "size"), dsb=("dsb", "mean"))
+    summary = scores.groupby("variant", sort=False).agg(images=("dsb", "size"), dsb=("dsb", "mean"),
+                                                         resized=("scale", lambda s: int((s != 1.0).sum())))
     print(summary.round(3).to_string())
     print(scores.pivot_table(index="kind", columns="variant", values="dsb", sort=False).round(3).to_string())
 

@@ -412,3 +412,40 @@ def test_scale_undoes_a_magnification_with_the_shipped_model(fixture_cache: Path
     assert dsb_score(big_truth, rescaled.labels) > native - 0.1  # native: 0.93
     by_diameter = segment(big, precision="bf16", scale=inference.scale_for_diameter(4 * 18.0))
     np.testing.assert_array_equal(by_diameter.labels, rescaled.labels)
+
+
+def test_auto_scale_finds_the_magnification_from_a_first_pass(fixture_cache: Path) -> None:
+    """scale="auto" measures the nuclei of a first pass: an image enlarged 4x is predicted again at about 1/4
+    (the shipped model's 18-px nuclei over the ~62 px found), one at its own size is left alone."""
+    import cv2
+
+    from nucleiseg.io import read_image, read_labels
+
+    image_id = "0b2e702f90aee4fff2bc6e4326308d50cf04701082e718d4f831c8959fbcda93"
+    image = read_image(fixture_cache / "images" / f"{image_id}.png")
+    truth = read_labels(fixture_cache / "labels" / f"{image_id}.tif")
+    as_is = segment(image, precision="bf16")
+    auto = segment(image, precision="bf16", scale="auto")
+    assert auto.scale == 1.0
+    np.testing.assert_array_equal(auto.labels, as_is.labels)
+
+    big = cv2.resize(image, None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC)
+    big_truth = cv2.resize(truth.astype(np.uint16), None, fx=4, fy=4, interpolation=cv2.INTER_NEAREST)
+    auto = segment(big, precision="bf16", scale="auto")
+    assert 0.2 < auto.scale < 0.4  # measured: 0.29
+    assert auto.labels.shape == big.shape[:2]
+    assert dsb_score(big_truth, auto.labels) > dsb_score(big_truth, segment(big, precision="bf16").labels) + 0.15
+    with pytest.raises(ValueError, match="'auto'"):
+        segment(image, precision="bf16", scale="automatic")
+
+
+def test_auto_scale_keeps_an_empty_first_pass(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = UNetPlusPlus(widths=WIDTHS).eval()
+    with torch.no_grad():
+        for head in net.heads:
+            head.bias[0] = -20.0  # never sees a nucleus
+    save_model(tmp_path / "blind.safetensors", net)
+    image = np.random.default_rng(6).integers(0, 255, (64, 64), dtype=np.uint8)
+    result = segment(image, load_model(tmp_path / "blind.safetensors"), scale="auto")
+    assert result.scale == 1.0 and result.n_nuclei == 0

@@ -308,6 +308,13 @@ def test_scale_gives_outputs_at_the_image_size(tmp_path: Path, capsys, model: st
         assert status == 0
         assert read_labels(out / "good_labels.tif").shape == (64, 64)
         assert read_image(out / "good_overlay.png").shape[:2] == (64, 64)
+    out = tmp_path / "auto"
+    assert _run(capsys, good, "-o", out, "--model", model, "--diameter", "auto")[0] == 0
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["status"].tolist() == ["ok"] and read_labels(out / "good_labels.tif").shape == (64, 64)
+    with pytest.raises(SystemExit):
+        main(["predict", str(good), "-o", str(tmp_path / "bad"), "--diameter", "big"])
+    assert "expected a number of pixels or 'auto', got 'big'" in capsys.readouterr().err
     # --diameter 9 is --scale 2 for a model trained on 18-px nuclei
     status, _ = _run(capsys, good, "-o", tmp_path / "two", "--model", model, "--scale", "2")
     np.testing.assert_array_equal(read_labels(tmp_path / "two" / "good_labels.tif"),

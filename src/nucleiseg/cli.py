@@ -539,6 +539,8 @@ def _run_predict(args: argparse.Namespace) -> int:
             continue
         row.update(nuclei=result.n_nuclei,
                    mean_area=round(float(result.table["area"].mean()), 2) if result.n_nuclei else 0.0)
+        if options["scale"] == "auto" and result.scale != 1.0:
+            row["message"] = f"resized by {result.scale:.3g} for the network (--diameter auto)"
         if not result.n_nuclei:
             row["message"] = "no nuclei found"
             say("warning", f"{path}: no nuclei found (outputs written)")
@@ -639,21 +641,34 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
 def _add_scale_options(p: argparse.ArgumentParser) -> None:
     """--scale / --diameter, for nuclei much larger or smaller than the training data's."""
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--diameter", type=float, default=argparse.SUPPRESS, metavar="PX",
+    size.add_argument("--diameter", type=_diameter, default=argparse.SUPPRESS, metavar="PX|auto",
                       help="typical nucleus diameter in your images, in pixels: the images are resized so it matches "
                       "the training nuclei's (the default model: 18 px, most images 10-47 px); give it when your "
-                      "nuclei lie well outside that range, e.g. --diameter 36 for nuclei twice as wide (default: "
-                      "no resizing)")
+                      "nuclei lie well outside that range, e.g. --diameter 36 for nuclei twice as wide. 'auto' "
+                      "measures the nuclei of a first pass and predicts again, resized, the images whose nuclei "
+                      "are more than 1.4x off (default: no resizing)")
     size.add_argument("--scale", type=float, default=argparse.SUPPRESS, metavar="FACTOR",
                       help="resize the images by FACTOR for the network (outputs keep the image's size): "
                       "0.5 for nuclei twice as wide as the training nuclei, 2 for half as wide (default: 1)")
 
 
-def _resolve_scale(args: argparse.Namespace, model) -> float:
-    """The scale --scale / --diameter ask for, checked (1.0 when neither is given)."""
+def _diameter(text: str) -> float | str:
+    """--diameter's value: a number of pixels or 'auto'."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels or 'auto', got {text!r}") from None
+
+
+def _resolve_scale(args: argparse.Namespace, model) -> float | str:
+    """The scale --scale / --diameter ask for, checked (1.0 when neither is given; 'auto' for --diameter auto)."""
     from .inference import check_scale, scale_for_diameter
 
     diameter, scale = getattr(args, "diameter", None), getattr(args, "scale", None)
+    if diameter == "auto":
+        return "auto"
     option, value = ("--diameter", diameter) if diameter is not None else ("--scale", scale)
     if value is None:
         return 1.0
@@ -677,7 +692,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if args.labels is None:
         from .inference import load_model
 
-        model = load_model(args.model) if hasattr(args, "diameter") else None  # for its training diameter
+        model = load_model(args.model) if isinstance(getattr(args, "diameter", None), float) else None  # its diameter
         scale = _resolve_scale(args, model)
     options = {"tta": args.tta, "precision": args.precision, "tile": args.tile, "overlap": args.overlap,
                "scale": None if scale == 1.0 else scale}

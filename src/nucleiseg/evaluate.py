@@ -572,7 +572,8 @@ def evaluate_dataset(
         Inference mode of the model.
     predict_options : mapping, optional
         More keywords for :func:`nucleiseg.inference.predict_probabilities`
-        (``tta``, ``tile``, ``overlap``, ``precision``, ``scale``).
+        (``tta``, ``tile``, ``overlap``, ``precision``), and ``scale``: a factor or
+        ``"auto"`` (see :func:`nucleiseg.inference.predict_labels`).
     progress : bool
         Progress bar on stderr.
 
@@ -624,24 +625,26 @@ def evaluate_dataset(
             evaluator.add(image_id, truth[image_id], pred, kinds[image_id])
         about["labels"] = str(labels_dir)
     else:
-        from .inference import label_nuclei, load_model, predict_probabilities
+        from .inference import load_model, predict_labels
 
         net = load_model(model)
         channels = list(net.channels)
         params = net.postprocess
         evaluator = Evaluator(channels=channels, params=params)
         options = {k: v for k, v in (predict_options or {}).items() if v is not None}
+        scale = options.pop("scale", 1.0)
         for image_id in tqdm(ids, **bar):
             rgb = read_image(cache_dir / "images" / f"{image_id}.png")
-            probs = predict_probabilities(net, rgb, mode=mode, **options)
-            params_here = net.postprocess_for(rgb).at_scale(options.get("scale", 1.0))  # as segment() / predict do
-            pred = _compact(label_nuclei(probs, channels, params_here))
+            # the thresholds of the image's kind, as segment() / predict use them
+            probs, pred, _ = predict_labels(net, rgb, net.postprocess_for(rgb), scale, mode=mode, **options)
+            pred = _compact(pred)
             preds[image_id] = pred
             evaluator.add(image_id, truth[image_id], pred, kinds[image_id], probs)
         if net.postprocess_by_kind:
             about["postprocess_by_kind"] = {kind: p.to_dict() for kind, p in net.postprocess_by_kind.items()}
         about.update(model=str(model or "default"), mode=mode, postprocess=params.to_dict(),
-                     **{k: v for k, v in options.items() if isinstance(v, (bool, int, float, str))})
+                     **{k: v for k, v in options.items() if isinstance(v, (bool, int, float, str))},
+                     **({"scale": scale} if scale != 1.0 else {}))
     per_image, summary = evaluator.result()
     summary = {"evaluated": about, **summary}
     paths = write_report(out_dir, per_image, summary, images, truth, preds)

@@ -45,6 +45,8 @@ from .postprocess import PostprocessParams, instances_from_probabilities
 from .preprocess import normalize, to_rgb_uint8
 
 __all__ = [
+    "AUTO_SCALE_LIMITS",
+    "AUTO_SCALE_TOLERANCE",
     "DEFAULT_NUCLEUS_DIAMETER",
     "DEFAULT_OVERLAP",
     "DEFAULT_TILE",
@@ -53,6 +55,7 @@ __all__ = [
     "Segmentation",
     "label_nuclei",
     "load_model",
+    "predict_labels",
     "predict_probabilities",
     "scale_for_diameter",
     "segment",
@@ -87,6 +90,13 @@ DEFAULT_FAST_PRUNE_LEVEL = 2
 #: (``"nucleus_diameter"``): the median over DSB2018's training images of each image's median
 #: equivalent diameter, 17.9 px (10th-90th percentile of images: 10-47 px).
 DEFAULT_NUCLEUS_DIAMETER = 18.0
+
+#: With ``scale="auto"`` an image is predicted a second time, resized, only when the nuclei of the first
+#: pass would be resized by more than this factor either way: on the validation images (docs/benchmarks.md)
+#: resizing those within it gains nothing, and half of them are spared the second pass.
+AUTO_SCALE_TOLERANCE = 1.4
+#: ... and by at most these factors, so that a first pass that found specks cannot blow the image up.
+AUTO_SCALE_LIMITS = (0.25, 4.0)
 
 # Pixels per forward pass when batch_size is None: ~1.2 GB (fp32) of activations for the default widths.
 _BATCH_PIXELS = 1 << 20
@@ -670,12 +680,15 @@ class Segmentation:
     table : pandas.DataFrame
         One row per nucleus (:func:`nucleiseg.measure.measure_nuclei`).
     channels : tuple of str
+    scale : float
+        The factor the image was resized by for the network (1.0: not resized).
     """
 
     labels: np.ndarray
     probabilities: np.ndarray
     table: Any
     channels: tuple[str, ...] = DEFAULT_CHANNELS
+    scale: float = 1.0
 
     @property
     def n_nuclei(self) -> int:
@@ -695,7 +708,7 @@ def segment(
     prune_level: int | None = None,
     batch_size: int | None = None,
     precision: Literal["fp32", "bf16", "auto"] = "fp32",
-    scale: float = 1.0,
+    scale: float | Literal["auto"] = 1.0,
 ) -> Segmentation:
     """Find and measure every nucleus in an image.
 
@@ -706,8 +719,12 @@ def segment(
     model : Model, str, Path or None
         A loaded model, a model file / run folder, or None for the shipped
         model (loaded once, then reused).
-    mode, tta, tile, overlap, prune_level, batch_size, precision, scale
+    mode, tta, tile, overlap, prune_level, batch_size, precision
         See :func:`predict_probabilities`.
+    scale : float or "auto"
+        Resize the image by this factor for the network (see
+        :func:`predict_probabilities`), or choose it from the nuclei of a first
+        pass (see :func:`predict_labels`). The factor used is ``result.scale``.
     min_size : int, optional
         Drop nuclei smaller than this many pixels of the image (default: the
         model's, which counts network pixels and so grows by ``1 / scale**2``).
@@ -728,19 +745,81 @@ def segment(
     from .measure import measure_nuclei
 
     model = _as_model(model)
-    scale = check_scale(scale)
     if postprocess is None:
         params = model.postprocess_for(image)
     elif isinstance(postprocess, PostprocessParams):
         params = postprocess
     else:
         params = PostprocessParams.from_dict(postprocess)
-    params = params.at_scale(scale)
-    if min_size is not None:
-        params = replace(params, min_size=int(min_size))
-    probs = predict_probabilities(
-        model, image, mode=mode, prune_level=prune_level, tta=tta, tile=tile, overlap=overlap,
-        batch_size=batch_size, precision=precision, scale=scale,
+    probs, labels, scale = predict_labels(
+        model, image, params, scale, min_size=min_size, mode=mode, prune_level=prune_level, tta=tta, tile=tile,
+        overlap=overlap, batch_size=batch_size, precision=precision,
     )
-    labels = label_nuclei(probs, model.channels, params)
-    return Segmentation(labels, probs, measure_nuclei(labels, image), tuple(model.channels))
+    return Segmentation(labels, probs, measure_nuclei(labels, image), tuple(model.channels), scale)
+
+
+def predict_labels(
+    model: Model,
+    image: np.ndarray,
+    params: PostprocessParams,
+    scale: float | Literal["auto"] = 1.0,
+    min_size: int | None = None,
+    **options: Any,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Probabilities and instance labels of an image, at a given scale or one chosen from its nuclei.
+
+    Parameters
+    ----------
+    model : Model
+    image : ndarray
+    params : PostprocessParams
+        Thresholds, their sizes in network pixels (scaled here with the image).
+    scale : float or "auto"
+        As in :func:`predict_probabilities`; ``"auto"`` predicts the image as
+        it is, measures the median diameter of the nuclei found
+        (:func:`~nucleiseg.measure.median_diameter`) and, if bringing them to
+        ``model.nucleus_diameter`` would resize the image by more than
+        :data:`AUTO_SCALE_TOLERANCE`, predicts it again at that scale (within
+        :data:`AUTO_SCALE_LIMITS`).
+    min_size : int, optional
+        Smallest nucleus in image pixels, replacing ``params.min_size``.
+    **options
+        More keywords for :func:`predict_probabilities`.
+
+    Returns
+    -------
+    probabilities, labels, scale
+        The last two as :func:`label_nuclei` returns them, at the image's size;
+        ``scale`` is the factor used.
+    """
+    from .measure import median_diameter
+
+    auto = isinstance(scale, str)
+    if auto and scale != "auto":
+        raise ValueError(f"scale must be a number > 0 or 'auto', got {scale!r}")
+    first = 1.0 if auto else check_scale(scale)
+
+    def run(factor: float) -> tuple[np.ndarray, np.ndarray]:
+        scaled = params.at_scale(factor)
+        if min_size is not None:
+            scaled = replace(scaled, min_size=int(min_size))
+        probs = predict_probabilities(model, image, scale=factor, **options)
+        return probs, label_nuclei(probs, model.channels, scaled)
+
+    probs, labels = run(first)
+    if not auto:
+        return probs, labels, first
+    diameter = median_diameter(labels)
+    if diameter is None:
+        return probs, labels, 1.0
+    wanted = model.nucleus_diameter / diameter
+    if 1.0 / AUTO_SCALE_TOLERANCE <= wanted <= AUTO_SCALE_TOLERANCE:
+        return probs, labels, 1.0
+    smallest = (MIN_IMAGE_SIZE + 0.5) / min(np.shape(image)[:2])  # the resized image must stay predictable
+    factor = float(np.clip(wanted, max(AUTO_SCALE_LIMITS[0], smallest), AUTO_SCALE_LIMITS[1]))
+    if 1.0 / AUTO_SCALE_TOLERANCE <= factor <= AUTO_SCALE_TOLERANCE:  # the image is too small to shrink further
+        return probs, labels, 1.0
+    log.info("nuclei about %.0f px across: predicting again resized by %.3g", diameter, factor)
+    probs, labels = run(factor)
+    return probs, labels, factor
+
