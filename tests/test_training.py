@@ -160,6 +160,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_fine_tuning_starts_from_the_model_and_keeps_its_thresholds(fixture_cache, tmp_path):
+    from nucleiseg.inference import load_model
     from nucleiseg.models import load_model_file, save_model
 
     torch.manual_seed(1)
@@ -173,6 +174,12 @@ def test_fine_tuning_starts_from_the_model_and_keeps_its_thresholds(fixture_cach
     child, meta = load_model_file(tmp_path / "run" / "last.safetensors")
     assert child.config.widths == (4, 8, 16)  # the parent's architecture, whatever widths said
     assert meta["postprocess"] == thresholds and meta["postprocess_by_kind"] == by_kind
+    # the size of the nuclei it was trained on, for --diameter (the three training images: 14.5-17.7 px)
+    from nucleiseg.measure import typical_diameter
+
+    expected = typical_diameter(load_split(fixture_cache, "train").labels)
+    assert 14 < expected < 18 and meta["nucleus_diameter"] == pytest.approx(expected, abs=0.01)
+    assert load_model(tmp_path / "run" / "last.safetensors").nucleus_diameter == meta["nucleus_diameter"]
     moved = [name for name, value in child.state_dict().items() if not torch.equal(value, parent.state_dict()[name])]
     assert moved  # it trained ...
     assert all(  # ... one step away from the parent's weights, not from fresh ones

@@ -87,8 +87,8 @@ MIN_IMAGE_SIZE = 16
 DEFAULT_FAST_PRUNE_LEVEL = 2
 
 #: Typical nucleus diameter (pixels) of a model's training images when its file does not record one
-#: (``"nucleus_diameter"``): the median over DSB2018's training images of each image's median
-#: equivalent diameter, 17.9 px (10th-90th percentile of images: 10-47 px).
+#: (training records ``"nucleus_diameter"``: :func:`nucleiseg.measure.typical_diameter` of its training
+#: labels): that of DSB2018's training split, 17.9 px (10th-90th percentile of images: 10-47 px).
 DEFAULT_NUCLEUS_DIAMETER = 18.0
 
 #: With ``scale="auto"`` an image is predicted a second time, resized, only when the nuclei of the first

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["MEASUREMENT_COLUMNS", "grey_image", "measure_nuclei", "median_diameter"]
+__all__ = ["MEASUREMENT_COLUMNS", "grey_image", "measure_nuclei", "median_diameter", "typical_diameter"]
 
 # regionprops_table property -> column name in the table
 _PROPERTIES = {
@@ -125,3 +125,20 @@ def median_diameter(labels: np.ndarray) -> float | None:
     if areas.size == 0:
         return None
     return float(np.median(np.sqrt(4.0 * areas / np.pi)))
+
+
+def typical_diameter(label_images) -> float | None:
+    """The median over images of each image's :func:`median_diameter` (images without nuclei left out).
+
+    Each image counts once, however many nuclei it holds: a model's training data
+    is described by its typical image, not by its most crowded ones.
+
+    Examples
+    --------
+    >>> small = np.zeros((9, 9), int); small[1:3, 1:3] = 1
+    >>> large = np.zeros((9, 9), int); large[:8, :8] = 1
+    >>> round(typical_diameter([small, small, large, np.zeros((9, 9), int)]), 2)
+    2.26
+    """
+    diameters = [d for d in map(median_diameter, label_images) if d is not None]
+    return float(np.median(diameters)) if diameters else None

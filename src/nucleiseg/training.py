@@ -47,6 +47,7 @@ from .data.targets import CHANNELS, make_targets
 from .errors import NucleisegError
 from .io import atomic_path
 from .losses import DeepSupervisionLoss
+from .measure import typical_diameter
 from .metrics import PixelScoreAccumulator, instance_scores
 from .models import UNetPlusPlus, load_model_file, resolve_model_path, save_model
 from .postprocess import PostprocessParams, instances_from_probabilities
@@ -441,6 +442,9 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
     val_params = PostprocessParams.from_dict(postprocess_meta)
     meta = {"postprocess": postprocess_meta or PostprocessParams().to_dict(), "preprocess": {"normalize": "percentile 1-99.8"},
             "training": {"cache": str(cache_dir), "widths": list(config.widths)}, **inherited}
+    diameter = typical_diameter(train_split.labels)  # what --diameter compares a user's nuclei with
+    if diameter is not None:
+        meta["nucleus_diameter"] = round(diameter, 2)
     steps_done = (start_epoch - 1) * steps_per_epoch
     for epoch in range(start_epoch, config.epochs + 1):
         sampler.set_epoch(epoch)
