@@ -46,6 +46,7 @@ from .preprocess import normalize, to_rgb_uint8
 
 __all__ = [
     "AUTO_SCALE_LIMITS",
+    "AUTO_SCALE_MAX_PIXELS",
     "AUTO_SCALE_TOLERANCE",
     "DEFAULT_NUCLEUS_DIAMETER",
     "DEFAULT_OVERLAP",
@@ -53,6 +54,7 @@ __all__ = [
     "MIN_IMAGE_SIZE",
     "Model",
     "Segmentation",
+    "auto_scale",
     "label_nuclei",
     "load_model",
     "predict_labels",
@@ -95,8 +97,10 @@ DEFAULT_NUCLEUS_DIAMETER = 18.0
 #: pass would be resized by more than this factor either way: on the validation images (docs/benchmarks.md)
 #: resizing those within it gains nothing, and half of them are spared the second pass.
 AUTO_SCALE_TOLERANCE = 1.4
-#: ... and by at most these factors, so that a first pass that found specks cannot blow the image up.
+#: ... and by at most these factors, so that a first pass that found specks cannot blow the image up ...
 AUTO_SCALE_LIMITS = (0.25, 4.0)
+#: ... nor past this many pixels (an 8000 x 8000 image: about 0.8 GB of network input and as much output).
+AUTO_SCALE_MAX_PIXELS = 64_000_000
 
 # Pixels per forward pass when batch_size is None: ~1.2 GB (fp32) of activations for the default widths.
 _BATCH_PIXELS = 1 << 20
@@ -432,6 +436,30 @@ def scale_for_diameter(diameter: float, model: Model | None = None) -> float:
         raise ValueError(f"the nucleus diameter must be a number of pixels > 0, got {diameter}")
     trained = DEFAULT_NUCLEUS_DIAMETER if model is None else model.nucleus_diameter
     return trained / value
+
+
+def auto_scale(diameter: float, trained_diameter: float, shape: tuple[int, int]) -> float:
+    """The factor ``scale="auto"`` resizes an image by, given the median diameter of its nuclei.
+
+    ``trained_diameter / diameter``, or 1.0 when that lies within
+    :data:`AUTO_SCALE_TOLERANCE`; kept within :data:`AUTO_SCALE_LIMITS`, above
+    what would leave the image under ``MIN_IMAGE_SIZE`` pixels, and below what
+    would grow it past :data:`AUTO_SCALE_MAX_PIXELS` (huge images are not enlarged).
+
+    Examples
+    --------
+    >>> auto_scale(36.0, 18.0, (512, 512)), auto_scale(20.0, 18.0, (512, 512))
+    (0.5, 1.0)
+    >>> auto_scale(6.0, 18.0, (512, 512)), auto_scale(6.0, 18.0, (8000, 8000))
+    (3.0, 1.0)
+    """
+    factor = trained_diameter / diameter
+    smallest = (MIN_IMAGE_SIZE + 0.5) / min(shape)
+    largest = max(1.0, (AUTO_SCALE_MAX_PIXELS / (shape[0] * shape[1])) ** 0.5)
+    factor = float(np.clip(factor, max(AUTO_SCALE_LIMITS[0], smallest), min(AUTO_SCALE_LIMITS[1], largest)))
+    if 1.0 / AUTO_SCALE_TOLERANCE <= factor <= AUTO_SCALE_TOLERANCE:
+        return 1.0
+    return factor
 
 
 def _scaled_size(shape: tuple[int, int], scale: float) -> tuple[int, int]:
@@ -779,8 +807,8 @@ def predict_labels(
         it is, measures the median diameter of the nuclei found
         (:func:`~nucleiseg.measure.median_diameter`) and, if bringing them to
         ``model.nucleus_diameter`` would resize the image by more than
-        :data:`AUTO_SCALE_TOLERANCE`, predicts it again at that scale (within
-        :data:`AUTO_SCALE_LIMITS`).
+        :data:`AUTO_SCALE_TOLERANCE`, predicts it again at that scale (see
+        :func:`auto_scale` for its limits).
     min_size : int, optional
         Smallest nucleus in image pixels, replacing ``params.min_size``.
     **options
@@ -810,14 +838,8 @@ def predict_labels(
     if not auto:
         return probs, labels, first
     diameter = median_diameter(labels)
-    if diameter is None:
-        return probs, labels, 1.0
-    wanted = model.nucleus_diameter / diameter
-    if 1.0 / AUTO_SCALE_TOLERANCE <= wanted <= AUTO_SCALE_TOLERANCE:
-        return probs, labels, 1.0
-    smallest = (MIN_IMAGE_SIZE + 0.5) / min(np.shape(image)[:2])  # the resized image must stay predictable
-    factor = float(np.clip(wanted, max(AUTO_SCALE_LIMITS[0], smallest), AUTO_SCALE_LIMITS[1]))
-    if 1.0 / AUTO_SCALE_TOLERANCE <= factor <= AUTO_SCALE_TOLERANCE:  # the image is too small to shrink further
+    factor = 1.0 if diameter is None else auto_scale(diameter, model.nucleus_diameter, np.shape(image)[:2])
+    if factor == 1.0:
         return probs, labels, 1.0
     log.info("nuclei about %.0f px across: predicting again resized by %.3g", diameter, factor)
     probs, labels = run(factor)
