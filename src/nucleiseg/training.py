@@ -103,9 +103,10 @@ class TrainConfig:
     kind_weights : dict
         How much more often each image kind is drawn.
     channel_weights : dict
-        Weight of each output channel (body, contour, touch) in the loss; a
-        heavier ``touch`` pushes the network to mark where nuclei meet, which
-        is what the watershed needs to cut them apart.
+        Weight of each output channel (body, contour, touch) in the loss,
+        e.g. a heavier ``touch`` to stress where nuclei meet. On DSB2018,
+        touch or contour at 3 did not split more tissue nuclei and lowered
+        the pixel IoU (docs/model-card.md); the default weighs all alike.
     init : str or None
         Model file to start from (fine-tuning); its widths replace ``widths``.
     val_every : int
