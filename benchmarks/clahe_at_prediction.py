@@ -17,11 +17,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from nucleiseg.data.cache import read_cache
 from nucleiseg.inference import label_nuclei, load_model, predict_probabilities
-from nucleiseg.io import read_image, read_labels
 from nucleiseg.metrics import dsb_score
-from nucleiseg.preprocess import to_rgb_uint8
+from nucleiseg.training import load_split
 
 
 def clahe_lightness(rgb: np.ndarray, clip_limit: float, tiles: int) -> np.ndarray:
@@ -39,18 +37,15 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=8)
     args = parser.parse_args()
     model = load_model(args.model)
-    table = read_cache(args.cache)
-    table = table[table["split"] == "val"]
+    val = load_split(args.cache, "val")  # cached images are 8-bit RGB
     rows = []
-    for image_id, kind in zip(table["image_id"].astype(str), table["kind"]):
-        rgb = to_rgb_uint8(read_image(args.cache / "images" / f"{image_id}.png"))
-        truth = read_labels(args.cache / "labels" / f"{image_id}.tif")
+    for kind, rgb, truth in zip(val.kinds, val.images, val.labels):
         params = model.postprocess_for(rgb)  # the kind's thresholds, read from the original pixels
         for name, image in (("as is", rgb), ("CLAHE", clahe_lightness(rgb, args.clip_limit, args.tiles))):
             probs = predict_probabilities(model, image, precision=args.precision)
             rows.append({"input": name, "kind": kind, "dsb": dsb_score(truth, label_nuclei(probs, model.channels, params))})
     scores = pd.DataFrame(rows)
-    print(f"validation DSB, {len(table)} images, model {args.model}, {args.precision}")
+    print(f"validation DSB, {len(val.ids)} images, model {args.model}, {args.precision}")
     print(scores.groupby("input")["dsb"].mean().round(3).to_string())
     print(scores.pivot_table(index="kind", columns="input", values="dsb").round(3).to_string())
 

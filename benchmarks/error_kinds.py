@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nucleiseg.data.cache import read_cache
-from nucleiseg.inference import label_nuclei, load_model, predict_probabilities
-from nucleiseg.io import read_image, read_labels
+from nucleiseg.inference import load_model, predict_labels
+from nucleiseg.training import load_split
 
 OUTCOMES = ("found", "merged", "missed", "split", "partial")
 
@@ -65,14 +64,10 @@ def main() -> None:
     parser.add_argument("--kind", default=None, help="also list the images of this kind one by one")
     args = parser.parse_args()
     model = load_model(args.model)
-    table = read_cache(args.cache)
-    table = table[table["split"] == "val"]
+    val = load_split(args.cache, "val")
     rows = []
-    for image_id, kind in zip(table["image_id"].astype(str), table["kind"]):
-        image = read_image(args.cache / "images" / f"{image_id}.png")
-        truth = read_labels(args.cache / "labels" / f"{image_id}.tif")
-        probs = predict_probabilities(model, image, precision=args.precision)
-        pred = label_nuclei(probs, model.channels, model.postprocess_for(image))
+    for image_id, kind, image, truth in zip(val.ids, val.kinds, val.images, val.labels):
+        _, pred, _ = predict_labels(model, image, model.postprocess_for(image), precision=args.precision)
         rows.append({"image": image_id[:8], "kind": kind, "nuclei": int(truth.max()), "predicted": int(pred.max()),
                      **outcomes(truth, pred)})
     counts = pd.DataFrame(rows)

@@ -24,28 +24,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nucleiseg.data.cache import read_cache
 from nucleiseg.inference import load_model, predict_labels
-from nucleiseg.io import read_image, read_labels
+from nucleiseg.measure import median_diameter
 from nucleiseg.metrics import dsb_score
+from nucleiseg.training import load_split
 
 
-def median_diameter(labels: np.ndarray) -> float:
-    """Median equivalent diameter (pixels) of the labelled objects."""
-    areas = np.bincount(labels.ravel())[1:]
-    return float(np.median(np.sqrt(4.0 * areas[areas > 0] / np.pi)))
-
-
-def score(model, cache: Path, split: str | None, scale_of, precision: str, name: str) -> list[dict]:
-    table = read_cache(cache)
-    if split is not None:
-        table = table[table["split"] == split]
+def score(model, splits, scale_of, precision: str, name: str) -> list[dict]:
+    """Each image of ``splits`` (from ``load_split``) predicted at ``scale_of(its labels)``."""
     rows = []
-    for image_id, kind in zip(table["image_id"].astype(str), table["kind"]):
-        image = read_image(cache / "images" / f"{image_id}.png")
-        truth = read_labels(cache / "labels" / f"{image_id}.tif")
-        _, labels, scale = predict_labels(model, image, model.postprocess_for(image), scale_of(truth), precision=precision)
-        rows.append({"variant": name, "kind": kind, "scale": scale, "dsb": dsb_score(truth, labels)})
+    for split in splits:
+        for kind, image, truth in zip(split.kinds, split.images, split.labels):
+            _, labels, scale = predict_labels(model, image, model.postprocess_for(image), scale_of(truth),
+                                             precision=precision)
+            rows.append({"variant": name, "kind": kind, "scale": scale, "dsb": dsb_score(truth, labels)})
     return rows
 
 
@@ -58,14 +50,16 @@ def main() -> None:
     args = parser.parse_args()
     model = load_model(args.model)
     trained = model.nucleus_diameter
-    rows = score(model, args.cache, "val", lambda truth: 1.0, args.precision, "validation, as is")
-    rows += score(model, args.cache, "val", lambda truth: float(np.clip(trained / median_diameter(truth), 0.5, 2.0)),
+    val = [load_split(args.cache, "val")]  # read once, predicted three ways
+    rows = score(model, val, lambda truth: 1.0, args.precision, "validation, as is")
+    rows += score(model, val, lambda truth: float(np.clip(trained / median_diameter(truth), 0.5, 2.0)),
                   args.precision, f"validation, nuclei resized to {trained:g} px")
-    rows += score(model, args.cache, "val", lambda truth: "auto", args.precision, "validation, --diameter auto")
+    rows += score(model, val, lambda truth: "auto", args.precision, "validation, --diameter auto")
     if args.magnified is not None:
-        rows += score(model, args.magnified, None, lambda truth: 1.0, args.precision, "2x enlarged, as is")
-        rows += score(model, args.magnified, None, lambda truth: 0.5, args.precision, "2x enlarged, scale 0.5")
-        rows += score(model, args.magnified, None, lambda truth: "auto", args.precision, "2x enlarged, --diameter auto")
+        enlarged = [load_split(args.magnified, split) for split in ("train", "val")]  # all its images
+        rows += score(model, enlarged, lambda truth: 1.0, args.precision, "2x enlarged, as is")
+        rows += score(model, enlarged, lambda truth: 0.5, args.precision, "2x enlarged, scale 0.5")
+        rows += score(model, enlarged, lambda truth: "auto", args.precision, "2x enlarged, --diameter auto")
     scores = pd.DataFrame(rows)
     print(f"DSB score, model {args.model}, {args.precision}")
     summary = scores.groupby("variant", sort=False).agg(images=("dsb", "size"), dsb=("dsb", "mean"),

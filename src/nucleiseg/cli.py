@@ -664,7 +664,7 @@ def _diameter(text: str) -> float | str:
 
 def _resolve_scale(args: argparse.Namespace, model) -> float | str:
     """The scale --scale / --diameter ask for, checked (1.0 when neither is given; 'auto' for --diameter auto)."""
-    from .inference import check_scale, scale_for_diameter
+    from .inference import scale_for_diameter
 
     diameter, scale = getattr(args, "diameter", None), getattr(args, "scale", None)
     if diameter == "auto":
@@ -675,7 +675,7 @@ def _resolve_scale(args: argparse.Namespace, model) -> float | str:
     if not (math.isfinite(value) and value > 0):
         raise NucleisegError(f"{option} must be a number > 0, got {value:g}")
     if diameter is None:
-        return check_scale(scale)
+        return float(scale)
     scale = scale_for_diameter(diameter, model)
     log.info("nuclei %g px across: images resized by %.3g for the network", diameter, scale)
     return scale
