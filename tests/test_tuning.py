@@ -162,6 +162,34 @@ def test_update_model_metadata_keeps_tensors(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.safetensors", "m.safetensors"]  # no temp left
 
 
+def test_update_model_metadata_float16_halves_the_file_and_keeps_the_outputs(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from nucleiseg.errors import NucleisegError
+    from nucleiseg.models import load_model_file, save_model
+
+    path = tmp_path / "m.safetensors"
+    model = _tiny_model(path)
+    out = update_model_metadata(path, {}, out=tmp_path / "half.safetensors", float16=True)
+    stored = load_file(str(out))
+    assert {t.dtype for t in stored.values() if t.is_floating_point()} == {torch.float16}
+    assert {t.dtype for t in stored.values() if not t.is_floating_point()} == {torch.int64}  # BatchNorm counters
+    assert out.stat().st_size < 0.6 * path.stat().st_size
+    loaded, meta = load_model_file(out)
+    assert next(loaded.parameters()).dtype == torch.float32 and meta["config"]["widths"] == [4, 8, 16]
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        expected, got = model(x)[-1], loaded(x)[-1]
+    assert torch.allclose(got, expected, atol=2e-2) and not torch.equal(got, expected)  # rounded, not rebuilt
+
+    big = tmp_path / "big.safetensors"
+    model.heads[0].bias.data.fill_(1e6)
+    save_model(big, model)
+    with pytest.raises(NucleisegError, match="big.safetensors.*beyond float16's range"):
+        update_model_metadata(big, {}, float16=True)
+
+
 def test_update_model_metadata_names_a_bad_file(tmp_path):
     from nucleiseg.errors import NucleisegError
 
@@ -176,6 +204,7 @@ def test_update_model_metadata_names_a_bad_file(tmp_path):
 
 def test_cli_tune_updates_metadata(tmp_path, capsys, synthetic_cache):
     pytest.importorskip("nucleiseg.inference")
+    import torch
     from safetensors.torch import load_file
 
     from nucleiseg.models import load_model_file
@@ -198,6 +227,11 @@ def test_cli_tune_updates_metadata(tmp_path, capsys, synthetic_cache):
     assert "images): DSB" in out.out
     after = load_file(str(path))
     assert all(bool((weights[k] == after[k]).all()) for k in weights)
+
+    half = tmp_path / "half.safetensors"
+    assert cli.main(["-q", "tune", str(cache), "--model", str(path), "--split", "all", "--out", str(half), "--float16"]) == 0
+    assert load_file(str(half))["heads.0.weight"].dtype == torch.float16
+    assert load_file(str(path))["heads.0.weight"].dtype == torch.float32  # --out leaves the source as it was
 
 
 def test_cli_tune_errors(tmp_path, capsys):

@@ -725,7 +725,7 @@ def _add_tune_parser(sub: argparse._SubParsersAction) -> None:
             "with 5 or more images whose own best thresholds score 0.01 DSB higher keeps them, and\n"
             "prediction uses them for images of that kind. All are stored in the model file's\n"
             "metadata ('postprocess', 'postprocess_by_kind', 'fast_prune_level'); the weights are\n"
-            "not changed. Prints the DSB before and after, per kind.\n\n"
+            "not changed (--float16 only rounds them). Prints the DSB before and after, per kind.\n\n"
             "Example:\n"
             "  nucleiseg tune cache/dsb2018 --model runs/dsb/best.safetensors"
         ),
@@ -736,13 +736,17 @@ def _add_tune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", "-o", metavar="MODEL_OUT", default=None,
                    help="write the tuned model here instead of updating --model in place")
     p.add_argument("--split", choices=("val", "train", "all"), default="val", help="images to tune on")
+    p.add_argument("--float16", action="store_true",
+                   help="store the weights as 16-bit floats: half the file size; they are computed in float32 "
+                        "as before, only rounded")
     p.set_defaults(func=_run_tune)
 
 
 def _run_tune(args: argparse.Namespace) -> int:
     from .tuning import tune_model
 
-    result = tune_model(args.cache, args.model, args.out, split=args.split, progress=not args.quiet)
+    result = tune_model(args.cache, args.model, args.out, split=args.split, progress=not args.quiet,
+                        float16=args.float16)
     p = result.params
     print(f"validation DSB ({result.n_images} images, accurate mode): "
           f"{result.dsb_before:.4f} before, {result.dsb_after:.4f} after tuning")
