@@ -392,6 +392,16 @@ def test_scale_keeps_the_image_size_and_checks_its_argument(model: Model) -> Non
     assert inference.scale_for_diameter(36.0, model) == pytest.approx(0.5)  # no "nucleus_diameter": 18 px
 
 
+def test_scale_refuses_to_enlarge_past_the_pixel_cap(model: Model, monkeypatch) -> None:
+    """A given scale obeys the cap that "auto" keeps to, with an error instead of running out of memory."""
+    image = np.random.default_rng(6).integers(0, 255, (45, 61, 3), dtype=np.uint8)
+    monkeypatch.setattr(inference, "MAX_ENLARGED_PIXELS", 5000)  # 45x61 at scale 1.7 is 76x104 = 7904 pixels
+    with pytest.raises(NucleisegError, match=r"45x61 pixels, 76x104 at scale 1.7: enlarging past 0.005 Mpixel"):
+        predict_probabilities(model, image, scale=1.7)
+    assert predict_probabilities(model, image, scale=1.2).shape == (3, 45, 61)  # 54x73: under the cap
+    assert predict_probabilities(model, image, scale=0.9).shape == (3, 45, 61)  # shrinking is never refused
+
+
 def test_scale_undoes_a_magnification_with_the_shipped_model(fixture_cache: Path) -> None:
     """A fluorescence fixture enlarged 2x (a 2x stronger objective): its nuclei are larger than any the model
     trained on, and scale 0.5 (or diameter 36) gives back close to the score at the original size."""

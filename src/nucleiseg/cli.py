@@ -649,7 +649,8 @@ def _add_scale_options(p: argparse.ArgumentParser) -> None:
                       "are more than 1.4x off (default: no resizing)")
     size.add_argument("--scale", type=float, default=argparse.SUPPRESS, metavar="FACTOR",
                       help="resize the images by FACTOR for the network (outputs keep the image's size): "
-                      "0.5 for nuclei twice as wide as the training nuclei, 2 for half as wide (default: 1)")
+                      "0.5 for nuclei twice as wide as the training nuclei, 2 for half as wide; an image is never "
+                      "enlarged past 64 Mpixel (default: 1)")
 
 
 def _diameter(text: str) -> float | str:

@@ -46,7 +46,7 @@ from .preprocess import normalize, to_rgb_uint8
 
 __all__ = [
     "AUTO_SCALE_LIMITS",
-    "AUTO_SCALE_MAX_PIXELS",
+    "MAX_ENLARGED_PIXELS",
     "AUTO_SCALE_TOLERANCE",
     "DEFAULT_NUCLEUS_DIAMETER",
     "DEFAULT_OVERLAP",
@@ -99,8 +99,9 @@ DEFAULT_NUCLEUS_DIAMETER = 18.0
 AUTO_SCALE_TOLERANCE = 1.4
 #: ... and by at most these factors, so that a first pass that found specks cannot blow the image up ...
 AUTO_SCALE_LIMITS = (0.25, 4.0)
-#: ... nor past this many pixels (an 8000 x 8000 image: about 0.8 GB of network input and as much output).
-AUTO_SCALE_MAX_PIXELS = 64_000_000
+#: No image is enlarged (``scale`` > 1, given or "auto") past this many pixels: an 8000 x 8000 image,
+#: about 0.8 GB of network input and as much output.
+MAX_ENLARGED_PIXELS = 64_000_000
 
 # Pixels per forward pass when batch_size is None: ~1.2 GB (fp32) of activations for the default widths.
 _BATCH_PIXELS = 1 << 20
@@ -444,7 +445,7 @@ def auto_scale(diameter: float, trained_diameter: float, shape: tuple[int, int])
     ``trained_diameter / diameter``, or 1.0 when that lies within
     :data:`AUTO_SCALE_TOLERANCE`; kept within :data:`AUTO_SCALE_LIMITS`, above
     what would leave the image under ``MIN_IMAGE_SIZE`` pixels, and below what
-    would grow it past :data:`AUTO_SCALE_MAX_PIXELS` (huge images are not enlarged).
+    would grow it past :data:`MAX_ENLARGED_PIXELS` (huge images are not enlarged).
 
     Examples
     --------
@@ -455,7 +456,7 @@ def auto_scale(diameter: float, trained_diameter: float, shape: tuple[int, int])
     """
     factor = trained_diameter / diameter
     smallest = (MIN_IMAGE_SIZE + 0.5) / min(shape)
-    largest = max(1.0, (AUTO_SCALE_MAX_PIXELS / (shape[0] * shape[1])) ** 0.5)
+    largest = max(1.0, (MAX_ENLARGED_PIXELS / (shape[0] * shape[1])) ** 0.5)
     factor = float(np.clip(factor, max(AUTO_SCALE_LIMITS[0], smallest), min(AUTO_SCALE_LIMITS[1], largest)))
     if 1.0 / AUTO_SCALE_TOLERANCE <= factor <= AUTO_SCALE_TOLERANCE:
         return 1.0
@@ -468,6 +469,12 @@ def _scaled_size(shape: tuple[int, int], scale: float) -> tuple[int, int]:
         raise NucleisegError(
             f"image is {shape[0]}x{shape[1]} pixels, {height}x{width} at scale {scale:g}: too small, the network "
             f"needs at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}"
+        )
+    if scale > 1.0 and height * width > MAX_ENLARGED_PIXELS:
+        raise NucleisegError(
+            f"image is {shape[0]}x{shape[1]} pixels, {height}x{width} at scale {scale:g}: enlarging past "
+            f"{MAX_ENLARGED_PIXELS / 1e6:g} Mpixel is refused (about 24 bytes a pixel of memory); "
+            "use a smaller scale or a crop of the image"
         )
     return height, width
 
