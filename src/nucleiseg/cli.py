@@ -341,7 +341,7 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-size", type=int, default=argparse.SUPPRESS, metavar="PX",
                    help="drop nuclei smaller than this many pixels (default: the model's setting)")
     p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, metavar="N",
-                   help="tiles per forward pass (default: about 1 Mpixel of tiles, ~1.2 GB for the default model)")
+                   help="tiles per forward pass (default: about 1 Mpixel of tiles, ~2 GB for the shipped model in fp32)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="network arithmetic; auto: bf16 where the processor or GPU runs it natively")
     p.add_argument("--device", default="auto",

@@ -103,7 +103,8 @@ AUTO_SCALE_LIMITS = (0.25, 4.0)
 #: about 0.8 GB of network input and as much output.
 MAX_ENLARGED_PIXELS = 64_000_000
 
-# Pixels per forward pass when batch_size is None: ~1.2 GB (fp32) of activations for the default widths.
+# Pixels per forward pass when batch_size is None: ~2 GB (fp32) of activations for the shipped model's widths
+# (32-512), ~1.2 GB for widths 16-256.
 _BATCH_PIXELS = 1 << 20
 
 # Rows per band of the post-processing, and the margin around a band for regions taller than one
@@ -357,8 +358,8 @@ def predict_probabilities(
         Overlap of neighbouring tiles, at most ``tile / 2``.
     batch_size : int, optional
         Tiles per forward pass; default: as many as fit in about 1 Mpixel
-        (1 tile of 1024², 4 of 512²), about 1.2 GB (fp32) of activations for the
-        default network.
+        (1 tile of 1024², 4 of 512²), about 2 GB (fp32) of activations for the
+        shipped network.
     precision : {"fp32", "bf16", "auto"}
         bf16 autocast, or "auto": bf16 where the device runs it natively.
     scale : float
