@@ -400,6 +400,12 @@ def test_scale_refuses_to_enlarge_past_the_pixel_cap(model: Model, monkeypatch) 
         predict_probabilities(model, image, scale=1.7)
     assert predict_probabilities(model, image, scale=1.2).shape == (3, 45, 61)  # 54x73: under the cap
     assert predict_probabilities(model, image, scale=0.9).shape == (3, 45, 61)  # shrinking is never refused
+    # "auto" stops at the cap exactly; rounding the sizes may overshoot it by a fraction of a row, never refused
+    small = image[:23, :20]
+    factor = inference.auto_scale(2.0, 18.0, small.shape[:2])
+    assert factor == pytest.approx((5000 / (23 * 20)) ** 0.5)
+    assert round(23 * factor) * round(20 * factor) > 5000  # 76 x 66
+    assert predict_probabilities(model, small, scale=factor).shape == (3, 23, 20)
 
 
 def test_scale_undoes_a_magnification_with_the_shipped_model(fixture_cache: Path) -> None:

@@ -471,7 +471,8 @@ def _scaled_size(shape: tuple[int, int], scale: float) -> tuple[int, int]:
             f"image is {shape[0]}x{shape[1]} pixels, {height}x{width} at scale {scale:g}: too small, the network "
             f"needs at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}"
         )
-    if scale > 1.0 and height * width > MAX_ENLARGED_PIXELS:
+    # the exact product, not the rounded sizes': auto_scale's largest factor lands on the cap itself
+    if scale > 1.0 and scale * scale * shape[0] * shape[1] > MAX_ENLARGED_PIXELS * (1 + 1e-9):
         raise NucleisegError(
             f"image is {shape[0]}x{shape[1]} pixels, {height}x{width} at scale {scale:g}: enlarging past "
             f"{MAX_ENLARGED_PIXELS / 1e6:g} Mpixel is refused (about 24 bytes a pixel of memory); "
