@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -665,7 +664,7 @@ def _diameter(text: str) -> float | str:
 
 def _resolve_scale(args: argparse.Namespace, model) -> float | str:
     """The scale --scale / --diameter ask for, checked (1.0 when neither is given; 'auto' for --diameter auto)."""
-    from .inference import scale_for_diameter
+    from .inference import check_scale, scale_for_diameter
 
     diameter, scale = getattr(args, "diameter", None), getattr(args, "scale", None)
     if diameter == "auto":
@@ -673,11 +672,12 @@ def _resolve_scale(args: argparse.Namespace, model) -> float | str:
     option, value = ("--diameter", diameter) if diameter is not None else ("--scale", scale)
     if value is None:
         return 1.0
-    if not (math.isfinite(value) and value > 0):
-        raise NucleisegError(f"{option} must be a number > 0, got {value:g}")
-    if diameter is None:
-        return float(scale)
-    scale = scale_for_diameter(diameter, model)
+    try:
+        if diameter is None:
+            return check_scale(scale)
+        scale = scale_for_diameter(diameter, model)
+    except ValueError:
+        raise NucleisegError(f"{option} must be a number > 0, got {value:g}") from None
     log.info("nuclei %g px across: images resized by %.3g for the network", diameter, scale)
     return scale
 
