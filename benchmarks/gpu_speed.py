@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,21 +30,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference_speed import SIDE, dsb_crops, load_network, machine, mosaic, segment_seconds, segment_throughput, timed
-
-
-def device_network_throughput(net, level: int | None, bf16: bool, batch: int, min_time: float) -> float:
-    """Images/s of ``predict_proba`` on ``net``'s device (median batch time, synchronised)."""
-    device = next(net.parameters()).device
-    x = torch.rand(batch, 3, SIDE, SIDE, device=device).contiguous(memory_format=torch.channels_last)
-
-    def run() -> None:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            net.predict_proba(x, prune_level=level)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    return batch / statistics.median(timed(run, min_time, min_runs=5, warmup=3))
+from inference_speed import (SIDE, dsb_crops, load_network, machine, mosaic, network_throughput, segment_seconds,
+                             segment_throughput)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         for bf16 in (False, True):
             for batch in (1,) if args.quick else (8, 32):
                 key = f"network {mode} {'bf16' if bf16 else 'fp32'} batch {batch}"
-                result[key] = round(device_network_throughput(net, level, bf16, batch, 0.1 if args.quick else 2.0), 1)
+                result[key] = round(network_throughput(net, level, bf16, True, True, 0.1 if args.quick else 2.0, batch,
+                                                        min_runs=5, warmup=3), 1)
                 print(f"{key}: {result[key]} images/s", flush=True)
 
     model = load_model(path, device)

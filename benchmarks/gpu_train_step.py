@@ -16,43 +16,25 @@ number of epochs of the v6 training (docs/model-card.md).
 from __future__ import annotations
 
 import json
+import statistics
 import sys
-import time
+from pathlib import Path
 
 import torch
 
-from nucleiseg.losses import DeepSupervisionLoss
-from nucleiseg.models import UNetPlusPlus
-from nucleiseg.training import accumulate_gradients
-
-
-def step_seconds(widths: tuple[int, ...], batch: int, device: torch.device) -> float:
-    model = UNetPlusPlus(3, 3, widths).to(device).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, amsgrad=True)
-    loss = DeepSupervisionLoss()
-    side = 256 if device.type == "cuda" else 64
-    x = torch.rand(batch, 3, side, side, device=device).contiguous(memory_format=torch.channels_last)
-    y = (torch.rand(batch, 3, side, side, device=device) > 0.5).float()
-    autocast = torch.bfloat16 if device.type == "cuda" else None
-    for step in range(25):
-        if step == 5:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-        optimizer.zero_grad()
-        accumulate_gradients(model, loss, x, y, batch, autocast)
-        optimizer.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - started) / 20
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_speed import step_times
 
 
 def main(argv: list[str]) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
     result = {}
     for spec in argv or ["16,32,64,128,256:8"]:
         widths, batch = spec.split(":")
-        result[spec] = step_seconds(tuple(int(w) for w in widths.split(",")), int(batch), device)
+        times = step_times(tuple(int(w) for w in widths.split(",")), int(batch), 256 if on_gpu else 64, 20,
+                           bf16=on_gpu, channels_last=True, micro_batch=int(batch), device=device, warmup=5)
+        result[spec] = statistics.mean(times)
     print(json.dumps(result))
     return 0
 

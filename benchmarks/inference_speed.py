@@ -112,8 +112,8 @@ def flops_per_image(net: torch.nn.Module, level: int | None, side: int = SIDE) -
     return float(counter.get_total_flops())
 
 
-def autocast(bf16: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+def autocast(bf16: bool, device_type: str = "cpu"):
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -179,18 +179,26 @@ def mosaic(size: int, tiles: list[np.ndarray]) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- parts
 def network_throughput(net: UNetPlusPlus, level: int | None, bf16: bool, channels_last: bool,
-                       inference_mode: bool, min_time: float, batch: int = BATCH) -> float:
-    """Images/s of ``predict_proba`` on batches of ``batch`` random SIDE x SIDE images (median batch time)."""
-    x = torch.rand(batch, 3, SIDE, SIDE)
+                       inference_mode: bool, min_time: float, batch: int = BATCH,
+                       min_runs: int | None = None, warmup: int = 1) -> float:
+    """Images/s of ``predict_proba`` on batches of ``batch`` random SIDE x SIDE images (median batch time).
+
+    Runs on the network's device; on a GPU each batch is timed to its end (synchronised).
+    """
+    device = next(net.parameters()).device
+    x = torch.rand(batch, 3, SIDE, SIDE, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     grad = torch.inference_mode if inference_mode else torch.no_grad
 
     def run() -> None:
-        with grad(), autocast(bf16):
+        with grad(), autocast(bf16, device.type):
             net.predict_proba(x, prune_level=level)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
-    return batch / statistics.median(timed(run, min_time, min_runs=3 if batch >= BATCH else 8))
+    runs = min_runs if min_runs is not None else (3 if batch >= BATCH else 8)
+    return batch / statistics.median(timed(run, min_time, min_runs=runs, warmup=warmup))
 
 
 def onnx_throughput(net: UNetPlusPlus, level: int | None, threads: int, min_time: float, workdir: Path) -> float:

@@ -27,22 +27,26 @@ from nucleiseg.models import UNetPlusPlus
 from nucleiseg.training import accumulate_gradients, bf16_supported
 
 
-def step_times(widths, batch: int, crop: int, steps: int, bf16: bool, channels_last: bool, micro_batch: int) -> list[float]:
-    """Seconds per optimisation step, after two warm-up steps."""
+def step_times(widths, batch: int, crop: int, steps: int, bf16: bool, channels_last: bool, micro_batch: int,
+               device: str | torch.device = "cpu", warmup: int = 2) -> list[float]:
+    """Seconds per optimisation step, after ``warmup`` warm-up steps (on a GPU, each timed to its end)."""
     torch.manual_seed(0)
+    device = torch.device(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = UNetPlusPlus(3, 3, widths).to(memory_format=fmt)
+    model = UNetPlusPlus(3, 3, widths).to(device).to(memory_format=fmt)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True)
     loss_fn = DeepSupervisionLoss()
-    x = torch.randn(batch, 3, crop, crop).contiguous(memory_format=fmt)
-    y = (torch.rand(batch, 3, crop, crop) > 0.7).float()
+    x = torch.randn(batch, 3, crop, crop, device=device).contiguous(memory_format=fmt)
+    y = (torch.rand(batch, 3, crop, crop, device=device) > 0.7).float()
     timings = []
-    for step in range(steps + 2):
+    for step in range(steps + warmup):
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         accumulate_gradients(model, loss_fn, x, y, micro_batch, torch.bfloat16 if bf16 else None)
         optimizer.step()
-        if step >= 2:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= warmup:
             timings.append(time.perf_counter() - started)
     return timings
 
