@@ -261,3 +261,33 @@ def test_progress_reports_tiles_of_a_large_image(tmp_path: Path, model) -> None:
     segment(image, model, tile=64, overlap=16, progress=lambda done, total: seen.append((done, total)))
     n = len(tiles((192, 192), 64, 16, 4))
     assert n == 16 and seen[-1] == (n, n) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident memory from /proc")
+def test_memory_does_not_grow_over_2000_images(tmp_path: Path, model) -> None:
+    """A long batch holds one image at a time: resident memory after 2,000 images is what it was after 200."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tile = _fixture(FLUO, 256)
+    for k in range(2000):
+        r, c = divmod(k % 49, 7)
+        write_png(folder / f"img{k:04d}.png", tile[32 * r : 32 * r + 32, 32 * c : 32 * c + 32])
+    samples = {}
+
+    def progress(done: int, total: int) -> None:
+        if done in (200, 2000):
+            samples[done] = _rss_bytes()
+
+    summary = predict_files([folder], tmp_path / "out", model=model, options={"precision": "fp32"},
+                            progress=progress, say=lambda kind, text: None)
+    assert len(summary) == 2000 and (summary["status"] == "ok").all()
+    growth = samples[2000] - samples[200]
+    print(f"resident memory after 200 images {samples[200] / 2**20:.0f} MiB, after 2000 "
+          f"{samples[2000] / 2**20:.0f} MiB ({growth / 2**20:+.1f} MiB)")
+    assert growth < 20 * 2**20
