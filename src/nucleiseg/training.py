@@ -44,6 +44,7 @@ from .data.dataset import (
     sampling_weights,
 )
 from .data.targets import CHANNELS, make_targets
+from .device import bf16_supported, resolve_precision  # noqa: F401  (bf16_supported: kept importable from here)
 from .errors import NucleisegError
 from .io import atomic_path
 from .losses import DeepSupervisionLoss
@@ -158,25 +159,6 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- environment
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast runs natively (CPU with AVX-512 BF16/AMX, or a bf16 GPU)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (None = plain fp32)."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16" or bf16_supported(device):
-        return torch.bfloat16
-    return None
-
-
 @dataclass
 class _Distributed:
     rank: int = 0
