@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import logging
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,14 +27,138 @@ os.umask(_UMASK)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff")
 
+#: Largest image :func:`read_image` decodes, in bytes of the decoded array (all pages and channels):
+#: 2 GiB, e.g. a 46,000 x 46,000 8-bit grey image, 26,000 x 26,000 RGB, 32,000 x 32,000 16-bit.
+#: Checked from the file's header before anything is decoded, so a small file claiming a huge
+#: image (a "decompression bomb": 2.4 MB of TIFF claiming 50,000 x 50,000 grew to 10 GB before
+#: failing) costs one error line. Predicting an image needs several times its decoded size
+#: (3.62 GiB peak for an 8000 x 8000 RGB image, docs/benchmarks.md). Override per call
+#: (``max_bytes=``) or per process with the environment variable ``NUCLEISEG_MAX_IMAGE_BYTES``
+#: (bytes, or with a K/M/G/T suffix, powers of 1024; 0 = no limit).
+MAX_IMAGE_BYTES = 2 * 1024**3
 
-def read_image(path: str | Path) -> np.ndarray:
+#: The environment variable that overrides :data:`MAX_IMAGE_BYTES`.
+MAX_IMAGE_BYTES_ENV = "NUCLEISEG_MAX_IMAGE_BYTES"
+
+_PIL_LIMIT_LOCK = threading.Lock()
+_reading = threading.local()
+
+
+class _QuietWhileReading(logging.Filter):
+    """Drop tifffile's log records (a damaged file's "incorrect StripByteCounts", ...) while
+    :func:`read_image` reads in this thread: its one error line says what is wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_reading, "active", False)
+
+
+logging.getLogger("tifffile").addFilter(_QuietWhileReading())
+
+
+def max_image_bytes(max_bytes: int | None = None) -> int | None:
+    """The decoded-size limit in force: ``max_bytes`` if given, else the environment's, else the default.
+
+    Returns None for no limit (a value of 0).
+
+    Raises
+    ------
+    NucleisegError
+        ``NUCLEISEG_MAX_IMAGE_BYTES`` is set to something that is not a size.
+
+    Examples
+    --------
+    >>> max_image_bytes(), max_image_bytes(0), max_image_bytes(10**9)
+    (2147483648, None, 1000000000)
+    """
+    if max_bytes is None:
+        text = os.environ.get(MAX_IMAGE_BYTES_ENV, "").strip()
+        if not text:
+            return MAX_IMAGE_BYTES
+        units = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+        number, unit = text.upper().removesuffix("B").removesuffix("I"), ""
+        if number and number[-1] in units:
+            number, unit = number[:-1], number[-1]
+        try:
+            max_bytes = int(float(number) * units[unit])
+            if not float(number) >= 0:
+                raise ValueError
+        except (ValueError, OverflowError):
+            raise NucleisegError(f"environment variable {MAX_IMAGE_BYTES_ENV}={text!r} is not a size "
+                                 "(bytes, or a number with K, M, G or T; 0 for no limit)") from None
+    max_bytes = int(max_bytes)
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0 (0 = no limit), got {max_bytes}")
+    return max_bytes or None
+
+
+def _refuse_if_too_large(path: Path, shape: Sequence[int], itemsize: int, limit: int | None) -> None:
+    """Raise ImageReadError when an image of ``shape`` would decode to more than ``limit`` bytes."""
+    shape = tuple(int(n) for n in shape)
+    nbytes = int(np.prod(shape, dtype=object)) * int(itemsize)
+    if limit is None or nbytes <= limit:
+        return
+    size = " x ".join(f"{n:,}" for n in shape if n != 1)
+    raise ImageReadError(
+        f"image claims {size} pixels ({nbytes / 1024**3:.1f} GiB decoded), above the {limit / 1024**3:.1f} GiB "
+        f"limit on a decoded image; if it is genuine, raise the limit with {MAX_IMAGE_BYTES_ENV} "
+        "(e.g. 16G) or read_image(max_bytes=...)", path)
+
+
+def _pil_header(path: Path) -> tuple[tuple[int, ...], int]:
+    """``(shape, bytes per value)`` of the array imageio will decode, from the header (Pillow, lazily)."""
+    from PIL import Image
+
+    def read() -> tuple[tuple[int, ...], int]:
+        with Image.open(path) as im:
+            width, height = im.size
+            frames = int(getattr(im, "n_frames", 1) or 1)
+            mode = im.mode
+            bands = 4 if mode in ("P", "PA") else len(im.getbands())  # a palette is expanded to RGB(A)
+        itemsize = 4 if mode in ("I", "F") or mode.startswith(("I;32", "F;")) else 2 if "16" in mode else 1
+        return ((frames,) if frames > 1 else ()) + (height, width, bands), itemsize
+
+    try:
+        return read()
+    except Image.DecompressionBombError:  # Pillow's own, lower limit: our limit decides
+        with _PIL_LIMIT_LOCK:
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                return read()
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+
+
+def _read_pil_format(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """Decode with imageio (Pillow); an image already checked against our limit may exceed Pillow's."""
+    import imageio.v3 as iio
+    from PIL import Image
+
+    with warnings.catch_warnings():  # imageio's plugin probing announces its own deprecations
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # sized against our own limit
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is None or shape[-3] * shape[-2] <= 2 * limit:
+            return iio.imread(path)
+        with _PIL_LIMIT_LOCK:
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                return iio.imread(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+
+
+def read_image(path: str | Path, *, max_bytes: int | None = None) -> np.ndarray:
     """Read a 2-D image (grey, RGB or RGBA; 8/16-bit or float) as stored.
 
     Parameters
     ----------
     path : str or Path
         PNG, JPEG, TIFF or BMP file.
+    max_bytes : int, optional
+        Refuse an image whose decoded array would exceed this many bytes (0:
+        no limit); default :data:`MAX_IMAGE_BYTES` (2 GiB) or the environment
+        variable ``NUCLEISEG_MAX_IMAGE_BYTES``. Checked from the header,
+        before decoding.
 
     Returns
     -------
@@ -43,7 +169,8 @@ def read_image(path: str | Path) -> np.ndarray:
     Raises
     ------
     ImageReadError
-        The file does not exist, is empty, cannot be decoded, or is not 2-D.
+        The file does not exist, is empty, cannot be decoded, is not 2-D, or
+        would decode to more than ``max_bytes``.
 
     Examples
     --------
@@ -58,17 +185,24 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageReadError("is a folder, expected an image file", path)
     if path.stat().st_size == 0:
         raise ImageReadError("empty file (0 bytes)", path)
+    limit = max_image_bytes(max_bytes)
+    _reading.active = True
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
             import tifffile
 
-            image = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tif:  # what tifffile.imread does, with a look at the header first
+                series = tif.series[0]  # all pages of a multi-page file; level 0 of a pyramid
+                _refuse_if_too_large(path, series.shape, series.dtype.itemsize, limit)
+                image = tif.asarray()
         else:
-            import imageio.v3 as iio
-
-            with warnings.catch_warnings():  # imageio's plugin probing announces its own deprecations
-                warnings.simplefilter("ignore", DeprecationWarning)
-                image = iio.imread(path)
+            shape, itemsize = _pil_header(path)
+            _refuse_if_too_large(path, shape, itemsize, limit)
+            image = _read_pil_format(path, shape)
+    except ImageReadError:
+        raise
+    except MemoryError:
+        raise ImageReadError("not enough memory to decode this image", path) from None
     except Exception as exc:  # decoders raise many types; all mean "not a readable image"
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             formats = ", ".join(sorted({s.lstrip(".").upper() for s in IMAGE_SUFFIXES} - {"JPEG", "TIFF"}))
@@ -77,6 +211,8 @@ def read_image(path: str | Path) -> np.ndarray:
                 f"({formats}); convert it first, e.g. with Fiji (Bio-Formats) to TIFF", path) from None
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageReadError(f"cannot be read as an image ({reason})", path) from None
+    finally:
+        _reading.active = False
     image = np.asarray(image)
     return _as_2d_image(image, path)
 
@@ -195,9 +331,9 @@ def write_labels_tiff(path: str | Path, labels: np.ndarray) -> None:
         tifffile.imwrite(tmp, labels.astype(dtype), imagej=imagej, compression=None if imagej else "zlib")
 
 
-def read_labels(path: str | Path) -> np.ndarray:
-    """Read an instance label image (TIFF or PNG) as a 2-D integer array."""
-    labels = read_image(path)
+def read_labels(path: str | Path, *, max_bytes: int | None = None) -> np.ndarray:
+    """Read an instance label image (TIFF or PNG) as a 2-D integer array (``max_bytes``: see :func:`read_image`)."""
+    labels = read_image(path, max_bytes=max_bytes)
     if labels.ndim == 3:
         if labels.shape[-1] in (3, 4) and np.all(labels[..., 0:1] == labels[..., :3]):
             labels = labels[..., 0]
