@@ -93,24 +93,37 @@ def _add_prepare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--force", action="store_true", help="process every image again, even when up to date (keeps the split)"
     )
+    p.add_argument(
+        "--binary-masks",
+        choices=("refuse", "split"),
+        default="refuse",
+        help="a label file that is a binary mask (one value, e.g. 255, over several separate blobs) rather than "
+        "instance labels: refuse stops with an error naming it; split numbers each blob as one nucleus, with a "
+        "warning (touching nuclei stay merged)",
+    )
     p.set_defaults(func=_run_prepare)
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
     from .data.cache import prepare_dataset
+    from .data.paired import BinaryMaskError
 
-    result = prepare_dataset(
-        args.data_dir,
-        args.out,
-        layout=args.layout,
-        rle_csv=args.rle_csv,
-        groups=None if args.groups == "auto" else args.groups,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        workers=args.workers,
-        force=args.force,
-        progress=not args.quiet,
-    )
+    try:
+        result = prepare_dataset(
+            args.data_dir,
+            args.out,
+            layout=args.layout,
+            rle_csv=args.rle_csv,
+            groups=None if args.groups == "auto" else args.groups,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            workers=args.workers,
+            force=args.force,
+            progress=not args.quiet,
+            binary_masks=args.binary_masks,
+        )
+    except BinaryMaskError as exc:  # the library's words for the choice -> this option
+        raise NucleisegError(str(exc).replace("choose to split binary masks", "use --binary-masks split")) from None
     if not args.quiet:
         print(
             f"{result.cache_dir}: {len(result.table)} images "
