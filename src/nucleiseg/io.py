@@ -437,6 +437,66 @@ def write_overlay(path: str | Path, rgb: np.ndarray, labels: np.ndarray) -> None
     write_png(path, draw_overlay(rgb, labels))
 
 
+def nucleus_polygons(labels: np.ndarray) -> Iterator[tuple[int, list[list[np.ndarray]]]]:
+    """Every nucleus as polygons with holes, in image (x, y) coordinates.
+
+    Parameters
+    ----------
+    labels : ndarray, shape (H, W), integer
+        Instance labels, 0 for background.
+
+    Yields
+    ------
+    label : int
+        The nucleus' label, in increasing order.
+    polygons : list of list of ndarray
+        One polygon per piece of the nucleus (4-connected pixels), the largest
+        first; each is ``[exterior, hole, hole, ...]``, closed rings (first
+        point repeated last) of ``(x, y)`` vertices where pixel ``(row, col)``
+        spans ``[col, col + 1) x [row, row + 1)`` (the ImageJ and QuPath
+        convention). Rings follow :func:`skimage.measure.find_contours` at 0.5,
+        holes wound opposite to their exterior, so even-odd and non-zero
+        filling agree; filled, they cover exactly the nucleus' pixel centres.
+
+    Examples
+    --------
+    >>> labels = np.zeros((5, 9), np.int32); labels[1:4, 1:4] = 3; labels[2, 2] = 0; labels[1:3, 6:8] = 3
+    >>> [(k, [len(p) for p in polygons]) for k, polygons in nucleus_polygons(labels)]  # a ring and a square
+    [(3, [2, 1])]
+    """
+    from scipy import ndimage as ndi
+    from skimage.measure import find_contours
+
+    labels = _check_labels(labels)
+    if not labels.size or labels.max() == 0:
+        return
+    for index, box in enumerate(ndi.find_objects(labels)):
+        if box is None:
+            continue
+        label = index + 1
+        mask = np.pad(labels[box] == label, 1)
+        pieces, n = ndi.label(mask)  # 4-connected: find_contours' own connectivity of the foreground
+        masks = [mask] if n == 1 else [pieces == k for k in range(1, n + 1)]
+        polygons = []
+        for piece in masks:
+            rings = find_contours(piece.astype(np.float32), 0.5)
+            outer = max(range(len(rings)), key=lambda i: _ring_area(rings[i]))
+            exterior = rings[outer]
+            holes = [r if np.sign(_signed_area(r)) != np.sign(_signed_area(exterior)) else r[::-1]
+                     for i, r in enumerate(rings) if i != outer]
+            # (row, col) of the padded crop -> (x, y) with pixel centres at +0.5
+            polygons.append([_to_xy(r, box) for r in [exterior, *holes]])
+        polygons.sort(key=lambda rings: -_ring_area(rings[0]))  # stable: equal pieces keep raster order
+        yield label, polygons
+
+
+def _to_xy(ring: np.ndarray, box: tuple[slice, slice]) -> np.ndarray:
+    xy = np.empty_like(ring)
+    xy[:, 0] = ring[:, 1] + (box[1].start - 1 + 0.5)
+    xy[:, 1] = ring[:, 0] + (box[0].start - 1 + 0.5)
+    return xy
+
+
 def nucleus_outlines(labels: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """The outline polygon of every nucleus, in image (x, y) coordinates.
 
@@ -454,7 +514,8 @@ def nucleus_outlines(labels: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         pixel ``(row, col)`` spans ``[col, col + 1) x [row, row + 1)`` (the
         ImageJ and QuPath convention): the ring's bounding box is the nucleus'
         bounding box. The outer boundary (from
-        :func:`skimage.measure.find_contours` at 0.5) of the largest piece.
+        :func:`skimage.measure.find_contours` at 0.5) of the largest piece;
+        :func:`nucleus_polygons` gives every piece and hole.
 
     Examples
     --------
@@ -462,37 +523,49 @@ def nucleus_outlines(labels: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     >>> [(k, p.min(axis=0).tolist(), p.max(axis=0).tolist()) for k, p in nucleus_outlines(labels)]
     [(7, [2.0, 1.0], [3.0, 2.0])]
     """
-    from scipy import ndimage as ndi
-    from skimage.measure import find_contours
-
-    labels = _check_labels(labels)
-    if not labels.size or labels.max() == 0:
-        return
-    for index, box in enumerate(ndi.find_objects(labels)):
-        if box is None:
-            continue
-        label = index + 1
-        mask = np.pad(labels[box] == label, 1).astype(np.float32)
-        rings = find_contours(mask, 0.5)
-        ring = max(rings, key=_ring_area)
-        # (row, col) of the padded crop -> (x, y) with pixel centres at +0.5
-        xy = np.empty_like(ring)
-        xy[:, 0] = ring[:, 1] + (box[1].start - 1 + 0.5)
-        xy[:, 1] = ring[:, 0] + (box[0].start - 1 + 0.5)
-        yield label, xy
+    for label, polygons in nucleus_polygons(labels):
+        yield label, polygons[0][0]
 
 
 def _ring_area(ring: np.ndarray) -> float:
     """Absolute shoelace area of a polygon."""
+    return abs(_signed_area(ring))
+
+
+def _signed_area(ring: np.ndarray) -> float:
+    """Shoelace area of a polygon, its sign the winding direction."""
     y, x = ring[:, 0], ring[:, 1]
-    return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
+    return float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2
+
+
+def _composite_roi(polygons: list[list[np.ndarray]], name: str):
+    """An ImageJ composite ROI (a ShapeRoi: path of MOVETO/LINETO/CLOSE in image coordinates, even-odd filled)."""
+    import roifile
+
+    path: list[float] = []
+    for rings in polygons:
+        for ring in rings:
+            points = ring[:-1]  # CLOSE returns to the first point
+            path += [0.0, float(points[0, 0]), float(points[0, 1])]
+            for x, y in points[1:]:
+                path += [1.0, float(x), float(y)]
+            path.append(4.0)
+    every = np.concatenate([ring for rings in polygons for ring in rings])
+    left, top = np.floor(every.min(axis=0)).astype(int)
+    right, bottom = np.ceil(every.max(axis=0)).astype(int)
+    return roifile.ImagejRoi(roitype=roifile.ROI_TYPE.RECT, name=name, left=int(left), top=int(top),
+                             right=int(right), bottom=int(bottom), shape_roi_size=len(path),
+                             multi_coordinates=np.asarray(path, np.float32))
 
 
 def write_imagej_rois(path: str | Path, labels: np.ndarray) -> None:
-    """Write every nucleus as an ImageJ polygon ROI into a zip, atomically.
+    """Write every nucleus as an ImageJ ROI into a zip, atomically.
 
     Open the zip in Fiji's ROI Manager (drag and drop, or *More > Open*). Each
-    ROI is named by its label; coordinates are sub-pixel, in pixels.
+    ROI is named by its label; coordinates are sub-pixel, in pixels. A nucleus
+    of one piece without holes is a polygon ROI; one with a hole or in several
+    pieces a composite ROI (ImageJ's ``ShapeRoi``, even-odd filled), so that
+    its area and outline hold every piece and leave the holes out.
 
     Parameters
     ----------
@@ -511,9 +584,12 @@ def write_imagej_rois(path: str | Path, labels: np.ndarray) -> None:
     import roifile
 
     rois = []
-    for label, xy in nucleus_outlines(labels):
-        roi = roifile.ImagejRoi.frompoints(xy[:-1], name=str(label))  # ImageJ closes polygons itself
-        roi.roitype = roifile.ROI_TYPE.POLYGON
+    for label, polygons in nucleus_polygons(labels):
+        if len(polygons) == 1 and len(polygons[0]) == 1:
+            roi = roifile.ImagejRoi.frompoints(polygons[0][0][:-1], name=str(label))  # ImageJ closes polygons itself
+            roi.roitype = roifile.ROI_TYPE.POLYGON
+        else:
+            roi = _composite_roi(polygons, str(label))
         rois.append(roi)
     with atomic_path(path) as tmp:
         roifile.roiwrite(tmp, rois, mode="w")
@@ -523,9 +599,10 @@ def write_geojson(path: str | Path, labels: np.ndarray) -> None:
     """Write every nucleus as a QuPath detection in a GeoJSON FeatureCollection, atomically.
 
     Coordinates are in pixels, (0, 0) the top-left corner of the image. Each
-    Feature is a Polygon (closed ring) with ``properties`` ``{"objectType":
-    "detection", "classification": {"name": "Nucleus"}, "label": k}``, which
-    QuPath (*File > Import objects*) reads as nucleus detections.
+    Feature is a Polygon (exterior ring, then a ring per hole) or, for a
+    nucleus in several pieces, a MultiPolygon of them, with ``properties``
+    ``{"objectType": "detection", "classification": {"name": "Nucleus"}, "label": k}``,
+    which QuPath (*File > Import objects*) reads as nucleus detections.
 
     Parameters
     ----------
@@ -541,13 +618,18 @@ def write_geojson(path: str | Path, labels: np.ndarray) -> None:
     """
     import json
 
+    def geometry(polygons: list[list[np.ndarray]]) -> dict:
+        if len(polygons) == 1:
+            return {"type": "Polygon", "coordinates": [ring.tolist() for ring in polygons[0]]}
+        return {"type": "MultiPolygon", "coordinates": [[ring.tolist() for ring in rings] for rings in polygons]}
+
     features = [
         {
             "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [xy.tolist()]},
+            "geometry": geometry(polygons),
             "properties": {"objectType": "detection", "classification": {"name": "Nucleus"}, "label": label},
         }
-        for label, xy in nucleus_outlines(labels)
+        for label, polygons in nucleus_polygons(labels)
     ]
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         json.dump({"type": "FeatureCollection", "features": features}, handle)
