@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import logging
 import os
 import tempfile
@@ -274,12 +275,62 @@ def list_images(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+#: Errors of writing that are the machine's state, not a bug: reported as one line naming the file.
+_WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for this file system or process limit",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def _write_error(exc: BaseException, path: Path, tmp: Path | None = None) -> NucleisegError | None:
+    """The one-line error for a write that failed for want of space, quota or permission; None for anything else.
+
+    Writers report a full disk in their own ways: an ``OSError`` with its errno (Pillow, Python's
+    files), one without (tifffile: "... requested and ... written"), "(os error 28)" in a message
+    (safetensors), a bare ``RuntimeError`` (torch.save). So the errno is taken where given, else
+    read from the message, else the device's free space and the process' file size limit decide.
+    """
+    import re
+
+    code = exc.errno if isinstance(exc, OSError) and exc.errno in _WRITE_ERRORS else None
+    if code is None:
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found and int(found.group(1)) in _WRITE_ERRORS else None
+    if code is None and isinstance(exc, (OSError, RuntimeError)):
+        try:
+            stats = os.statvfs(path.parent)
+            if stats.f_bavail * stats.f_frsize < 1 << 20:
+                code = errno.ENOSPC
+        except (OSError, AttributeError):
+            pass
+        try:
+            import resource
+
+            limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            if code is None and tmp is not None and limit != resource.RLIM_INFINITY and tmp.exists() \
+                    and tmp.stat().st_size >= limit - (1 << 16):
+                code = errno.EFBIG
+        except (ImportError, OSError):
+            pass
+    if code is None:
+        return None
+    return NucleisegError(f"cannot be written: {_WRITE_ERRORS[code]} ({errno.errorcode.get(code, code)}); "
+                          "nothing half-written was left", path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
 
     A reader never sees a half-written file, and an interrupted write leaves the
-    previous file (if any) untouched.
+    previous file (if any) untouched. A write that fails for want of space,
+    quota or permission (``ENOSPC``, ``EDQUOT``, ``EFBIG``, ``EROFS``, ``EACCES``,
+    ``EPERM``) removes the temporary file and raises
+    :class:`~nucleiseg.errors.NucleisegError` naming ``path``, in one line.
 
     Examples
     --------
@@ -287,9 +338,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     ...     table.to_csv(tmp)
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        error = _write_error(exc, path)
+        if error is None:
+            raise
+        raise error from None
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -297,6 +354,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         # given: set the usual permissions on what was written, just before it takes the name.
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+    except Exception as exc:  # a failed write: is it the machine's state (full disk...) or a bug?
+        error = _write_error(exc, path, tmp)
+        if error is None:
+            raise
+        raise error from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -293,9 +293,14 @@ def _write_png(path: Path, image: np.ndarray) -> None:
     import cv2
 
     data = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
+    # encoded in memory, written by Python: a full disk is then an OSError that atomic_path reports
+    # in one line (cv2.imwrite would print libpng's own error and return False)
+    ok, encoded = cv2.imencode(".png", data, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:  # cv2 declined (unusual build): the plain writer
+        write_png(path, image)
+        return
     with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), data, [cv2.IMWRITE_PNG_COMPRESSION, 3]):
-            write_png(tmp, image)  # cv2 declined (unusual path or build): the plain writer
+        tmp.write_bytes(encoded.tobytes())
 
 
 def _run_all(tasks: list[tuple[_Sample, str]], out_dir: Path, workers: int, progress: bool, binary_masks: str = "refuse"):
