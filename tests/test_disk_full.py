@@ -171,8 +171,9 @@ def test_prepare_on_a_full_file_system_is_one_line_and_a_rerun_with_space_comple
     # the same command with space finishes, and gives what a run that never failed gives
     assert (tmp_path / "again.rc").read_text().strip() == "0", (tmp_path / "again.err").read_text()
     reference = tmp_path / "reference"
-    subprocess.run([sys.executable, "-m", "nucleiseg.cli", "-q", "prepare", str(DSB_FIXTURE), "--out", str(reference),
-                    "--workers", "1"], check=True, env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"}, timeout=300)
+    from nucleiseg.data.cache import prepare_dataset
+
+    prepare_dataset(DSB_FIXTURE, reference, workers=1, progress=False)
     after = tmp_path / "cache_after"
     for name in ("index.csv", "split.csv"):
         assert (after / name).read_text().replace(str(cache), "") == (reference / name).read_text().replace(
