@@ -25,6 +25,24 @@ from nucleiseg.io import read_image, read_labels
 EXAMPLES = int(os.environ.get("NUCLEISEG_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FOLDER = Path(tempfile.mkdtemp(prefix="nucleiseg-fuzz-"))
+#: Files and bytes fed to the readers, per test; written as JSON to $NUCLEISEG_FUZZ_REPORT when set.
+FED: dict[str, list[int]] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_figures():
+    yield
+    report = os.environ.get("NUCLEISEG_FUZZ_REPORT")
+    if report:
+        import json
+
+        Path(report).write_text(json.dumps({k: {"files": v[0], "bytes": v[1]} for k, v in FED.items()}, indent=1))
+
+
+def _fed(name: str, data: bytes) -> None:
+    counts = FED.setdefault(name, [0, 0])
+    counts[0] += 1
+    counts[1] += len(data)
 
 
 def _samples() -> dict[str, bytes]:
@@ -56,6 +74,7 @@ SUFFIX = {"png": ".png", "png16": ".png", "jpg": ".jpg", "bmp": ".bmp", "tif": "
 
 
 def _check_reader(read, data: bytes, suffix: str) -> None:
+    _fed(f"{read.__name__} ({suffix or 'no suffix'})", data)
     path = FOLDER / f"case{suffix}"
     path.write_bytes(data)
     try:
@@ -121,6 +140,7 @@ def test_damaged_model_files_raise_only_the_projects_error(cut, flips, header_on
         data = data[:cut]
     path = FOLDER / "case.safetensors"
     path.write_bytes(bytes(data))
+    _fed("model file", bytes(data))
     for load in (ModelMetadata.read, load_model_file):
         try:
             load(path)
@@ -140,6 +160,7 @@ def test_damaged_training_settings_raise_only_the_projects_error(text):
 
     path = FOLDER / "train_config.json"
     path.write_text(text, encoding="utf-8")
+    _fed("train_config.json", text.encode())
     try:
         TrainConfig.from_json(path)
     except NucleisegError as exc:
