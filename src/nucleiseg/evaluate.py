@@ -28,6 +28,7 @@ dictionaries already in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -42,7 +43,10 @@ import pandas as pd
 from .errors import NucleisegError
 from .io import atomic_path
 from .metrics import PixelScoreAccumulator, instance_scores, summarize_instance_scores
+from .options import PredictOptions
 from .postprocess import PostprocessParams, connected_components
+
+_DEFAULTS = PredictOptions()
 
 __all__ = [
     "AVERAGING",
@@ -475,23 +479,23 @@ def open_dataset(data: str | Path, split: str | None, fallback_dir: str | Path |
     """
     import os
 
-    from .data.cache import prepare_dataset, read_cache
+    from .data.cache import Cache, prepare_dataset, read_cache
 
     data = Path(data)
     if not data.exists():
         raise NucleisegError("no such folder", data)
     if split is not None and split not in ("val", "train", "all"):
         raise NucleisegError(f"unknown split {split!r}; choose val, train or all")
-    if (data / "manifest.json").is_file() or not data.is_dir():
+    if Cache.is_cache(data) or not data.is_dir():
         cache_dir = data
         table = read_cache(data)
         split = split or "val"
     else:
         cache_dir = data.parent / f"{data.name}-cache"
-        existed = (cache_dir / "manifest.json").is_file()
+        existed = Cache.is_cache(cache_dir)
         if not existed and not os.access(data.parent, os.W_OK) and fallback_dir is not None:
             cache_dir = Path(fallback_dir)
-            existed = (cache_dir / "manifest.json").is_file()
+            existed = Cache.is_cache(cache_dir)
         log.info("preparing %s into %s", data, cache_dir)
         try:
             result = prepare_dataset(data, cache_dir, progress=progress)
@@ -506,7 +510,7 @@ def open_dataset(data: str | Path, split: str | None, fallback_dir: str | Path |
     if split != "all":
         table = table[table["split"] == split]
     if table.empty:
-        raise NucleisegError(f"the cache has no images in the {split!r} split (see split.csv); try --split all", cache_dir)
+        raise NucleisegError(f"the cache has no images in the {split!r} split (see split.csv); score the split 'all' instead", cache_dir)
     log.info("evaluating the %s split of %s: %d images", split, cache_dir, len(table))
     return Path(cache_dir), table.reset_index(drop=True), split
 
@@ -515,14 +519,12 @@ class _CacheFiles(Mapping):
     """Read-on-access mapping image_id -> array of a cache's images/ or labels/ files."""
 
     def __init__(self, cache_dir: Path, ids: Sequence[str], what: str):
-        self.cache_dir, self.ids, self.what = Path(cache_dir), list(ids), what
+        from .data.cache import Cache
+
+        self.cache, self.ids, self.what = Cache(Path(cache_dir)), list(ids), what
 
     def __getitem__(self, image_id: str) -> np.ndarray:
-        from .io import read_image, read_labels
-
-        if self.what == "images":
-            return read_image(self.cache_dir / "images" / f"{image_id}.png")
-        return read_labels(self.cache_dir / "labels" / f"{image_id}.tif")
+        return self.cache.image(image_id) if self.what == "images" else self.cache.labels(image_id)
 
     def __iter__(self):
         return iter(self.ids)
@@ -544,8 +546,7 @@ def evaluate_dataset(
     model: str | Path | None = None,
     labels_dir: str | Path | None = None,
     split: str | None = None,
-    mode: str = "accurate",
-    predict_options: Mapping[str, Any] | None = None,
+    options: PredictOptions | Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Path]]:
     """Score a model (or a folder of predicted labels) on a prepared cache; write the report.
@@ -568,12 +569,10 @@ def evaluate_dataset(
     split : {'val', 'train', 'all'}, optional
         Images to score; default ``val`` for a cache, ``all`` for a new data
         folder (see :func:`open_dataset`).
-    mode : {'accurate', 'fast'}
-        Inference mode of the model.
-    predict_options : mapping, optional
-        More keywords for :func:`nucleiseg.inference.predict_probabilities`
-        (``tta``, ``tile``, ``overlap``, ``precision``), and ``scale``: a factor or
-        ``"auto"`` (see :func:`nucleiseg.inference.predict_labels`).
+    options : PredictOptions or mapping, optional
+        How the model predicts (mode, TTA, tiles, precision, scale or nucleus
+        diameter: see :class:`~nucleiseg.options.PredictOptions`); the
+        defaults are ``nucleiseg predict``'s.
     progress : bool
         Progress bar on stderr.
 
@@ -585,7 +584,7 @@ def evaluate_dataset(
     """
     from tqdm import tqdm
 
-    from .io import read_image, read_labels
+    from .io import read_labels
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -625,26 +624,26 @@ def evaluate_dataset(
             evaluator.add(image_id, truth[image_id], pred, kinds[image_id])
         about["labels"] = str(labels_dir)
     else:
-        from .inference import load_model, predict_labels
+        from .inference import load_model, predict_labels, resolve_device
 
-        net = load_model(model)
+        opts = PredictOptions.from_any(options)
+        net = load_model(model, resolve_device(opts.device))
+        opts = opts.resolved(net.depth, net.nucleus_diameter)
         channels = list(net.channels)
         params = net.postprocess
         evaluator = Evaluator(channels=channels, params=params)
-        options = {k: v for k, v in (predict_options or {}).items() if v is not None}
-        scale = options.pop("scale", 1.0)
         for image_id in tqdm(ids, **bar):
-            rgb = read_image(cache_dir / "images" / f"{image_id}.png")
+            rgb = images[image_id]
             # the thresholds of the image's kind, as segment() / predict use them
-            probs, pred, _ = predict_labels(net, rgb, net.postprocess_for(rgb), scale, mode=mode, **options)
+            probs, pred, _ = predict_labels(net, rgb, net.postprocess_for(rgb), opts)
             pred = _compact(pred)
             preds[image_id] = pred
             evaluator.add(image_id, truth[image_id], pred, kinds[image_id], probs)
         if net.postprocess_by_kind:
             about["postprocess_by_kind"] = {kind: p.to_dict() for kind, p in net.postprocess_by_kind.items()}
-        about.update(model=str(model or "default"), mode=mode, postprocess=params.to_dict(),
-                     **{k: v for k, v in options.items() if isinstance(v, (bool, int, float, str))},
-                     **({"scale": scale} if scale != 1.0 else {}))
+        about.update(model=str(model or "default"), mode=opts.mode, postprocess=params.to_dict(),
+                     **{k: v for k, v in dataclasses.asdict(opts).items()
+                        if k != "mode" and v != getattr(_DEFAULTS, k) and isinstance(v, (bool, int, float, str))})
     per_image, summary = evaluator.result()
     summary = {"evaluated": about, **summary}
     paths = write_report(out_dir, per_image, summary, images, truth, preds)

@@ -46,7 +46,7 @@ from .data.dataset import (
 from .data.kinds import KINDS
 from .data.targets import CHANNELS, make_targets
 from .device import bf16_supported, resolve_precision  # noqa: F401  (bf16_supported: kept importable from here)
-from .errors import NucleisegError
+from .errors import NucleisegError, OptionError
 from .io import atomic_path
 from .losses import DeepSupervisionLoss
 from .measure import typical_diameter
@@ -202,13 +202,14 @@ class TrainConfig:
             raise NucleisegError(f"saved setting {exc}", path) from None
 
 
-class TrainConfigError(NucleisegError):
-    """A training setting out of range; ``field`` names the :class:`TrainConfig` field (the CLI maps it to its option)."""
+class TrainConfigError(OptionError):
+    """A training setting out of range; ``field`` (= ``option``) names the :class:`TrainConfig` field, which a
+    front end rewords as its own option (:meth:`~nucleiseg.errors.OptionError.reworded`)."""
 
     def __init__(self, field: str, problem: str):
+        super().__init__(field, problem)
         self.field = field
         self.problem = problem
-        super().__init__(f"{field} {problem}")
 
     def __reduce__(self):  # picklable across processes, like its parent
         return (type(self), (self.field, self.problem))
