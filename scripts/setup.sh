@@ -8,10 +8,10 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 
 # System libraries for the napari plugin's headless tests: a virtual X server (Qt's "offscreen" platform
-# gives napari no OpenGL context), Mesa's software OpenGL, and what Qt's xcb platform plugin links to
+# gives napari no OpenGL context; xauth for xvfb-run), Mesa's software OpenGL, and what Qt's xcb platform plugin links to
 # (ldd of PyQt5's libqxcb.so and libQt5XcbQpa.so; libxcb-cursor0 for Qt >= 6.5; libdbus-1-3 is dlopen'ed).
 # Installed with apt-get, as root (or through passwordless sudo), and only those missing.
-SYSTEM_PACKAGES="xvfb libgl1 libegl1 libglx-mesa0 libgl1-mesa-dri libglib2.0-0 libfontconfig1 libfreetype6
+SYSTEM_PACKAGES="xvfb xauth libgl1 libegl1 libglx-mesa0 libgl1-mesa-dri libglib2.0-0 libfontconfig1 libfreetype6
     libdbus-1-3 libx11-xcb1 libxkbcommon-x11-0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0
     libxcb-render-util0 libxcb-xinerama0 libxcb-xfixes0 libxcb-shape0 libxcb-xkb1 libxcb-glx0 libxcb-sync1
     libxcb-shm0 libxcb-cursor0"

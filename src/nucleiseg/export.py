@@ -433,6 +433,10 @@ def export_bioimageio(
         test_input = tmp / "test_input.npy"
         np.save(test_input, rgb.transpose(2, 0, 1)[None].astype(np.float32))
         np.save(tmp / "test_output.npy", expected.astype(np.float32))
+        import tifffile  # the sample tensors (for people and viewers): the same arrays as TIFF
+
+        tifffile.imwrite(tmp / "sample_input.tif", rgb.transpose(2, 0, 1)[None].astype(np.float32))
+        tifffile.imwrite(tmp / "sample_output.tif", expected.astype(np.float32))
         _bioimageio_cover(rgb, expected[0], tmp / "cover.png")
         architecture = tmp / "nucleiseg_unetplusplus.py"
         architecture.write_text(Path(unetplusplus.__file__).read_text() + _BIOIMAGEIO_ARCHITECTURE)
@@ -471,6 +475,7 @@ def export_bioimageio(
             axes=[bio.BatchAxis(), bio.ChannelAxis(channel_names=[bio.Identifier(c) for c in ("r", "g", "b")]),
                   bio.SpaceInputAxis(id=bio.AxisId("y"), size=space), bio.SpaceInputAxis(id=bio.AxisId("x"), size=space)],
             test_tensor=bio.FileDescr(source=test_input),
+            sample_tensor=bio.FileDescr(source=tmp / "sample_input.tif"),
             data=bio.IntervalOrRatioDataDescr(type="float32"),
             preprocessing=[
                 bio.ScaleRangeDescr(kwargs=bio.ScaleRangeKwargs(
@@ -487,6 +492,7 @@ def export_bioimageio(
                                                 size=bio.SizeReference(tensor_id=input_id, axis_id=bio.AxisId(a)))
                     for a in ("y", "x"))],
             test_tensor=bio.FileDescr(source=tmp / "test_output.npy"),
+            sample_tensor=bio.FileDescr(source=tmp / "sample_output.tif"),
             data=bio.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
         )
         how = "accurate mode: the mean of all UNet++ heads" if level is None else f"fast mode: head {level} alone"

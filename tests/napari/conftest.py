@@ -83,6 +83,8 @@ def _plugin_registered(_virtual_display):
     from npe2 import PluginManager, PluginManifest
 
     manager = PluginManager.instance()
-    if "nucleiseg" not in manager._manifests:
+    try:
+        manager.get_manifest("nucleiseg")
+    except KeyError:
         manager.register(PluginManifest.from_file(MANIFEST))
     yield
