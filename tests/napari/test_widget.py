@@ -97,16 +97,21 @@ def test_bad_input_gets_one_line_notices(make_napari_viewer, qtbot, tmp_path):
     assert not widget.running
     viewer.add_image(np.zeros((64, 64), np.uint8), name="flat")
     widget.image_combo.setCurrentText("flat")
+    widget.diameter_combo.setCurrentText("large")
+    widget.segment()  # not a diameter
+    assert not widget.running
+    widget.diameter_combo.setCurrentText("as trained")
     not_a_model = tmp_path / "photo.safetensors"
     not_a_model.write_bytes(b"\x89PNG not a model")
     widget.model_combo.setCurrentText("model file")
     widget.model_path.setText(str(not_a_model))
     _run(qtbot, widget, widget.segment)
     messages = _messages(start)
-    assert len(messages) == 3 and all("\n" not in m for m in messages), messages
+    assert len(messages) == 4 and all("\n" not in m for m in messages), messages
     assert "no image layer" in messages[0]
     assert "not 3-D or time stacks" in messages[1]
-    assert "not a nucleiseg model file" in messages[2] and "photo.safetensors" in messages[2]
+    assert "diameter must be a number of pixels" in messages[2]
+    assert "not a nucleiseg model file" in messages[3] and "photo.safetensors" in messages[3]
     assert [x.name for x in viewer.layers] == ["stack", "flat"]
 
 
@@ -157,3 +162,29 @@ def test_fine_tune_from_an_edited_layer_gives_a_model_predict_accepts(make_napar
     iio.imwrite(images / "crop.png", crop)
     assert main(["predict", str(images), "--model", str(out), "-o", str(tmp_path / "pred")]) == 0
     assert (tmp_path / "pred" / "crop_labels.tif").is_file()
+
+
+def test_cancelled_fine_tune_saves_nothing_and_keeps_the_layers(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(1)
+    viewer.add_image(rng.integers(0, 255, (64, 64), dtype=np.uint8), name="cells")
+    labels = np.zeros((64, 64), np.int32)
+    labels[10:20, 10:20], labels[30:42, 35:45] = 1, 2
+    viewer.add_labels(labels, name="cells nuclei")  # drawn by hand: paired with its image by name
+    widget = _dock(viewer)
+    widget.labels_list.item(0).setCheckState(2)
+    widget.steps_spin.setValue(1000)
+    widget.finetune_batch_size, widget.finetune_crop = 2, 32
+    out = tmp_path / "never.safetensors"
+    widget.save_path.setText(str(out))
+    losses: list = []
+    widget._relay.loss.connect(lambda *a: losses.append(a))
+    start = len(notification_manager.records)
+    widget.fine_tune()
+    qtbot.waitUntil(lambda: len(losses) >= 1, timeout=TIMEOUT_MS)
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT_MS)
+    assert len(losses) < 10 and not out.exists()
+    assert any("Fine-tuning cancelled" in m for m in _messages(start))
+    assert [x.name for x in viewer.layers] == ["cells", "cells nuclei"]
+    np.testing.assert_array_equal(viewer.layers["cells nuclei"].data, labels)
