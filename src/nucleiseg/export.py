@@ -53,7 +53,7 @@ from torch import nn
 
 from .errors import NucleisegError
 from .models import DEFAULT_CHANNELS, UNetPlusPlus, load_model_file, resolve_model_path
-from .models.fuse import fuse_batchnorm
+from .models.fuse import fuse_batchnorm, is_fused
 from .models.unetplusplus import heads_to_probabilities
 
 __all__ = [
@@ -408,6 +408,10 @@ def export_bioimageio(
     if unknown:
         raise NucleisegError(f"unknown bioimage.io weight formats: {', '.join(sorted(unknown))}")
     network, metadata, source = _load(model)
+    if is_fused(network):  # a loaded inference.Model: its BatchNorms are folded, the state dict must keep them
+        if getattr(model, "path", None) is None:
+            raise NucleisegError("bioimage.io export needs the model file, not a loaded model without one")
+        network, metadata, source = _load(model.path)
     network = network.to("cpu", torch.float32).eval()
     depth = network.depth
     level = _resolve_level(depth, metadata, mode, prune_level)
