@@ -34,14 +34,6 @@ def test_plugin_modules_import_without_torch():
     assert subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO / "src")}).returncode == 0
 
 
-def test_widget_defaults_are_the_packages():
-    from nucleiseg import inference
-    from nucleiseg.napari import _widget
-
-    assert _widget.DEFAULT_TILE == inference.DEFAULT_TILE
-    assert _widget.DEFAULT_OVERLAP == inference.DEFAULT_OVERLAP
-
-
 def test_samples_are_the_example_images(make_napari_viewer):
     for name in ("fluorescence", "tissue", "brightfield"):
         assert (_io.SAMPLES / f"{name}.png").read_bytes() == (REPO / "examples" / "images" / f"{name}.png").read_bytes()

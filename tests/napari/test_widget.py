@@ -72,16 +72,16 @@ def test_cancel_stops_the_network_and_changes_no_layer(make_napari_viewer, qtbot
     viewer.add_image(rng.integers(0, 255, (2048, 2048), dtype=np.uint8), name="large")
     widget = _dock(viewer)
     widget.mode_combo.setCurrentText("fast")
-    widget.tile_spin.setValue(384)  # 100 tiles of 384 px, 15 network passes of 7 tiles
-    passes: list[int] = []
-    widget._relay.passes.connect(passes.append)
+    widget.tile_spin.setValue(384)  # 100 tiles of 384 px, predicted a batch of 7 at a time
+    passes: list[tuple[int, int]] = []
+    widget._relay.tiles.connect(lambda done, total: passes.append((done, total)))
     start = len(notification_manager.records)
     widget.segment()
     qtbot.waitUntil(lambda: len(passes) >= 1, timeout=TIMEOUT_MS)
     widget.cancel()
     qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT_MS)
     assert [x.name for x in viewer.layers] == ["large"]
-    assert len(passes) <= 3, "the network kept running after Cancel"
+    assert passes[-1][0] < passes[-1][1] and len(passes) <= 3, f"the network kept running after Cancel: {passes}"
     assert any("cancelled" in m for m in _messages(start))
     assert widget.segment_button.isEnabled()
 

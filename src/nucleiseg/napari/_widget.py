@@ -1,12 +1,12 @@
 """The *Segment nuclei* dock widget: segment in a thread worker; correct, then fine-tune.
 
 *Segment* runs :func:`nucleiseg.segment` on the chosen layer (the channel choice of
-:mod:`._inputs`) with the chosen model and options in a napari thread worker, so the viewer
-stays responsive. Its result is the Labels layer ``"<image> nuclei"`` whose ``features`` are the
+:mod:`._inputs`) with the chosen model and :class:`~nucleiseg.options.PredictOptions` in a napari
+thread worker, so the viewer stays responsive; its progress bar counts the tiles predicted. Its result is the Labels layer ``"<image> nuclei"`` whose ``features`` are the
 per-nucleus table (:func:`nucleiseg.measure.measure_nuclei`, an ``index`` column added for
 napari), and optionally ``"<image> body|contour|touch"`` probability Image layers; running again
-on the same image replaces them. *Cancel* stops the network at its next pass (a forward hook on
-the network raises) or the fine-tuning at its next step.
+on the same image replaces them. *Cancel* stops the network after its current batch of tiles (the
+progress callback raises) or the fine-tuning after its current step.
 
 *Fine-tune* takes the ticked Labels layers (a result corrected with napari's paint, erase and fill
 tools, or any Labels layer named ``"<image> ..."`` after its image), trains the current model on
@@ -45,6 +45,8 @@ from qtpy.QtWidgets import (
 )
 
 from ..errors import NucleisegError
+from ..options import PredictOptions
+from ..tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 from ._finetune import DEFAULT_LR, DEFAULT_STEPS
 from ._inputs import ALL_CHANNELS, channel_names, layer_array, parse_diameter
 from ._io import labels_features
@@ -53,10 +55,6 @@ __all__ = ["Cancelled", "SegmentWidget"]
 
 log = logging.getLogger("nucleiseg.napari")
 
-#: nucleiseg.inference.DEFAULT_TILE (not imported: that would import torch with the widget; a test checks).
-DEFAULT_TILE = 1024
-#: nucleiseg.inference.DEFAULT_OVERLAP: a tile is at least twice the overlap.
-DEFAULT_OVERLAP = 192
 SHIPPED = "shipped model"
 MODEL_FILE = "model file"
 DIAMETER_CHOICES = ("as trained", "measure")
@@ -71,7 +69,7 @@ class Cancelled(Exception):
 class _Relay(QObject):
     """Signals from the worker thread to the widget (queued onto the GUI thread)."""
 
-    passes = Signal(int)
+    tiles = Signal(int, int)
     loss = Signal(int, int, float)
 
 
@@ -90,7 +88,7 @@ class SegmentWidget(QWidget):
         self._worker = None
         self._models: dict[tuple[str, float], Any] = {}
         self._relay = _Relay()
-        self._relay.passes.connect(self._show_passes)
+        self._relay.tiles.connect(self._show_tiles)
         self._relay.loss.connect(self._show_loss)
         #: crops per fine-tuning step and their side (TrainConfig's; tests make them small)
         self.finetune_batch_size = 8
@@ -119,7 +117,7 @@ class SegmentWidget(QWidget):
         self.diameter_combo.setToolTip("typical nucleus diameter in pixels: the image is resized to the model's "
                                        "training size; 'measure' estimates it from a first pass")
         self.tile_spin = QSpinBox()
-        self.tile_spin.setRange(2 * DEFAULT_OVERLAP, 16384)
+        self.tile_spin.setRange(2 * DEFAULT_OVERLAP, 16384)  # a tile is at least twice the overlap
         self.tile_spin.setSingleStep(64)
         self.tile_spin.setValue(DEFAULT_TILE)
         self.tile_spin.setToolTip("images larger than this (pixels) are predicted in overlapping tiles")
@@ -248,10 +246,16 @@ class SegmentWidget(QWidget):
             raise NucleisegError("choose a model file, or the shipped model")
         return text
 
-    def options(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`nucleiseg.segment` the widget's fields ask for (diameter unresolved)."""
-        return {"mode": self.mode_combo.currentText(), "tta": self.tta_check.isChecked(),
-                "tile": int(self.tile_spin.value()), "diameter": parse_diameter(self.diameter_combo.currentText())}
+    def options(self) -> PredictOptions:
+        """The options of :func:`nucleiseg.segment` the widget's fields ask for (the rest: its defaults).
+
+        Raises
+        ------
+        NucleisegError
+            A field's value is not valid (a one-line message naming it).
+        """
+        return PredictOptions(mode=self.mode_combo.currentText(), tta=self.tta_check.isChecked(),
+                              tile=int(self.tile_spin.value()), diameter=parse_diameter(self.diameter_combo.currentText()))
 
     def input_array(self, layer=None):
         """The array segmented for ``layer`` (default: the chosen one) with the chosen channel."""
@@ -262,38 +266,30 @@ class SegmentWidget(QWidget):
         return layer_array(_image_of(layer), layer.rgb, channel, layer.name)
 
     def _load_model(self, spec: str | None):
-        """The model for ``spec`` (None: shipped), loaded once per file and modification time."""
-        from ..inference import load_model
+        """The model for ``spec`` (None: shipped), loaded once per file and modification time.
+
+        On the device :func:`nucleiseg.segment` picks by default (``device="auto"``: CUDA when present).
+        """
+        from ..inference import load_model, resolve_device
         from ..models import resolve_model_path
 
         path = resolve_model_path(spec)
         key = (str(path.resolve()), path.stat().st_mtime)
         if key not in self._models:
             self._models.clear()
-            self._models[key] = load_model(path)
+            self._models[key] = load_model(path, resolve_device("auto"))
         return self._models[key]
 
-    def _segment_array(self, image, model, options: dict[str, Any]):
-        """nucleiseg.segment with the widget's options; Cancel raises at the network's next pass."""
+    def _segment_array(self, image, model, options: PredictOptions):
+        """:func:`nucleiseg.segment`; Cancel raises from its progress callback, after the current batch of tiles."""
         from .. import segment
-        from ..inference import scale_for_diameter
 
-        options = dict(options)
-        diameter = options.pop("diameter", None)
-        scale = 1.0 if diameter is None else "auto" if diameter == "auto" else scale_for_diameter(diameter, model)
-        count = [0]
-
-        def hook(module, inputs):
+        def progress(done: int, total: int) -> None:
             if self._abort.is_set():
                 raise Cancelled()
-            count[0] += 1
-            self._relay.passes.emit(count[0])
+            self._relay.tiles.emit(done, total)
 
-        handle = model.network.register_forward_pre_hook(hook)
-        try:
-            return segment(image, model, scale=scale, **options)
-        finally:
-            handle.remove()
+        return segment(image, model, options, progress=progress)
 
     # ------------------------------------------------------------------ running
     def _notify(self, message: str, level: str = "info") -> None:
@@ -369,8 +365,10 @@ class SegmentWidget(QWidget):
     def running(self) -> bool:
         return self._worker is not None
 
-    def _show_passes(self, count: int) -> None:
-        self.status.setText(f"network pass {count}…")
+    def _show_tiles(self, done: int, total: int) -> None:
+        self.progress.setRange(0, total)
+        self.progress.setValue(done)
+        self.status.setText(f"{done} of {total} tiles…" if total > 1 else "predicting…")
 
     def _show_loss(self, step: int, total: int, loss: float) -> None:
         self.progress.setRange(0, total)
