@@ -282,7 +282,7 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- bioimage.io
 #: Pixels each side of a bioimage.io output tile that a consumer tiling an image should crop
 #: (the spec's ``halo``): the default network's output still changed by ~4e-4 at 80 px from a tile's
-#: edge and not at all from 96 px (``nucleiseg.inference.DEFAULT_OVERLAP``).
+#: edge and not at all from 96 px (``nucleiseg.tiling.DEFAULT_OVERLAP``).
 BIOIMAGEIO_HALO = 96
 
 #: The bioimage.io package's test image: the fluorescence example (the napari sample).
