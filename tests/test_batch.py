@@ -86,6 +86,7 @@ def _killed_run(images: Path, out: Path, model, kill_at: int) -> int:
     pid = os.fork()
     if pid == 0:  # the child
         os.close(read_end)
+        signal.alarm(120)  # a child that hangs (a lock inherited through fork) dies instead of hanging the suite
 
         def hooked(real):
             def operation(*args, **kwargs):

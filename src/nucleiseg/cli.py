@@ -237,11 +237,11 @@ def _parse_weights(text: str, option: str, defaults: dict[str, float], what: str
 
 def _as_cache(data: Path) -> Path:
     """A prepared cache as is; a raw data folder is prepared next to itself first."""
-    from .data.cache import prepare_dataset
+    from .data.cache import Cache, prepare_dataset
 
     if not data.exists():
         raise NucleisegError("no such folder", data)
-    if (data / "manifest.json").is_file() and (data / "index.csv").is_file():
+    if Cache.is_cache(data):
         return data
     cache = data.parent / f"{data.name}-cache"
     log.info("preparing %s into %s", data, cache)

@@ -429,9 +429,8 @@ def tune_model(
     """
     from tqdm import tqdm
 
-    from .data.cache import read_cache
+    from .data.cache import Cache
     from .data.kinds import image_kind
-    from .io import read_image, read_labels
     from .models import load_model_file, resolve_model_path
 
     if model is None or str(model) == "default":
@@ -443,12 +442,10 @@ def tune_model(
         raise NucleisegError("is a folder; expected the model file to write", out)
     if split not in ("val", "train", "all"):
         raise NucleisegError(f"unknown split {split!r}; choose val, train or all")
-    table = read_cache(cache_dir)
-    if split != "all":
-        table = table[table["split"] == split]
+    cache = Cache.open(cache_dir)
+    table = cache.table(split)
     if table.empty:
         raise NucleisegError(f"the cache has no images in the {split!r} split (see split.csv)", cache_dir)
-    cache_dir = Path(cache_dir)
     ids = table["image_id"].astype(str).tolist()
 
     from .inference import load_model, resolve_device
@@ -459,8 +456,8 @@ def tune_model(
 
     channels = list(net.channels)
     previous = net.postprocess
-    images = [read_image(cache_dir / "images" / f"{i}.png") for i in ids]
-    truths = [read_labels(cache_dir / "labels" / f"{i}.tif") for i in ids]
+    images = [cache.image(i) for i in ids]
+    truths = [cache.labels(i) for i in ids]
     bar = dict(unit="image", file=sys.stderr, disable=None if progress else True)
     probs = [_predict(net, rgb, None, opts) for rgb in tqdm(images, desc="predict", **bar)]
 

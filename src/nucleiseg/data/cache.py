@@ -43,7 +43,7 @@ from .paired import is_paired_layout, list_paired_images, read_paired_labels
 from .rle import read_rle_csv, rle_to_labels
 from .split import read_groups, split_train_val
 
-__all__ = ["FORMAT_VERSION", "LAYOUTS", "PrepareResult", "detect_layout", "prepare_dataset", "read_cache"]
+__all__ = ["FORMAT_VERSION", "LAYOUTS", "Cache", "PrepareResult", "detect_layout", "prepare_dataset", "read_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -771,3 +771,56 @@ def _read_cache_table(path: Path, columns: Sequence[str], hint: str) -> pd.DataF
     if missing:
         raise NucleisegError(f"{path.name} lacks columns {', '.join(missing)}" + hint, path.parent)
     return table[list(columns)]
+
+
+@dataclass(frozen=True)
+class Cache:
+    """A prepared cache: the one owner of its layout (where each image's files lie, what makes a cache).
+
+    Examples
+    --------
+    >>> cache = Cache.open("cache/dsb2018")                      # doctest: +SKIP
+    >>> table = cache.table("val")                               # doctest: +SKIP
+    >>> image, labels = cache.image(table.image_id[0]), cache.labels(table.image_id[0])  # doctest: +SKIP
+    >>> Cache.is_cache("examples/images")
+    False
+    """
+
+    path: Path
+
+    @staticmethod
+    def is_cache(path: str | Path) -> bool:
+        """Whether ``path`` holds a cache (its ``manifest.json``); :meth:`open` checks it is a sound one."""
+        return (Path(path) / "manifest.json").is_file()
+
+    @classmethod
+    def open(cls, path: str | Path) -> Cache:
+        """The cache at ``path``, checked (:func:`read_cache`'s errors)."""
+        read_cache(path)
+        return cls(Path(path))
+
+    def table(self, split: str | None = None) -> pd.DataFrame:
+        """:func:`read_cache`'s table; only the rows of ``split`` (``train``, ``val``) unless None or ``all``."""
+        table = read_cache(self.path)
+        if split not in (None, "all"):
+            table = table[table["split"] == split].reset_index(drop=True)
+        return table
+
+    def image_path(self, image_id: str) -> Path:
+        return self.path / "images" / f"{image_id}.png"
+
+    def mask_path(self, image_id: str) -> Path:
+        return self.path / "masks" / f"{image_id}.png"
+
+    def labels_path(self, image_id: str) -> Path:
+        return self.path / "labels" / f"{image_id}.tif"
+
+    def image(self, image_id: str) -> np.ndarray:
+        """The 8-bit RGB image."""
+        return read_image(self.image_path(image_id))
+
+    def labels(self, image_id: str) -> np.ndarray:
+        """The instance labels (uint16, 0 = background)."""
+        from ..io import read_labels
+
+        return read_labels(self.labels_path(image_id))
