@@ -65,6 +65,15 @@ def test_widget_gives_what_segment_gives_and_replaces_its_layers(make_napari_vie
     assert {"fluorescence contour", "fluorescence touch"} <= {x.name for x in viewer.layers}
     assert len(viewer.layers) == 5
 
+    # a two-channel layer (napari's channel-first stack), its second channel chosen: the same nuclei again
+    viewer.add_image(np.stack([np.zeros_like(image[..., 0]), image[..., 0]]), name="two channels")
+    widget.image_combo.setCurrentText("two channels")
+    assert [widget.channel_combo.itemText(i) for i in range(widget.channel_combo.count())] == ["1", "2"]
+    widget.channel_combo.setCurrentText("2")
+    widget.probabilities_check.setChecked(False)
+    _run(qtbot, widget, widget.segment)
+    np.testing.assert_array_equal(viewer.layers["two channels nuclei"].data, expected.labels)
+
 
 def test_cancel_stops_the_network_and_changes_no_layer(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
