@@ -3,7 +3,6 @@ features, replacing, cancelling, one-line notices for bad input, and fine-tuning
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

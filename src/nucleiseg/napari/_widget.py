@@ -48,7 +48,7 @@ from ..errors import NucleisegError
 from ..options import PredictOptions
 from ..tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 from ._finetune import DEFAULT_LR, DEFAULT_STEPS
-from ._inputs import ALL_CHANNELS, channel_names, layer_array, parse_diameter
+from ._inputs import channel_names, layer_array, parse_diameter
 from ._io import labels_features
 
 __all__ = ["Cancelled", "SegmentWidget"]
