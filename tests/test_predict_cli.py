@@ -351,7 +351,7 @@ def test_channel_picks_the_nuclear_stain(tmp_path: Path, capsys, model: str) -> 
                          model, "--channel", "3", "--overwrite")
     errors = [line for line in lines if ": error: " in line]
     assert status == 1 and len(errors) == 1
-    assert "dapi.tif: channel 3: the image has 1 channel, so there is no channel 3" in errors[0]
+    assert "dapi.tif: has 1 channel, so there is no channel 3" in errors[0]
     assert (tmp_path / "bad" / "stack_labels.tif").is_file()  # the other image is still done
 
     status, lines = _run(capsys, inputs / "dapi.tif", "-o", tmp_path / "zero", "--model", model, "--channel", "0")
@@ -364,6 +364,15 @@ def test_channel_picks_the_nuclear_stain(tmp_path: Path, capsys, model: str) -> 
     status, lines = _run(capsys, inputs / "two.tif", "-o", tmp_path / "two-1", "--model", model, "--channel", "1")
     assert status == 0 and not any("grey + alpha" in line for line in lines)
     assert np.array_equal(read_labels(tmp_path / "two-1" / "two_labels.tif"), alone)
+
+    # An ImageJ hyperstack of 5 channels (more than any colour image has): --channel reaches every one.
+    stack5 = np.stack([other, other[::-1], other.T, dapi, other[:, ::-1]])
+    tifffile.imwrite(inputs / "five.tif", stack5, imagej=True, metadata={"axes": "CYX"})
+    status, lines = _run(capsys, inputs / "five.tif", "-o", tmp_path / "five", "--model", model, "--channel", "4")
+    assert status == 0, lines
+    assert np.array_equal(read_labels(tmp_path / "five" / "five_labels.tif"), alone)
+    status, lines = _run(capsys, inputs / "five.tif", "-o", tmp_path / "five-6", "--model", model, "--channel", "6")
+    assert status == 1 and any("has 5 channels (axes CYX), so there is no channel 6" in line for line in lines)
 
 
 def test_cli_defaults_are_the_library_defaults() -> None:
