@@ -13,7 +13,6 @@ import torch
 from nucleiseg.cli import main
 from nucleiseg.io import read_image, read_labels, write_png
 from nucleiseg.models import UNetPlusPlus, save_model
-from nucleiseg.preprocess import normalize, to_rgb_uint8
 
 DSB_TRAIN = Path(__file__).resolve().parent / "fixtures" / "dsb" / "stage1_train"
 FLUO = "0b2e702f90aee4fff2bc6e4326308d50cf04701082e718d4f831c8959fbcda93"
@@ -25,22 +24,9 @@ def _fixture(image_id: str, size: int = 96) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny model with BatchNorm statistics from real images, so that it finds blobs."""
-    torch.manual_seed(0)
-    net = UNetPlusPlus(widths=(4, 8, 16))
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None
-    x = torch.from_numpy(np.stack([normalize(to_rgb_uint8(_fixture(i, 256))) for i in (FLUO, TISSUE)]))
-    with torch.no_grad():
-        net.train()(x)
-        net.eval()
-        for head, logits in zip(net.heads, net(x)):
-            head.bias[0] -= torch.quantile(logits[:, 0].flatten(), 0.75)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_model(path, net, {"postprocess": {"min_size": 5}})
-    return str(path)
+def model(blob_model_file: str) -> str:
+    """A tiny model that finds blobs (tests/conftest.py)."""
+    return blob_model_file
 
 
 @pytest.fixture(scope="module")
