@@ -247,8 +247,11 @@ def _as_model(model: Model | str | Path | None, device: str | torch.device = "cp
 
 
 # ----------------------------------------------------------------------------- probabilities
-def prepare_image(image: np.ndarray) -> np.ndarray:
+def prepare_image(image: np.ndarray, levels=None) -> np.ndarray:
     """The network input for ``image``: ``(3, H, W)`` float32, normalised over the whole image.
+
+    ``levels`` (:class:`~nucleiseg.preprocess.IntensityLevels`): normalise with
+    those of a larger image that ``image`` is a block of instead.
 
     Raises
     ------
@@ -265,7 +268,9 @@ def prepare_image(image: np.ndarray) -> np.ndarray:
         raise NucleisegError(
             f"image is {height}x{width} pixels, too small: the minimum is {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}"
         )
-    return normalize(to_rgb_uint8(image))
+    if levels is None:
+        return normalize(to_rgb_uint8(image))
+    return normalize(to_rgb_uint8(image, levels.rescale), levels=levels.normalize)
 
 
 def resolve_prune_level(depth: int, metadata: dict[str, Any], mode: str, prune_level: int | None = None) -> int | None:
@@ -332,6 +337,7 @@ def predict_probabilities(
     batch_size: int | None = None,
     precision: Literal["fp32", "bf16", "auto"] = "fp32",
     scale: float = 1.0,
+    levels=None,
 ) -> np.ndarray:
     """Per-pixel probabilities of each model channel, at the image's own resolution.
 
@@ -367,6 +373,9 @@ def predict_probabilities(
         to the image's size: 0.5 for nuclei twice as wide as in the training
         data (a 2x stronger objective), 2 for nuclei half as wide. See
         :func:`scale_for_diameter`. Tiles and overlap are in network pixels.
+    levels : IntensityLevels, optional
+        Normalise with these (:func:`~nucleiseg.preprocess.intensity_levels` of
+        a larger image that ``image`` is a block of) instead of the image's own.
 
     Returns
     -------
@@ -393,7 +402,7 @@ def predict_probabilities(
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     scale = check_scale(scale)
-    x = prepare_image(image)  # normalised at the image's own size: the same intensities at every scale
+    x = prepare_image(image, levels)  # normalised at the image's own size: the same intensities at every scale
     native = x.shape[1:]
     if scale != 1.0:
         x = _resize_channels(x, _scaled_size(native, scale))
