@@ -1,0 +1,191 @@
+"""Prediction on a Dask cluster: blocks stitched exactly, a killed worker, resume, many images.
+
+One 2-process LocalCluster serves the whole module. Stitching is checked on exact synthetic
+probability maps (a predictor that reads them from the image's pixels), so every block sees
+exactly the whole image's probabilities and the stitched labels must equal the whole-image ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from nucleiseg.blocks import cover, raster_ids, settle
+from nucleiseg.errors import NucleisegError
+from nucleiseg.inference import label_nuclei
+from nucleiseg.postprocess import PostprocessParams
+
+distributed = pytest.importorskip("distributed")
+zarr = pytest.importorskip("zarr")
+
+BLOCK = 64
+OVERLAP = 48
+
+
+def _disc(probs: np.ndarray, y: float, x: float, r: float) -> None:
+    yy, xx = np.ogrid[: probs.shape[1], : probs.shape[2]]
+    probs[0][(yy - y) ** 2 + (xx - x) ** 2 <= r * r] = 0.95
+
+
+def synthetic_probabilities(shape=(200, 232), seed: int = 0) -> np.ndarray:
+    """body/contour/touch maps: discs on every block border and corner, touching pairs across borders."""
+    rng = np.random.default_rng(seed)
+    probs = np.zeros((3,) + shape, np.float32)
+    for y in range(0, shape[0] + 1, BLOCK):  # centred exactly on corners of the block grid
+        for x in range(0, shape[1] + 1, BLOCK):
+            _disc(probs, y, x, rng.uniform(4, 9))
+    for y in range(BLOCK // 2, shape[0], BLOCK):  # on the middle of each vertical border
+        for x in range(BLOCK, shape[1], BLOCK):
+            _disc(probs, y, x + rng.integers(-3, 4), rng.uniform(4, 8))
+    for y in range(BLOCK, shape[0], BLOCK):  # touching pairs straddling each horizontal border
+        x = int(rng.integers(20, shape[1] - 20))
+        _disc(probs, y - 5, x, 6)
+        _disc(probs, y + 6, x, 6)
+        probs[2, y : y + 1, x - 6 : x + 7] = 0.9 * (probs[0, y : y + 1, x - 6 : x + 7] > 0)
+    for _ in range(25):  # and some anywhere
+        _disc(probs, rng.uniform(0, shape[0]), rng.uniform(0, shape[1]), rng.uniform(3, 7))
+    return probs
+
+
+class ExactPredictor:
+    """Probabilities read from the pixels: channel k / 255 (what a perfect network would give)."""
+
+    reach = 0
+
+    def __call__(self, image):
+        return np.moveaxis(image, -1, 0).astype(np.float32) / 255.0, ("body", "contour", "touch")
+
+
+class FailingPredictor(ExactPredictor):
+    """Fails on the blocks whose outer region starts at row ``row``."""
+
+    def __init__(self, row: int):
+        self.row = row
+
+    def __call__(self, image):
+        if image.shape[0] == self.row:
+            raise RuntimeError("simulated failure")
+        return super().__call__(image)
+
+
+class CountingPredictor(ExactPredictor):
+    """Appends a line to a file per block it predicts."""
+
+    def __init__(self, log: str):
+        self.log = log
+
+    def __call__(self, image):
+        with open(self.log, "a") as handle:
+            handle.write("block\n")
+        return super().__call__(image)
+
+
+class KillingPredictor(ExactPredictor):
+    """Kills its worker process the first time it sees a block (a marker file remembers)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __call__(self, image):
+        if not os.path.exists(self.marker):
+            Path(self.marker).write_text("killed")
+            os._exit(1)
+        return super().__call__(image)
+
+
+def _as_image(probs: np.ndarray) -> np.ndarray:
+    return np.round(np.moveaxis(probs, 0, -1) * 255).astype(np.uint8)
+
+
+PARAMS = PostprocessParams(min_seed_size=3, min_size=5)
+
+
+def _whole(image: np.ndarray) -> np.ndarray:
+    """The single-machine result, labelled as a blockwise run labels (first pixel in raster order)."""
+    probs, channels = ExactPredictor()(image)
+    labels = label_nuclei(probs, channels, PARAMS)
+    return raster_ids(labels)[labels]
+
+
+def test_blocks_stitch_exactly_in_memory() -> None:
+    image = _as_image(synthetic_probabilities())
+    expected = _whole(image)
+    stitched = np.zeros(expected.shape, np.uint64)
+    owned = []
+    for block in cover(image.shape[:2], BLOCK, OVERLAP):
+        probs, channels = ExactPredictor()(image[block.outer])
+        kept = settle(label_nuclei(probs, channels, PARAMS), block, 0, probs[0] > PARAMS.foreground_threshold)
+        stitched[block.core] = kept.core
+        owned.extend(kept.ids.tolist())
+        assert kept.uncertain == 0
+    np.testing.assert_array_equal(stitched, expected)
+    assert sorted(owned) == np.unique(expected[expected > 0]).tolist()  # each nucleus owned once
+
+
+@pytest.fixture(scope="module")
+def client():
+    import cloudpickle
+    from distributed import Client, LocalCluster
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import the tests
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=40) as cluster, Client(cluster) as c:
+        yield c
+
+
+def _segment(client, image, out, predictor=None, **kw):
+    from nucleiseg.distributed import segment_large
+
+    return segment_large(image, out, cluster=client, block=BLOCK, overlap=OVERLAP, name="synthetic",
+                         predictor=predictor or ExactPredictor(), options={"postprocess": PARAMS.to_dict()}, **kw)
+
+
+def _check_outputs(out: Path, expected: np.ndarray) -> None:
+    root = zarr.open_group(out / "synthetic_labels.ome.zarr", mode="r")
+    np.testing.assert_array_equal(root["0"][:], expected)
+    assert "image-label" in root.attrs.get("ome", root.attrs)
+    table = pd.read_csv(out / "synthetic_nuclei.csv")
+    ids = np.unique(expected[expected > 0])
+    assert sorted(table["label"]) == ids.tolist()
+    areas = np.bincount(np.searchsorted(ids, expected[expected > 0]))
+    assert table.sort_values("label")["area"].tolist() == areas.tolist()
+    features = json.loads((out / "synthetic.geojson").read_text())["features"]
+    assert sorted(f["properties"]["label"] for f in features) == ids.tolist()
+    assert not (out / ".synthetic.blocks").exists()
+
+
+def test_cluster_stitches_exactly(client, tmp_path: Path) -> None:
+    image = _as_image(synthetic_probabilities(seed=1))
+    row = _segment(client, image, tmp_path)
+    expected = _whole(image)
+    assert row["status"] == "ok" and row["nuclei"] == len(np.unique(expected)) - 1
+    _check_outputs(tmp_path, expected)
+    assert _segment(client, image, tmp_path)["status"] == "skipped"
+
+
+def test_resume_after_failed_blocks(client, tmp_path: Path) -> None:
+    image = _as_image(synthetic_probabilities(seed=2))
+    last_row = cover(image.shape[:2], BLOCK, OVERLAP)[-1].outer[0]
+    with pytest.raises(NucleisegError, match="blocks failed"):
+        _segment(client, image, tmp_path, predictor=FailingPredictor(last_row.stop - last_row.start))
+    total = len(cover(image.shape[:2], BLOCK, OVERLAP))
+    done = len(list((tmp_path / ".synthetic.blocks").glob("*_*.json")))
+    assert 0 < done < total
+    assert not (tmp_path / "synthetic_nuclei.csv").exists()
+    calls = tmp_path / "calls.txt"
+    _segment(client, image, tmp_path, predictor=CountingPredictor(str(calls)))
+    assert len(calls.read_text().splitlines()) == total - done  # only the failed blocks ran again
+    _check_outputs(tmp_path, _whole(image))
+
+
+def test_killed_worker_is_replaced(client, tmp_path: Path) -> None:
+    image = _as_image(synthetic_probabilities(seed=3))
+    row = _segment(client, image, tmp_path, predictor=KillingPredictor(str(tmp_path / "killed")))
+    assert (tmp_path / "killed").exists() and row["status"] == "ok"
+    _check_outputs(tmp_path, _whole(image))
