@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from nucleiseg import inference
+from nucleiseg import inference, scaling, tiling
 from nucleiseg.errors import NucleisegError
 from nucleiseg.inference import (
     Model,
@@ -164,9 +164,9 @@ def test_fast_mode_is_the_pruned_head(model: Model, mosaic: np.ndarray) -> None:
     x = torch.from_numpy(normalize(to_rgb_uint8(image)))[None]
     for kwargs, level in [({"mode": "fast"}, 1), ({"prune_level": 2}, 2), ({"mode": "fast", "prune_level": 2}, 2)]:
         expected = model.network.predict_proba(x, prune_level=level)[0].numpy()
-        assert np.allclose(predict_probabilities(model, image, **kwargs), expected, atol=1e-6), kwargs
+        assert np.allclose(predict_probabilities(model, image, precision="fp32", **kwargs), expected, atol=1e-6), kwargs
     accurate = model.network.predict_proba(x)[0].numpy()
-    assert np.allclose(predict_probabilities(model, image), accurate, atol=1e-6)
+    assert np.allclose(predict_probabilities(model, image, precision="fp32"), accurate, atol=1e-6)
     assert not np.allclose(accurate, model.network.predict_proba(x, prune_level=1)[0].numpy(), atol=1e-3)
     with pytest.raises(ValueError, match="prune_level"):
         predict_probabilities(model, image, prune_level=3)
@@ -212,11 +212,11 @@ def test_tiling_independent_of_batch_size(model: Model, mosaic: np.ndarray) -> N
 @pytest.mark.parametrize("n", [16, 64, 65, 100, 127, 128, 129, 191, 200, 333, 1000])
 def test_tile_layout(n: int) -> None:
     tile, overlap, align = 64, 24, 4
-    spans = inference._tile_spans(n, tile, overlap, align)
+    spans = tiling.tile_spans(n, tile, overlap, align)
     assert spans[0][0] == 0 and spans[-1][1] == n
     for (s0, e0), (s1, e1) in zip(spans, spans[1:]):
         assert s1 % align == 0 and s0 < s1 and e0 - s1 >= overlap
-    weights = inference._span_weights(n, spans, overlap)
+    weights = tiling.span_weights(n, spans, overlap)
     total = np.zeros(n)
     for w, (s, e) in zip(weights, spans):
         total[s:e] += w
@@ -395,7 +395,7 @@ def test_scale_keeps_the_image_size_and_checks_its_argument(model: Model) -> Non
 def test_scale_refuses_to_enlarge_past_the_pixel_cap(model: Model, monkeypatch) -> None:
     """A given scale obeys the cap that "auto" keeps to, with an error instead of running out of memory."""
     image = np.random.default_rng(6).integers(0, 255, (45, 61, 3), dtype=np.uint8)
-    monkeypatch.setattr(inference, "MAX_ENLARGED_PIXELS", 5000)  # 45x61 at scale 1.7 is 76x104 = 7904 pixels
+    monkeypatch.setattr(scaling, "MAX_ENLARGED_PIXELS", 5000)  # 45x61 at scale 1.7 is 76x104 = 7904 pixels
     with pytest.raises(NucleisegError, match=r"45x61 pixels, 76x104 at scale 1.7: enlarging past 0.005 Mpixel"):
         predict_probabilities(model, image, scale=1.7)
     assert predict_probabilities(model, image, scale=1.2).shape == (3, 45, 61)  # 54x73: under the cap

@@ -118,8 +118,10 @@ def test_outputs_and_formats(tmp_path: Path, capsys, model: str) -> None:
     for name, shape in names.items():
         decoded, problems = rle_to_labels(rles[name], shape)
         assert not problems and np.array_equal(decoded > 0, read_labels(out / f"{name}_labels.tif") > 0)
-    # atomic writes leave no temporary files behind
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    # atomic writes leave no temporary files behind; the bookkeeping holds a record per image, nothing staged
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".nucleiseg"]
+    assert sorted(p.name for p in (out / ".nucleiseg" / "done").iterdir()) == sorted(f"{n}.json" for n in names)
+    assert not list((out / ".nucleiseg" / "staging").iterdir()) and not list((out / ".nucleiseg" / "journal").iterdir())
 
 
 def test_globs_same_names_and_existing_outputs(tmp_path: Path, capsys, model: str) -> None:
@@ -135,7 +137,7 @@ def test_globs_same_names_and_existing_outputs(tmp_path: Path, capsys, model: st
     ]
     assert all(p.is_file() for p in _outputs(out, "cells") + _outputs(out, "cells-2"))
 
-    before = {p: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "summary.csv"}
+    before = {p: p.stat().st_mtime_ns for p in out.iterdir() if p.name not in ("summary.csv", ".nucleiseg")}
     status, lines = _run(capsys, tmp_path / "a", tmp_path / "b", "-o", out, "--model", model)
     assert status == 0
     assert sum("skipped" in line for line in lines) == 2
@@ -290,7 +292,8 @@ def test_option_errors(tmp_path: Path, capsys, model: str) -> None:
     assert "unknown format shapefile" in capsys.readouterr().err
     for option, value in (("--scale", "0"), ("--diameter", "-3"), ("--scale", "nan")):
         status, lines = _run(capsys, good, "-o", tmp_path / "out", "--model", model, option, value)
-        assert status == 2 and len(lines) == 1 and f"error: {option} must be a number > 0, got {value}" in lines[0]
+        assert status == 2 and len(lines) == 1 and f"error: {option} must be a number" in lines[0]
+        assert f"> 0, got {value}" in lines[0]
     with pytest.raises(SystemExit):
         main(["predict", str(good), "-o", str(tmp_path / "out"), "--scale", "0.5", "--diameter", "30"])
     assert "not allowed with argument" in capsys.readouterr().err
@@ -348,7 +351,7 @@ def test_channel_picks_the_nuclear_stain(tmp_path: Path, capsys, model: str) -> 
                          model, "--channel", "3", "--overwrite")
     errors = [line for line in lines if ": error: " in line]
     assert status == 1 and len(errors) == 1
-    assert "dapi.tif: --channel 3: the image has 1 channel, so there is no channel 3" in errors[0]
+    assert "dapi.tif: channel 3: the image has 1 channel, so there is no channel 3" in errors[0]
     assert (tmp_path / "bad" / "stack_labels.tif").is_file()  # the other image is still done
 
     status, lines = _run(capsys, inputs / "dapi.tif", "-o", tmp_path / "zero", "--model", model, "--channel", "0")
@@ -363,8 +366,11 @@ def test_channel_picks_the_nuclear_stain(tmp_path: Path, capsys, model: str) -> 
     assert np.array_equal(read_labels(tmp_path / "two-1" / "two_labels.tif"), alone)
 
 
-def test_cli_defaults_match_the_library() -> None:
-    from nucleiseg import cli, inference
+def test_cli_defaults_are_the_library_defaults() -> None:
+    """predict's flags and the Python API share one set of defaults (bf16 where supported, 1024-px tiles)."""
+    from nucleiseg.cli import _predict_options, build_parser
+    from nucleiseg.options import PredictOptions
 
-    assert cli._PREDICT_TILE == inference.DEFAULT_TILE
-    assert cli._PREDICT_OVERLAP == inference.DEFAULT_OVERLAP
+    args = build_parser().parse_args(["predict", "x.png", "-o", "out"])
+    assert _predict_options(args) == PredictOptions()
+    assert PredictOptions().precision == "auto" and PredictOptions().tile == 1024

@@ -4,17 +4,18 @@
 >>> result = nucleiseg.segment(nucleiseg.io.read_image("cells.png"))  # doctest: +SKIP
 >>> result.labels, result.table                             # doctest: +SKIP
 
-``load_model`` and ``segment`` (from :mod:`nucleiseg.inference`) are imported
-on first use, so ``import nucleiseg`` stays light (no PyTorch).
+``load_model`` and ``segment`` (from :mod:`nucleiseg.inference`), ``predict_files``
+(from :mod:`nucleiseg.batch`) and ``PredictOptions`` (from :mod:`nucleiseg.options`)
+are imported on first use, so ``import nucleiseg`` stays light (no PyTorch).
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_model", "segment"]
+__all__ = ["PredictOptions", "__version__", "load_model", "predict_files", "segment"]
 
-_LAZY = {"load_model": "inference", "segment": "inference"}
+_LAZY = {"load_model": "inference", "segment": "inference", "predict_files": "batch", "PredictOptions": "options"}
 
 
 def __getattr__(name: str):

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import NucleisegError
+from .errors import NucleisegError, OptionError
 
 log = logging.getLogger("nucleiseg")
 
@@ -261,27 +261,20 @@ def _cache_of_run(run_dir: Path) -> Path:
 
 
 # --------------------------------------------------------------------- predict
-# Kept equal to nucleiseg.inference.DEFAULT_TILE / DEFAULT_OVERLAP (a test checks): importing
-# inference here would load torch for every command, even 'nucleiseg --help'.
-_PREDICT_TILE = 1024
-_PREDICT_OVERLAP = 192
-_PREDICT_FORMATS = ("rle", "imagej-roi", "geojson")
+def _formats(text: str) -> tuple[str, ...]:
+    """Parse --formats: a comma-separated subset of the batch module's formats ('' or 'none' for none)."""
+    from .batch import check_formats
 
-
-def _formats(text: str) -> list[str]:
-    """Parse --formats: a comma-separated subset of _PREDICT_FORMATS ('' or 'none' for none)."""
-    names = [n.strip().lower() for n in text.split(",") if n.strip()]
-    if names == ["none"]:
-        return []
-    unknown = [n for n in names if n not in _PREDICT_FORMATS]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown format {', '.join(unknown)}; choose from {', '.join(_PREDICT_FORMATS)}"
-        )
-    return list(dict.fromkeys(names))
+    try:
+        return check_formats(text)
+    except NucleisegError as exc:
+        raise argparse.ArgumentTypeError(exc.detail) from None
 
 
 def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    from .batch import FORMATS
+    from .options import MODES, PRECISIONS, PredictOptions
+
     p = sub.add_parser(
         "predict",
         help="find and outline the nuclei in images",
@@ -305,11 +298,14 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
             "A bad image (missing, empty, truncated, not an image, smaller than 16x16 pixels) gets one\n"
             "error line and the others are still segmented; the exit status is then 1. An image\n"
             "without nuclei (e.g. all black) is valid: a warning, and its outputs are written.\n"
-            "Existing outputs are never replaced unless --overwrite is given: an image with any output\n"
-            "already in OUT_DIR is skipped with a message (not an error). summary.csv and\n"
-            "submission.csv are rewritten by every run and cover all its inputs. An OUT_DIR where an\n"
-            "output would replace an input image is refused. Every file is written atomically, and an\n"
-            "image that fails leaves none of its new outputs behind.\n\n"
+            "An image's outputs are complete or absent: they are written aside and moved into OUT_DIR\n"
+            "as a unit (bookkeeping in OUT_DIR/.nucleiseg/). An image already done is skipped with a\n"
+            "message (not an error) unless --overwrite is given, which replaces its whole output set;\n"
+            "an image that a killed run left unfinished is redone. summary.csv and submission.csv are\n"
+            "rewritten by every run and cover all its inputs. OUT_DIR is checked to be writable before\n"
+            "any work; one run at a time writes into it (a second is refused). An OUT_DIR where an\n"
+            "output would replace an input image is refused. An image that fails leaves none of its\n"
+            "new outputs behind.\n\n"
             "Examples:\n"
             "  nucleiseg predict images/ -o results/\n"
             "  nucleiseg predict 'plate1/*.tif' --mode fast --formats imagej-roi,geojson -o results/\n"
@@ -322,275 +318,90 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                    help="folder for the outputs (created if needed; required)")
     p.add_argument("--model", metavar="PATH|default", default="default",
                    help="model file (.safetensors) or training run folder; 'default' is the shipped model")
-    p.add_argument("--mode", choices=("accurate", "fast"), default="accurate",
+    p.add_argument("--mode", choices=MODES, default=PredictOptions.mode,
                    help="accurate: all UNet++ heads averaged; fast: only the pruned sub-network "
                    "stored with the model (several times faster)")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average over the 8 flips/rotations (8x slower)")
+    d = PredictOptions()
     p.add_argument("--channel", type=int, default=None, metavar="N",
                    help="segment only channel N (1 = first, as in Fiji) of multi-channel images, e.g. the "
                    "DAPI/Hoechst channel of a fluorescence TIFF; the overlay and the intensities in "
                    "<name>_nuclei.csv use that channel too (default: all channels, as colour; a 2-channel image "
                    "is read as grey + alpha, so only its first channel counts)")
-    p.add_argument("--tile", type=int, default=_PREDICT_TILE, metavar="PX",
-                   help="predict images larger than this in overlapping tiles of this side (0: never tile)")
-    p.add_argument("--overlap", type=int, default=_PREDICT_OVERLAP, metavar="PX",
+    p.add_argument("--tile", type=int, default=d.tile, metavar="PX",
+                   help="predict images larger than this in overlapping tiles of this side, a multiple of the "
+                   "network's pooling grid (16 for the shipped model); 0: never tile")
+    p.add_argument("--overlap", type=int, default=d.overlap, metavar="PX",
                    help="overlap of neighbouring tiles, at most half the tile")
     _add_scale_options(p)
     p.add_argument("--min-size", type=int, default=argparse.SUPPRESS, metavar="PX",
                    help="drop nuclei smaller than this many pixels (default: the model's setting)")
     p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, metavar="N",
                    help="tiles per forward pass (default: about 1 Mpixel of tiles, ~2 GB for the shipped model in fp32)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default=PredictOptions.precision,
                    help="network arithmetic; auto: bf16 where the processor or GPU runs it natively")
-    p.add_argument("--device", default="auto",
+    p.add_argument("--device", default=PredictOptions.device,
                    help="cpu, cuda, cuda:1, ...; auto: cuda when available, else cpu")
     p.add_argument("--threads", type=int, default=argparse.SUPPRESS, metavar="N",
                    help="CPU threads for the network (default: PyTorch's choice)")
     p.add_argument("--formats", type=_formats, default="none", metavar="LIST",
-                   help=f"extra outputs, comma-separated: {', '.join(_PREDICT_FORMATS)}")
+                   help=f"extra outputs, comma-separated: {', '.join(FORMATS)}")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write <name>_probabilities.tif (float32, channels x height x width)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of skipping the image")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo images already done, replacing their whole output set, instead of skipping them")
     p.set_defaults(func=_run_predict)
 
 
-def _predict_inputs(specs: Sequence[str]) -> tuple[list, list[tuple[str, str]]]:
-    """Expand INPUT arguments into image paths (in order, no repeats) and (input, problem) pairs."""
-    import glob
-    from pathlib import Path
+def _predict_options(args: argparse.Namespace):
+    """The PredictOptions the flags of predict / evaluate ask for (checked)."""
+    from .options import PredictOptions
 
-    from .io import IMAGE_SUFFIXES, list_images
-
-    paths: list[Path] = []
-    problems: list[tuple[str, str]] = []
-    for spec in specs:
-        path = Path(spec)
-        if path.is_dir():
-            found = list_images(path)
-            if not found:
-                problems.append((spec, f"folder holds no images ({', '.join(IMAGE_SUFFIXES)}) directly inside"))
-        elif path.exists() or path.is_symlink():
-            found = [path]
-        elif glob.has_magic(spec):
-            found = sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                problems.append((spec, "no image file matches this pattern"))
-        else:
-            found = []
-            problems.append((spec, "no such file or folder"))
-        paths.extend(found)
-    unique: dict = {}
-    for path in paths:
-        unique.setdefault(path.resolve(), path)
-    return list(unique.values()), problems
-
-
-def _predict_names(paths: Sequence) -> tuple[list[str], list[str]]:
-    """A unique output name per input (its stem, or <stem>-2, -3, ...), and a note per renaming."""
-    taken: dict[str, object] = {}
-    names, notes = [], []
-    for path in paths:
-        name, k = path.stem, 2
-        while name.lower() in taken:  # case-insensitive: outputs may land on such a file system
-            name, k = f"{path.stem}-{k}", k + 1
-        if name != path.stem:
-            notes.append(f"{path}: same name as {taken[path.stem.lower()]}; its outputs are named {name}_*")
-        taken[name.lower()] = path
-        names.append(name)
-    return names, notes
-
-
-def _predict_outputs(out_dir, name: str, args: argparse.Namespace) -> dict:
-    """The output files of one image, keyed by kind."""
-    outputs = {
-        "labels": out_dir / f"{name}_labels.tif",
-        "mask": out_dir / f"{name}_mask.png",
-        "overlay": out_dir / f"{name}_overlay.png",
-        "table": out_dir / f"{name}_nuclei.csv",
+    values = {
+        "mode": args.mode, "tta": args.tta, "tile": getattr(args, "tile", None),
+        "overlap": getattr(args, "overlap", None), "batch_size": getattr(args, "batch_size", None),
+        "precision": getattr(args, "precision", None), "device": getattr(args, "device", None),
+        "scale": getattr(args, "scale", None), "diameter": getattr(args, "diameter", None),
+        "channel": getattr(args, "channel", None), "min_size": getattr(args, "min_size", None),
     }
-    if args.save_probabilities:
-        outputs["probabilities"] = out_dir / f"{name}_probabilities.tif"
-    if "imagej-roi" in args.formats:
-        outputs["rois"] = out_dir / f"{name}_rois.zip"
-    if "geojson" in args.formats:
-        outputs["geojson"] = out_dir / f"{name}.geojson"
-    return outputs
+    return PredictOptions.from_any(None, **values)  # None: the option's default; tile 0: never tile
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import numpy as np
     from tqdm import tqdm
 
     def say(kind: str, message: str) -> None:
         tqdm.write(f"nucleiseg predict: {kind}: {message}", file=sys.stderr)
 
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NucleisegError("is a file; expected an output folder", out_dir)
-    paths, problems = _predict_inputs(args.inputs)
-    names, notes = _predict_names(paths)
-    plans = [_predict_outputs(out_dir, name, args) for name in names]
+    options = _predict_options(args)
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise NucleisegError(f"--threads must be at least 1, got {args.threads}")
+        import torch
 
-    # Refuse, before any work, an OUT_DIR where an output would replace an input image.
-    inputs = {p.resolve(): p for p in paths}
-    run_files = [out_dir / "summary.csv"] + ([out_dir / "submission.csv"] if "rle" in args.formats else [])
-    for target in [f for plan in plans for f in plan.values()] + run_files:
-        if target.resolve() in inputs:
-            raise NucleisegError(
-                f"output {target} would overwrite the input image {inputs[target.resolve()]}; choose another OUT_DIR"
-            )
-
-    import torch
-
-    from .inference import check_tiling, load_model, segment
-    from .io import (
-        TIFF_SUFFIXES,
-        atomic_path,
-        read_image,
-        write_geojson,
-        write_imagej_rois,
-        write_labels_tiff,
-        write_overlay,
-        write_png,
-        write_probabilities_tiff,
-    )
-    from .preprocess import select_channel, to_rgb_uint8
-
-    if args.channel is not None and args.channel < 1:
-        raise NucleisegError(f"--channel counts from 1 (the first channel), got {args.channel}")
-    if getattr(args, "threads", None):
-        torch.set_num_threads(max(1, args.threads))
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        torch.set_num_threads(args.threads)
     try:
-        model = load_model(args.model, device)
+        summary = _predict_files(args, options, say)
     except NucleisegError as exc:
-        if args.model == "default":
+        from .models import DEFAULT_MODEL_PATH
+
+        if args.model == "default" and exc.path == DEFAULT_MODEL_PATH:
             raise NucleisegError(f"{exc}; pass --model MODEL_FILE (a .safetensors file or a training run folder)") from None
         raise
-    try:
-        check_tiling(args.tile or None, args.overlap, 2**model.depth)
-    except ValueError as exc:
-        raise NucleisegError(f"--tile/--overlap: {exc}") from None
-    if getattr(args, "batch_size", 1) < 1:
-        raise NucleisegError("--batch-size must be at least 1")
-    options = dict(
-        mode=args.mode, tta=args.tta, tile=args.tile or None, overlap=args.overlap,
-        min_size=getattr(args, "min_size", None), batch_size=getattr(args, "batch_size", None),
-        precision=args.precision, scale=_resolve_scale(args, model),
-    )
-
-    for spec, problem in problems:
-        say("error", f"{spec}: {problem}")
-    for note in notes:
-        say("note", note)
-    rows = []
-    for path, name, plan in tqdm(list(zip(paths, names, plans)), desc="predict", unit="image",
-                                 file=sys.stderr, disable=True if args.quiet else None):
-        row = {"image": str(path), "name": name, "nuclei": None, "mean_area": None, "status": "ok", "message": ""}
-        rows.append(row)
-        existing = [f for f in plan.values() if f.exists()]
-        if existing and not args.overwrite:
-            row.update(status="skipped", message=f"{len(existing)} of its outputs exist (use --overwrite)")
-            say("note", f"{path}: skipped, {existing[0]} exists (--overwrite replaces it)")
-            _predict_fill_from_table(row, plan["table"])
-            continue
-        try:
-            image = read_image(path)
-            if args.channel is None and image.ndim == 3 and image.shape[-1] == 2 and path.suffix.lower() in TIFF_SUFFIXES:
-                # A 2-channel PNG is grey + alpha; a 2-channel TIFF is usually two stains.
-                say("note", f"{path}: 2 channels, read as grey + alpha: only channel 1 is segmented "
-                            "(--channel 2 segments the other)")
-            if args.channel is not None:
-                try:
-                    image = select_channel(image, args.channel)
-                except ValueError as exc:
-                    raise NucleisegError(f"--channel {args.channel}: the image {exc}", path) from None
-            result = segment(image, model, **options)
-            if "probabilities" in plan:
-                write_probabilities_tiff(plan["probabilities"], result.probabilities, result.channels)
-            result.probabilities = None  # free the largest array before the writers' temporaries
-            labels = result.labels
-            if "rois" in plan:
-                write_imagej_rois(plan["rois"], labels)
-            if "geojson" in plan:
-                write_geojson(plan["geojson"], labels)
-            write_overlay(plan["overlay"], to_rgb_uint8(image), labels)
-            write_png(plan["mask"], (labels > 0).astype(np.uint8) * np.uint8(255))
-            with atomic_path(plan["table"]) as tmp:
-                result.table.to_csv(tmp, index=False)
-            write_labels_tiff(plan["labels"], labels)  # last: its presence marks a complete result
-        except Exception as exc:  # one image's failure, even a bug, must not cost the others
-            if isinstance(exc, NucleisegError):
-                message = exc.message if exc.path is not None else str(exc)
-            elif isinstance(exc, MemoryError):
-                message = "out of memory (try a smaller --tile or --batch-size)"
-            else:
-                log.debug("traceback of the failure on %s", path, exc_info=True)
-                message = f"unexpected error ({type(exc).__name__}: {exc}); run with -v for the traceback"
-            row.update(status="failed", message=message)
-            say("error", f"{path}: {message}")
-            for f in plan.values():  # no partial result that a later run would skip as done
-                if f not in existing and f.exists():
-                    f.unlink()
-            continue
-        row.update(nuclei=result.n_nuclei,
-                   mean_area=round(float(result.table["area"].mean()), 2) if result.n_nuclei else 0.0)
-        if options["scale"] == "auto" and result.scale != 1.0:
-            row["message"] = f"resized by {result.scale:.3g} for the network (--diameter auto)"
-        if not result.n_nuclei:
-            row["message"] = "no nuclei found"
-            say("warning", f"{path}: no nuclei found (outputs written)")
-        del image, result, labels
-
-    failed = len(problems) + sum(r["status"] == "failed" for r in rows)
-    if "rle" in args.formats:
-        _predict_submission(out_dir / "submission.csv", rows, plans, say)
-    import pandas as pd
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary = pd.DataFrame(
-        rows + [{"image": spec, "name": "", "status": "failed", "message": problem} for spec, problem in problems],
-        columns=["image", "name", "nuclei", "mean_area", "status", "message"],
-    ).astype({"nuclei": "Int64"})
-    with atomic_path(out_dir / "summary.csv") as tmp:
-        summary.to_csv(tmp, index=False)
     if not args.quiet:
-        done = sum(r["status"] == "ok" for r in rows)
-        skipped = sum(r["status"] == "skipped" for r in rows)
-        print(f"{out_dir}: {done} images segmented, {skipped} skipped, {failed} failed"
-              f" (see {out_dir / 'summary.csv'})", file=sys.stderr)
-    return 1 if failed else 0
+        counts = summary["status"].value_counts()
+        print(f"{args.out}: {counts.get('ok', 0)} images segmented, {counts.get('skipped', 0)} skipped, "
+              f"{counts.get('failed', 0)} failed (see {Path(args.out) / 'summary.csv'})", file=sys.stderr)
+    return 1 if (summary["status"] == "failed").any() else 0
 
 
-def _predict_fill_from_table(row: dict, table_path) -> None:
-    """Nucleus count and mean area of a skipped image, from its existing table, when readable."""
-    import pandas as pd
+def _predict_files(args: argparse.Namespace, options, say):
+    from .batch import predict_files
 
-    try:
-        areas = pd.read_csv(table_path)["area"]
-    except Exception:  # missing or foreign file: the summary leaves the numbers empty
-        return
-    row.update(nuclei=len(areas), mean_area=round(float(areas.mean()), 2) if len(areas) else 0.0)
-
-
-def _predict_submission(path, rows: list[dict], plans: list[dict], say: Callable[[str, str], None]) -> None:
-    """Write the Kaggle submission CSV from the label files of the run, one image in memory at a time."""
-    from .data.rle import write_rle_csv
-    from .io import read_labels
-
-    def items():
-        for row, plan in zip(rows, plans):
-            if row["status"] == "failed":
-                continue
-            try:
-                yield row["name"], read_labels(plan["labels"])
-            except NucleisegError as exc:
-                say("error", f"{row['image']}: not in submission.csv: {exc}")
-
-    write_rle_csv(path, items())
+    return predict_files(args.inputs, args.out, model=args.model, options=options, formats=args.formats,
+                         save_probabilities=args.save_probabilities, overwrite=args.overwrite,
+                         progress=False if args.quiet else None, say=say)
 
 
 # -------------------------------------------------------------------- evaluate
@@ -662,26 +473,6 @@ def _diameter(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a number of pixels or 'auto', got {text!r}") from None
 
 
-def _resolve_scale(args: argparse.Namespace, model) -> float | str:
-    """The scale --scale / --diameter ask for, checked (1.0 when neither is given; 'auto' for --diameter auto)."""
-    from .inference import check_scale, scale_for_diameter
-
-    diameter, scale = getattr(args, "diameter", None), getattr(args, "scale", None)
-    if diameter == "auto":
-        return "auto"
-    option, value = ("--diameter", diameter) if diameter is not None else ("--scale", scale)
-    if value is None:
-        return 1.0
-    try:
-        if diameter is None:
-            return check_scale(scale)
-        scale = scale_for_diameter(diameter, model)
-    except ValueError:
-        raise NucleisegError(f"{option} must be a number > 0, got {value:g}") from None
-    log.info("nuclei %g px across: images resized by %.3g for the network", diameter, scale)
-    return scale
-
-
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_dataset, format_summary
 
@@ -689,22 +480,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                                     or hasattr(args, "scale") or hasattr(args, "diameter")):
         raise NucleisegError("--mode, --tta, --precision, --tile, --overlap, --scale and --diameter go with --model, "
                              "not --labels")
-    scale = None
-    if args.labels is None:
-        from .inference import load_model
-
-        model = load_model(args.model) if isinstance(getattr(args, "diameter", None), float) else None  # its diameter
-        scale = _resolve_scale(args, model)
-    options = {"tta": args.tta, "precision": args.precision, "tile": args.tile, "overlap": args.overlap,
-               "scale": None if scale == 1.0 else scale}
     _, summary, paths = evaluate_dataset(
         args.data,
         args.out,
         model=args.model,
         labels_dir=args.labels,
         split=args.split,
-        mode=args.mode,
-        predict_options={k: v for k, v in options.items() if v not in (None, False)},
+        options=None if args.labels is not None else _predict_options(args),
         progress=not args.quiet,
     )
     print(format_summary(summary))
@@ -746,6 +528,8 @@ def _add_tune_parser(sub: argparse._SubParsersAction) -> None:
 def _run_tune(args: argparse.Namespace) -> int:
     from .tuning import tune_model
 
+    if args.out is None and str(args.model) == "default":
+        raise NucleisegError("the shipped default model is never changed in place: give --out FILE")
     result = tune_model(args.cache, args.model, args.out, split=args.split, progress=not args.quiet,
                         float16=args.float16)
     p = result.params
@@ -858,6 +642,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except OptionError as exc:  # the library's name for an option, as its flag here
+        print(f"nucleiseg {args.command}: error: {exc.reworded('--' + exc.option.replace('_', '-'))}", file=sys.stderr)
+        return 2
     except NucleisegError as exc:
         print(f"nucleiseg {args.command}: error: {exc}", file=sys.stderr)
         return 2

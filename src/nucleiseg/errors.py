@@ -28,3 +28,21 @@ class NucleisegError(Exception):
 
 class ImageReadError(NucleisegError):
     """An image file that does not exist, is empty, truncated or not an image."""
+
+
+class OptionError(NucleisegError, ValueError):
+    """An option value out of range, naming the option as the library calls it (``tile``, ``min_size``).
+
+    The message reads ``"<option> <detail>"`` ("scale must be a number > 0, got 0");
+    a front end puts its own spelling of the option in front of ``detail``
+    (the command line: ``--scale``); see :meth:`reworded`.
+    """
+
+    def __init__(self, option: str, detail: str):
+        self.option = option
+        self.detail = detail
+        super().__init__(f"{option} {detail}")
+
+    def reworded(self, name: str) -> str:
+        """The message with the option called ``name``."""
+        return f"{name} {self.detail}"

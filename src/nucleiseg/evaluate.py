@@ -28,6 +28,7 @@ dictionaries already in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -42,7 +43,10 @@ import pandas as pd
 from .errors import NucleisegError
 from .io import atomic_path
 from .metrics import PixelScoreAccumulator, instance_scores, summarize_instance_scores
+from .options import PredictOptions
 from .postprocess import PostprocessParams, connected_components
+
+_DEFAULTS = PredictOptions()
 
 __all__ = [
     "AVERAGING",
@@ -544,8 +548,7 @@ def evaluate_dataset(
     model: str | Path | None = None,
     labels_dir: str | Path | None = None,
     split: str | None = None,
-    mode: str = "accurate",
-    predict_options: Mapping[str, Any] | None = None,
+    options: PredictOptions | Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Path]]:
     """Score a model (or a folder of predicted labels) on a prepared cache; write the report.
@@ -568,12 +571,10 @@ def evaluate_dataset(
     split : {'val', 'train', 'all'}, optional
         Images to score; default ``val`` for a cache, ``all`` for a new data
         folder (see :func:`open_dataset`).
-    mode : {'accurate', 'fast'}
-        Inference mode of the model.
-    predict_options : mapping, optional
-        More keywords for :func:`nucleiseg.inference.predict_probabilities`
-        (``tta``, ``tile``, ``overlap``, ``precision``), and ``scale``: a factor or
-        ``"auto"`` (see :func:`nucleiseg.inference.predict_labels`).
+    options : PredictOptions or mapping, optional
+        How the model predicts (mode, TTA, tiles, precision, scale or nucleus
+        diameter: see :class:`~nucleiseg.options.PredictOptions`); the
+        defaults are ``nucleiseg predict``'s.
     progress : bool
         Progress bar on stderr.
 
@@ -625,26 +626,26 @@ def evaluate_dataset(
             evaluator.add(image_id, truth[image_id], pred, kinds[image_id])
         about["labels"] = str(labels_dir)
     else:
-        from .inference import load_model, predict_labels
+        from .inference import load_model, predict_labels, resolve_device
 
-        net = load_model(model)
+        opts = PredictOptions.from_any(options)
+        net = load_model(model, resolve_device(opts.device))
+        opts = opts.resolved(net.depth, net.nucleus_diameter)
         channels = list(net.channels)
         params = net.postprocess
         evaluator = Evaluator(channels=channels, params=params)
-        options = {k: v for k, v in (predict_options or {}).items() if v is not None}
-        scale = options.pop("scale", 1.0)
         for image_id in tqdm(ids, **bar):
             rgb = read_image(cache_dir / "images" / f"{image_id}.png")
             # the thresholds of the image's kind, as segment() / predict use them
-            probs, pred, _ = predict_labels(net, rgb, net.postprocess_for(rgb), scale, mode=mode, **options)
+            probs, pred, _ = predict_labels(net, rgb, net.postprocess_for(rgb), opts)
             pred = _compact(pred)
             preds[image_id] = pred
             evaluator.add(image_id, truth[image_id], pred, kinds[image_id], probs)
         if net.postprocess_by_kind:
             about["postprocess_by_kind"] = {kind: p.to_dict() for kind, p in net.postprocess_by_kind.items()}
-        about.update(model=str(model or "default"), mode=mode, postprocess=params.to_dict(),
-                     **{k: v for k, v in options.items() if isinstance(v, (bool, int, float, str))},
-                     **({"scale": scale} if scale != 1.0 else {}))
+        about.update(model=str(model or "default"), mode=opts.mode, postprocess=params.to_dict(),
+                     **{k: v for k, v in dataclasses.asdict(opts).items()
+                        if k != "mode" and v != getattr(_DEFAULTS, k) and isinstance(v, (bool, int, float, str))})
     per_image, summary = evaluator.result()
     summary = {"evaluated": about, **summary}
     paths = write_report(out_dir, per_image, summary, images, truth, preds)

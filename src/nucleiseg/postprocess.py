@@ -99,6 +99,56 @@ def connected_components(body: np.ndarray, threshold: float = 0.5, min_size: int
     return relabel_sequential(labels)[0].astype(np.int32)
 
 
+# ----------------------------------------------------------------------------- the watershed's steps
+# instances_from_probabilities runs them in this order; the threshold search (nucleiseg.tuning) runs the same
+# functions, sharing the early steps between the combinations it tries.
+
+
+def seed_map(body: np.ndarray, boundary: np.ndarray) -> np.ndarray:
+    """``p_body * (1 - p_boundary)``: high inside a nucleus, low on its contour and where nuclei touch."""
+    return body * (1.0 - boundary)
+
+
+def foreground_regions(body: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """The foreground ``body > threshold`` and its 4-connected regions: ``(foreground, regions, count)``."""
+    foreground = body > threshold
+    regions, count = ndi.label(foreground)
+    return foreground, regions, int(count)
+
+
+def seed_markers(seeds: np.ndarray, foreground: np.ndarray, threshold: float, min_seed_size: int) -> np.ndarray:
+    """Markers: 4-connected blobs of ``seeds > threshold`` inside the foreground, of ``min_seed_size`` pixels or more."""
+    markers, _ = ndi.label((seeds > threshold) & foreground)
+    return remove_small_labels(markers, min_seed_size)
+
+
+def seed_orphans(markers: np.ndarray, regions: np.ndarray, n_regions: int) -> np.ndarray:
+    """Markers plus one seed for each foreground region left without any (small or low-confidence nuclei).
+
+    So that no detected nucleus is lost to the seed threshold. ``regions`` and
+    ``n_regions`` are :func:`foreground_regions`'.
+
+    Examples
+    --------
+    >>> regions = np.array([[1, 1, 0, 2, 2]]); markers = np.array([[0, 1, 0, 0, 0]])
+    >>> seed_orphans(markers, regions, 2)
+    array([[0, 1, 0, 3, 3]])
+    """
+    if not n_regions:
+        return markers
+    seeded = np.zeros(n_regions + 1, bool)
+    seeded[np.unique(regions[markers > 0])] = True
+    orphan = ~seeded[regions] & (regions > 0)
+    if orphan.any():
+        markers = np.where(orphan, regions + int(markers.max()), markers)
+    return markers
+
+
+def flood(body: np.ndarray, markers: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """The watershed: markers flooded over ``-p_body`` within the foreground (labels not yet filtered by size)."""
+    return watershed(-body, markers, mask=foreground)
+
+
 def instances_from_probabilities(
     probs: np.ndarray,
     channels: Sequence[str] = ("body", "contour", "touch"),
@@ -140,20 +190,114 @@ def instances_from_probabilities(
     if boundary is None:
         return connected_components(body, params.foreground_threshold, params.min_size)
 
-    foreground = body > params.foreground_threshold
-    seeds = (body * (1.0 - boundary) > params.seed_threshold) & foreground
-    markers, _ = ndi.label(seeds)
-    markers = remove_small_labels(markers, params.min_seed_size)
-    # Foreground blobs left without any seed (small or low-confidence nuclei) keep one seed each,
-    # so no detected nucleus is lost to the seed threshold.
-    blobs, n_blobs = ndi.label(foreground)
-    if n_blobs:
-        seeded = np.zeros(n_blobs + 1, bool)
-        seeded[np.unique(blobs[markers > 0])] = True
-        orphan = ~seeded[blobs] & (blobs > 0)
-        if orphan.any():
-            offset = int(markers.max())
-            markers = np.where(orphan, blobs + offset, markers)
-    labels = watershed(-body, markers, mask=foreground)
-    labels = remove_small_labels(labels, params.min_size)
+    foreground, blobs, n_blobs = foreground_regions(body, params.foreground_threshold)
+    markers = seed_markers(seed_map(body, boundary), foreground, params.seed_threshold, params.min_seed_size)
+    markers = seed_orphans(markers, blobs, n_blobs)
+    labels = remove_small_labels(flood(body, markers, foreground), params.min_size)
     return relabel_sequential(labels)[0].astype(np.int32)
+
+# ----------------------------------------------------------------------------- large images
+#: Rows per band of :func:`label_nuclei`, and the margin around a band for regions taller than one band:
+#: the watershed's temporaries are about 90 bytes a pixel, so an 8000-pixel-wide band needs well under 1 GB.
+BAND_ROWS = 512
+BAND_MARGIN = 256
+
+
+def label_nuclei(
+    probabilities: np.ndarray,
+    channels: Sequence[str] = ("body", "contour", "touch"),
+    params: PostprocessParams | None = None,
+    band_rows: int = BAND_ROWS,
+    margin: int = BAND_MARGIN,
+) -> np.ndarray:
+    """Instance labels from probabilities, band by band on tall images.
+
+    :func:`~nucleiseg.postprocess.instances_from_probabilities` on a band of
+    rows at a time, so that its temporaries (about 90 bytes a pixel) never
+    cover the whole image. It treats each connected foreground region
+    (``body > foreground_threshold``) on its own, hence:
+
+    - a region at most ``band_rows`` tall is handed whole to the band holding
+      its top row (that band's rows extended down to the region's bottom):
+      its nuclei are exactly those of the whole-image post-processing;
+    - a taller region (a large clump of touching nuclei) is cut: each band
+      also looks ``margin`` rows above and below and keeps the region's nuclei
+      that start in the band and touch neither cut. A nucleus taller than
+      ``margin`` rows in such a clump is dropped, and the borders of nuclei
+      near a cut may differ slightly from the whole-image result.
+
+    Images at most 1.5 bands tall are done at once. Labels are numbered
+    differently from the whole-image result. (Where the watershed meets
+    pixels of exactly equal probability its flooding order, and so the border
+    between two touching nuclei, may differ by a pixel; network outputs
+    rarely tie.)
+
+    Parameters
+    ----------
+    probabilities : ndarray, shape (C, H, W)
+    channels : sequence of str
+        Name of each channel; must include ``"body"``.
+    params : PostprocessParams, optional
+    band_rows : int
+        Rows per band.
+    margin : int
+        Rows looked at above and below a band that a tall region crosses.
+
+    Returns
+    -------
+    labels : ndarray of int32, shape (H, W)
+        0 for background, 1..N for nuclei.
+
+    Examples
+    --------
+    >>> probs = np.zeros((3, 40, 10), np.float32)
+    >>> probs[0, 5:15, 2:8] = probs[0, 18:35, 2:8] = 1.0
+    >>> int(label_nuclei(probs, band_rows=10).max())
+    2
+    """
+    params = params or PostprocessParams()
+    channels = list(channels)
+    if "body" not in channels:
+        raise ValueError(f"channels must include 'body', got {channels}")
+    if band_rows < 1 or margin < 0:
+        raise ValueError(f"band_rows must be >= 1 and margin >= 0, got {band_rows} and {margin}")
+    height = probabilities.shape[1]
+    if height <= band_rows + band_rows // 2:
+        return instances_from_probabilities(probabilities, channels, params)
+    # 8-connected regions: each holds whole 4-connected ones, whatever connectivity the
+    # post-processing uses.
+    body = probabilities[channels.index("body")]
+    regions, n_regions = ndi.label(body > params.foreground_threshold, structure=np.ones((3, 3), bool))
+    labels = np.zeros(probabilities.shape[1:], np.int32)
+    if not n_regions:
+        return labels
+    boxes = ndi.find_objects(regions)
+    top = np.array([-1] + [box[0].start for box in boxes])  # index 0 (background) is in no band
+    bottom = np.array([-1] + [box[0].stop for box in boxes])
+    tall = bottom - top > band_rows
+    offset = 0
+    for r0 in range(0, height, band_rows):
+        r1 = min(height, r0 + band_rows)
+        own = ~tall & (top >= r0) & (top < r1)  # regions handed whole to this band
+        crossing = tall & (top < r1) & (bottom > r0)  # tall regions cut around this band
+        if not own.any() and not crossing.any():
+            continue
+        s0 = max(0, r0 - margin) if crossing.any() else r0
+        s1 = min(height, max(r1 + margin if crossing.any() else r1, int(bottom[own].max(initial=0))))
+        band = instances_from_probabilities(probabilities[:, s0:s1], channels, params)
+        where = regions[s0:s1]
+        keep = own[where]
+        if crossing.any():
+            # nuclei of the tall regions that start in this band and touch neither cut
+            spans = ndi.find_objects(band)
+            first = np.array([-1] + [b[0].start + s0 if b else -1 for b in spans])
+            last = np.array([-1] + [b[0].stop + s0 if b else -1 for b in spans])
+            whole = (first >= r0) & (first < r1) & ((first > s0) | (s0 == 0)) & ((last < s1) | (s1 == height))
+            keep |= whole[band] & crossing[where]
+        band[~keep] = 0
+        band = relabel_sequential(band)[0].astype(np.int32)
+        count = int(band.max())
+        band[band > 0] += offset
+        labels[s0:s1][keep] = band[keep]
+        offset += count
+    return labels

@@ -20,7 +20,6 @@ import itertools
 import json
 import logging
 import sys
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,18 +27,22 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage as ndi
-from skimage.morphology import remove_small_objects
-from skimage.segmentation import watershed
 
 from .errors import NucleisegError
 from .io import atomic_path
 from .metrics import instance_scores
+from .options import PredictOptions
 from .postprocess import (
     PostprocessParams,
     boundary_probability,
     connected_components,
+    flood,
+    foreground_regions,
     instances_from_probabilities,
+    remove_small_labels,
+    seed_map,
+    seed_markers,
+    seed_orphans,
 )
 
 __all__ = [
@@ -95,15 +98,6 @@ def _grid(grid: Mapping[str, Sequence] | None) -> dict[str, tuple]:
     return out
 
 
-def _remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
-    # the same call as postprocess.instances_from_probabilities
-    if min_size <= 1:
-        return labels
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Only one label was provided")
-        return remove_small_objects(labels, max_size=min_size - 1)
-
-
 def _image_scores(
     probs: np.ndarray, truth: np.ndarray, channels: Sequence[str], grid: dict[str, tuple]
 ) -> dict[tuple, tuple[float, float]]:
@@ -124,25 +118,15 @@ def _image_scores(
             out[(fg, default.seed_threshold, default.min_seed_size, ms)] = result
         return out
 
-    seed_map = body * (1.0 - boundary)
-    neg_body = -body
+    # postprocess.instances_from_probabilities' steps, each shared by the combinations that agree up to it
+    seeds = seed_map(body, boundary)
     for fg in grid["foreground_threshold"]:
-        foreground = body > fg
-        blobs, n_blobs = ndi.label(foreground)
-        for st in grid["seed_threshold"]:
-            seeds = (seed_map > st) & foreground
-            markers_all, _ = ndi.label(seeds)
-            for mss in grid["min_seed_size"]:
-                markers = _remove_small(markers_all, mss)
-                if n_blobs:
-                    seeded = np.zeros(n_blobs + 1, bool)
-                    seeded[np.unique(blobs[markers > 0])] = True
-                    orphan = ~seeded[blobs] & (blobs > 0)
-                    if orphan.any():
-                        markers = np.where(orphan, blobs + int(markers.max()), markers)
-                flooded = watershed(neg_body, markers, mask=foreground)
-                for ms in grid["min_size"]:
-                    out[(fg, st, mss, ms)] = score(_remove_small(flooded, ms))
+        foreground, blobs, n_blobs = foreground_regions(body, fg)
+        for st, mss in itertools.product(grid["seed_threshold"], grid["min_seed_size"]):
+            markers = seed_orphans(seed_markers(seeds, foreground, st, mss), blobs, n_blobs)
+            flooded = flood(body, markers, foreground)
+            for ms in grid["min_size"]:
+                out[(fg, st, mss, ms)] = score(remove_small_labels(flooded, ms))
     return out
 
 
@@ -384,13 +368,13 @@ class TuneResult:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def _predict(model, rgb: np.ndarray, prune_level: int | None, options: Mapping[str, Any]) -> np.ndarray:
+def _predict(model, rgb: np.ndarray, prune_level: int | None, options: PredictOptions) -> np.ndarray:
     """Probabilities of the accurate mode (prune_level None) or of one prune level."""
     from .inference import predict_probabilities
 
     if prune_level is None:
-        return predict_probabilities(model, rgb, mode="accurate", **options)
-    return predict_probabilities(model, rgb, mode="fast", prune_level=prune_level, **options)
+        return predict_probabilities(model, rgb, options.replace(mode="accurate", prune_level=None))
+    return predict_probabilities(model, rgb, options.replace(mode="fast", prune_level=prune_level))
 
 
 def tune_model(
@@ -401,7 +385,7 @@ def tune_model(
     split: str = "val",
     grid: Mapping[str, Sequence] | None = None,
     tolerance: float = FAST_MODE_TOLERANCE,
-    predict_options: Mapping[str, Any] | None = None,
+    options: PredictOptions | Mapping[str, Any] | None = None,
     min_kind_images: int = MIN_KIND_IMAGES,
     progress: bool = True,
     float16: bool = False,
@@ -433,9 +417,9 @@ def tune_model(
         Values to search (see :func:`tune_postprocess`).
     tolerance : float
         DSB the fast mode may lose against the accurate mode.
-    predict_options : mapping, optional
-        More keywords for :func:`nucleiseg.inference.predict_probabilities`
-        (``tta``, ``precision``, ``tile``, ...).
+    options : PredictOptions or mapping, optional
+        How the network predicts (``tta``, ``precision``, ``tile``, ...; see
+        :class:`~nucleiseg.options.PredictOptions`); the mode is set here.
     min_kind_images : int
         Fewest images of a kind for it to get thresholds of its own.
     progress : bool
@@ -452,7 +436,7 @@ def tune_model(
 
     if model is None or str(model) == "default":
         if out is None:
-            raise NucleisegError("give --out FILE to tune the shipped default model (it is not changed in place)")
+            raise NucleisegError("the shipped default model is never changed in place: give a file to write (out)")
     path = resolve_model_path(model)
     out = path if out is None else Path(out)
     if out.is_dir():
@@ -467,17 +451,18 @@ def tune_model(
     cache_dir = Path(cache_dir)
     ids = table["image_id"].astype(str).tolist()
 
-    from .inference import load_model
+    from .inference import load_model, resolve_device
 
-    net = load_model(path)
+    opts = PredictOptions.from_any(options)
+    net = load_model(path, resolve_device(opts.device))
+    opts = opts.resolved(net.depth, net.nucleus_diameter)
 
     channels = list(net.channels)
     previous = net.postprocess
-    options = {k: v for k, v in (predict_options or {}).items() if v is not None}
     images = [read_image(cache_dir / "images" / f"{i}.png") for i in ids]
     truths = [read_labels(cache_dir / "labels" / f"{i}.tif") for i in ids]
     bar = dict(unit="image", file=sys.stderr, disable=None if progress else True)
-    probs = [_predict(net, rgb, None, options) for rgb in tqdm(images, desc="predict", **bar)]
+    probs = [_predict(net, rgb, None, opts) for rgb in tqdm(images, desc="predict", **bar)]
 
     dsb_before = mean_dsb(probs, truths, channels, previous)
     combos, scores = score_grid(probs, truths, channels, grid, progress=progress)
@@ -499,7 +484,7 @@ def tune_model(
     depth = net.depth
     fast_dsb: dict[int, float] = {}
     for level in range(1, depth + 1):
-        level_probs = (_predict(net, rgb, level, options) for rgb in tqdm(images, desc=f"fast level {level}", **bar))
+        level_probs = (_predict(net, rgb, level, opts) for rgb in tqdm(images, desc=f"fast level {level}", **bar))
         fast_dsb[level] = float(np.mean([
             instance_scores(t, instances_from_probabilities(p, channels, c)).score
             for p, t, c in zip(level_probs, truths, chosen)

@@ -1,0 +1,659 @@
+"""The batch workflow of ``nucleiseg predict``: many image files in, a folder of outputs out.
+
+:func:`predict_files` expands the inputs (files, folders, glob patterns), gives
+each image a unique output name, segments them one by one and writes their
+outputs, ``summary.csv`` and, with the ``rle`` format, a Kaggle
+``submission.csv``; it returns the summary as a DataFrame. The command line
+only parses its flags into a :class:`~nucleiseg.options.PredictOptions` and
+calls it; a Dask worker or a napari thread calls :func:`predict_one` for one
+image.
+
+Nothing half-written survives
+-----------------------------
+An image's outputs are complete or absent. They are written into a staging
+folder inside ``OUT_DIR/.nucleiseg/``, then moved into ``OUT_DIR`` under a
+journal entry, and a record of the finished image (its files, nuclei, mean
+area) is written last. An image is *done* when its record exists and all the
+files it lists do; a run killed at any moment leaves an image either done or
+not, and the next run redoes the ones that are not. ``--overwrite`` replaces
+an image's whole output set, removing outputs of formats not asked for this
+time. One run at a time writes into a folder: a second one is refused in one
+line (an advisory lock, released by the system when a run dies).
+
+Examples
+--------
+>>> import nucleiseg                                                   # doctest: +SKIP
+>>> summary = nucleiseg.predict_files(["plate1/"], "results/", formats=["geojson"])  # doctest: +SKIP
+>>> summary[["name", "nuclei", "status"]]                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import io as _io
+from .errors import NucleisegError, OptionError
+from .options import PredictOptions
+
+__all__ = [
+    "FORMATS",
+    "ImageJob",
+    "OutputFolder",
+    "SUMMARY_COLUMNS",
+    "display",
+    "expand_inputs",
+    "output_names",
+    "plan_outputs",
+    "predict_files",
+    "predict_one",
+]
+
+log = logging.getLogger("nucleiseg.batch")
+
+#: Extra output formats, beside labels, mask, overlay and the per-nucleus table.
+FORMATS = ("rle", "imagej-roi", "geojson")
+
+#: Columns of ``summary.csv`` and of the DataFrame :func:`predict_files` returns.
+SUMMARY_COLUMNS = ["image", "name", "nuclei", "mean_area", "status", "message"]
+
+#: Hidden folder in ``OUT_DIR`` for the run's bookkeeping: lock, journal, records, staging.
+STATE_DIR = ".nucleiseg"
+
+#: Every output kind an image may have, and its file name; ``plan_outputs`` picks those asked for.
+_OUTPUT_NAMES = {
+    "labels": "{}_labels.tif",
+    "mask": "{}_mask.png",
+    "overlay": "{}_overlay.png",
+    "table": "{}_nuclei.csv",
+    "probabilities": "{}_probabilities.tif",
+    "rois": "{}_rois.zip",
+    "geojson": "{}.geojson",
+}
+
+#: Called as ``say(kind, text)`` with kind "note", "warning" or "error", one line each.
+Say = Callable[[str, str], None]
+
+
+def display(path: str | Path) -> str:
+    """A path as text that any file or terminal takes: bytes that are not UTF-8 shown as ``\\xNN``.
+
+    Examples
+    --------
+    >>> display(os.fsdecode(b"cells-\\xff.png"))
+    'cells-\\\\xff.png'
+    """
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def _log_say(kind: str, text: str) -> None:
+    (log.info if kind == "note" else log.warning if kind == "warning" else log.error)(text)
+
+
+# ----------------------------------------------------------------------------- inputs and names
+def expand_inputs(specs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Image paths for INPUT arguments (files, folders, glob patterns), in order, without repeats.
+
+    Returns
+    -------
+    paths : list of Path
+    problems : list of (input, problem)
+        Inputs that gave no image: a missing file, an empty folder, a pattern matching nothing.
+    """
+    paths: list[Path] = []
+    problems: list[tuple[str, str]] = []
+    for spec in specs:
+        spec = str(spec)
+        path = Path(spec)
+        if path.is_dir():
+            found = _io.list_images(path)
+            if not found:
+                problems.append((spec, f"folder holds no images ({', '.join(_io.IMAGE_SUFFIXES)}) directly inside"))
+        elif path.exists() or path.is_symlink():
+            found = [path]
+        elif glob.has_magic(spec):
+            found = sorted(Path(p) for p in glob.glob(spec)
+                           if Path(p).is_file() and Path(p).suffix.lower() in _io.IMAGE_SUFFIXES)
+            if not found:
+                problems.append((spec, "no image file matches this pattern"))
+        else:
+            found = []
+            problems.append((spec, "no such file or folder"))
+        paths.extend(found)
+    unique: dict[Path, Path] = {}
+    for path in paths:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values()), problems
+
+
+def output_names(paths: Sequence[Path]) -> tuple[list[str], list[str]]:
+    """A unique output name per input (its stem, or ``<stem>-2``, ``-3``, ...), and a note per renaming.
+
+    Names are compared ignoring case: outputs may land on such a file system.
+
+    Examples
+    --------
+    >>> output_names([Path("a/cells.png"), Path("b/Cells.tif")])[0]
+    ['cells', 'Cells-2']
+    """
+    taken: dict[str, Path] = {}
+    names, notes = [], []
+    for path in paths:
+        name, k = path.stem, 2
+        while name.lower() in taken:
+            name, k = f"{path.stem}-{k}", k + 1
+        if name != path.stem:
+            notes.append(f"{display(path)}: same name as {display(taken[path.stem.lower()])}; "
+                         f"its outputs are named {display(name)}_*")
+        taken[name.lower()] = path
+        names.append(name)
+    return names, notes
+
+
+def check_formats(formats: str | Iterable[str] | None) -> tuple[str, ...]:
+    """The extra formats asked for, checked: a subset of :data:`FORMATS` (a comma-separated string works too).
+
+    Examples
+    --------
+    >>> check_formats("geojson, rle"), check_formats("none"), check_formats(None)
+    (('geojson', 'rle'), (), ())
+    """
+    if formats is None:
+        return ()
+    names = [n.strip().lower() for n in (formats.split(",") if isinstance(formats, str) else formats)]
+    names = [n for n in names if n]
+    if names == ["none"]:
+        return ()
+    unknown = [n for n in names if n not in FORMATS]
+    if unknown:
+        raise OptionError("formats", f"has unknown format {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def plan_outputs(out_dir: Path, name: str, formats: Sequence[str] = (), save_probabilities: bool = False) -> dict[str, Path]:
+    """The output files of one image, keyed by kind (``labels``, ``mask``, ``overlay``, ``table``, ...).
+
+    Examples
+    --------
+    >>> sorted(plan_outputs(Path("out"), "cells", ["geojson"]))
+    ['geojson', 'labels', 'mask', 'overlay', 'table']
+    """
+    kinds = ["labels", "mask", "overlay", "table"]
+    if save_probabilities:
+        kinds.append("probabilities")
+    if "imagej-roi" in formats:
+        kinds.append("rois")
+    if "geojson" in formats:
+        kinds.append("geojson")
+    return {kind: Path(out_dir) / _OUTPUT_NAMES[kind].format(name) for kind in kinds}
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image of a batch: where it is read, the name of its outputs, and their paths."""
+
+    path: Path
+    name: str
+    outputs: dict[str, Path]
+
+
+# ----------------------------------------------------------------------------- the output folder
+class OutputFolder:
+    """An output folder with its bookkeeping: lock, journal, per-image records and staging.
+
+    ``OUT_DIR/.nucleiseg/`` holds ``lock`` (held by the run writing here),
+    ``done/<name>.json`` (an image whose outputs are complete),
+    ``journal/<name>.json`` (an image whose outputs are being moved in) and
+    ``staging/<name>/`` (outputs being written).
+
+    Parameters
+    ----------
+    path : str or Path
+        The output folder; created (with its parents) by :meth:`open`.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.state = self.path / STATE_DIR
+        self._lock_file: Any = None
+
+    # -- opening and locking
+    def open(self, lock: bool = True) -> OutputFolder:
+        """Create the folder and check that it can be written, before any work; take the lock.
+
+        Raises
+        ------
+        NucleisegError
+            The path is a file or lies under one, cannot be created or written,
+            or another run holds the lock.
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise NucleisegError("is a file; expected an output folder", self.path)
+        try:
+            for sub in ("done", "journal", "staging"):
+                (self.state / sub).mkdir(parents=True, exist_ok=True)
+            probe = self.state / f"probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            if isinstance(exc, (NotADirectoryError, FileExistsError)):
+                reason = "a part of the path is a file, not a folder"
+            raise NucleisegError(f"cannot write the output folder here ({reason})", self.path) from None
+        if lock:
+            self._lock()
+        return self
+
+    def _lock(self) -> None:
+        path = self.state / "lock"
+        handle = open(path, "a+")
+        try:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # Windows: lock the first byte instead
+            import msvcrt
+
+            try:
+                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            except OSError:
+                handle.close()
+                raise NucleisegError("another nucleiseg run is writing into this folder; wait for it to "
+                                     "finish or choose another output folder", self.path) from None
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            raise NucleisegError(
+                f"another nucleiseg run{f' (process {holder})' if holder.isdigit() else ''} is writing into this "
+                "folder; wait for it to finish or choose another output folder", self.path) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock_file = handle
+
+    def close(self) -> None:
+        """Release the lock."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def __enter__(self) -> OutputFolder:
+        return self.open() if self._lock_file is None else self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- records
+    def _entry(self, where: str, name: str) -> Path:
+        return self.state / where / f"{name}.json"
+
+    def record(self, name: str) -> dict[str, Any] | None:
+        """The record of a done image (its files all present), or None."""
+        try:
+            record = json.loads(self._entry("done", name).read_text())
+            files = [self.path / f for f in record["files"].values()]
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            return None
+        return record if all(f.is_file() for f in files) else None
+
+    def status(self, job: ImageJob) -> tuple[str, dict[str, Any] | None]:
+        """``("done", record)``, ``("earlier", None)`` (complete outputs of a version without records),
+        ``("partial", None)`` (outputs of an unfinished run, to redo) or ``("absent", None)``."""
+        record = self.record(job.name)
+        if record is not None:
+            return "done", record
+        if self._entry("journal", job.name).exists() or self._entry("done", job.name).exists():
+            return "partial", None
+        present = [f for f in job.outputs.values() if f.exists()]
+        if not present:
+            return "absent", None
+        # Before records existed, the labels were written last: they mark a finished image.
+        if job.outputs["labels"].is_file() and job.outputs["table"].is_file():
+            return "earlier", None
+        return "partial", None
+
+    def staging(self, name: str) -> Path:
+        """A fresh, empty staging folder for the outputs of ``name``."""
+        folder = self.state / "staging" / name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        return folder
+
+    def discard(self, name: str) -> None:
+        """Remove the staging folder of ``name`` (after a failure)."""
+        shutil.rmtree(self.state / "staging" / name, ignore_errors=True)
+
+    def commit(self, job: ImageJob, staged: Mapping[str, Path], about: Mapping[str, Any]) -> None:
+        """Move the staged outputs of ``job`` into the folder as a unit, and record the image as done.
+
+        Every output of the image's name that is not in ``staged`` (formats not
+        asked for this time, files of an earlier run) is removed, so the folder
+        holds exactly this run's set.
+        """
+        final = {kind: job.outputs[kind] for kind in staged}
+        stale = [self.path / pattern.format(job.name) for kind, pattern in _OUTPUT_NAMES.items() if kind not in final]
+        journal = self._entry("journal", job.name)
+        _write_json(journal, {"files": {k: p.name for k, p in final.items()}, "stale": [p.name for p in stale]})
+        self._entry("done", job.name).unlink(missing_ok=True)
+        for kind, source in staged.items():
+            os.replace(source, final[kind])
+        for path in stale:
+            path.unlink(missing_ok=True)
+        _write_json(self._entry("done", job.name),
+                    {**about, "image": display(job.path), "files": {k: p.name for k, p in final.items()}})
+        journal.unlink()
+        self.discard(job.name)
+
+    def forget(self, job: ImageJob) -> None:
+        """Remove what an unfinished run left of ``job`` (its partial outputs, journal and staging)."""
+        for pattern in _OUTPUT_NAMES.values():
+            (self.path / pattern.format(job.name)).unlink(missing_ok=True)
+        self._entry("journal", job.name).unlink(missing_ok=True)
+        self._entry("done", job.name).unlink(missing_ok=True)
+        self.discard(job.name)
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    with _io.atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
+
+
+# ----------------------------------------------------------------------------- one image
+def predict_one(
+    job: ImageJob,
+    model: Any,
+    options: PredictOptions,
+    folder: OutputFolder,
+    *,
+    say: Say = _log_say,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Segment one image and commit its outputs; its summary row (status ``ok`` or ``failed``).
+
+    Never raises for a problem of this image (unreadable, too small, a
+    writer's failure, even a bug): the row says ``failed`` with a one-line
+    message, and nothing of its new outputs is left behind.
+
+    Parameters
+    ----------
+    job : ImageJob
+    model : Model
+        A loaded :class:`~nucleiseg.inference.Model`.
+    options : PredictOptions
+        Resolved for the model (:meth:`PredictOptions.resolved`).
+    folder : OutputFolder
+        Opened.
+    say : callable
+        ``say(kind, text)`` for notes and warnings about this image.
+    progress : callable, optional
+        ``progress(done, total)`` with the tiles predicted so far.
+    """
+    from .inference import segment
+    from .preprocess import to_rgb_uint8
+
+    row: dict[str, Any] = {"image": display(job.path), "name": display(job.name), "nuclei": None,
+                           "mean_area": None, "status": "ok", "message": ""}
+    staged: dict[str, Path] = {}
+    try:
+        image = _io.read_image(job.path)
+        if (options.channel is None and image.ndim == 3 and image.shape[-1] == 2
+                and job.path.suffix.lower() in _io.TIFF_SUFFIXES):
+            # A 2-channel PNG is grey + alpha; a 2-channel TIFF is usually two stains.
+            say("note", f"{display(job.path)}: 2 channels, read as grey + alpha: only channel 1 is segmented "
+                        "(channel 2 can be chosen instead)")
+        result = segment(image, model, options, progress=progress)
+        if options.channel is not None:
+            from .preprocess import select_channel
+
+            image = select_channel(image, options.channel)
+        stage = folder.staging(job.name)
+        staged = {kind: stage / path.name for kind, path in job.outputs.items()}
+        if "probabilities" in staged:
+            _io.write_probabilities_tiff(staged["probabilities"], result.probabilities, result.channels)
+        result.probabilities = None  # free the largest array before the writers' temporaries
+        labels = result.labels
+        if "rois" in staged:
+            _io.write_imagej_rois(staged["rois"], labels)
+        if "geojson" in staged:
+            _io.write_geojson(staged["geojson"], labels)
+        _io.write_overlay(staged["overlay"], to_rgb_uint8(image), labels)
+        _io.write_png(staged["mask"], (labels > 0).astype(np.uint8) * np.uint8(255))
+        with _io.atomic_path(staged["table"]) as tmp:
+            result.table.to_csv(tmp, index=False)
+        _io.write_labels_tiff(staged["labels"], labels)
+        row.update(nuclei=result.n_nuclei,
+                   mean_area=round(float(result.table["area"].mean()), 2) if result.n_nuclei else 0.0)
+        if options.scale == "auto" and result.scale != 1.0:
+            row["message"] = f"resized by {result.scale:.3g} for the network (diameter auto)"
+        if not result.n_nuclei:
+            row["message"] = "no nuclei found"
+            say("warning", f"{display(job.path)}: no nuclei found (outputs written)")
+        folder.commit(job, staged, {"nuclei": row["nuclei"], "mean_area": row["mean_area"], "message": row["message"]})
+    except Exception as exc:  # one image's failure, even a bug, must not cost the others
+        folder.discard(job.name)
+        row.update(status="failed", message=_failure(exc, job.path))
+        say("error", f"{display(job.path)}: {row['message']}")
+    return row
+
+
+def _failure(exc: BaseException, path: Path) -> str:
+    """One line for the failure of one image."""
+    if isinstance(exc, NucleisegError):
+        return display(exc.message if exc.path is not None else str(exc))
+    if isinstance(exc, MemoryError):
+        return "out of memory: try a smaller tile or batch size"
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({display(exc.filename)})" if exc.filename else ""
+        return f"cannot write its outputs: {exc.strerror}{where}"
+    log.debug("traceback of the failure on %s", display(path), exc_info=True)
+    return f"unexpected error ({type(exc).__name__}: {display(exc)}); run with -v for the traceback"
+
+
+# ----------------------------------------------------------------------------- many images
+def predict_files(
+    inputs: str | Path | Iterable[str | Path],
+    out_dir: str | Path,
+    *,
+    model: Any = "default",
+    options: PredictOptions | Mapping[str, Any] | None = None,
+    formats: str | Iterable[str] | None = (),
+    save_probabilities: bool = False,
+    overwrite: bool = False,
+    progress: bool | Callable[[int, int], None] | None = None,
+    say: Say | None = None,
+) -> Any:
+    """Segment image files and write their outputs, ``summary.csv`` and (format ``rle``) ``submission.csv``.
+
+    This is ``nucleiseg predict``. Per image ``<name>`` (the file name without
+    its extension; ``<name>-2``... when two inputs share one) ``out_dir`` gets
+    ``<name>_labels.tif``, ``_mask.png``, ``_overlay.png``, ``_nuclei.csv``, and
+    as asked ``_probabilities.tif``, ``_rois.zip``, ``.geojson``.
+
+    Parameters
+    ----------
+    inputs : path, glob pattern, folder, or an iterable of them
+        Image files (PNG, JPEG, TIFF, BMP), folders (the images directly
+        inside) and glob patterns.
+    out_dir : str or Path
+        Created if needed; checked to be writable before any work.
+    model : Model, str or Path
+        A loaded model, a model file or run folder, or ``"default"``.
+    options : PredictOptions or mapping, optional
+        How to predict; the defaults are ``nucleiseg predict``'s.
+    formats : iterable of str or str
+        Extra outputs: some of :data:`FORMATS` (``rle``, ``imagej-roi``, ``geojson``).
+    save_probabilities : bool
+        Also write the network's probabilities (float32 TIFF).
+    overwrite : bool
+        Replace the outputs of images already done (their whole set) instead of skipping them.
+    progress : bool or callable, optional
+        True: progress bars on stderr (images, and tiles of large images); None:
+        the same when stderr is a terminal; a callable: ``progress(done, total)``
+        after each image.
+    say : callable, optional
+        ``say(kind, text)`` receives one line per note, warning or error
+        (default: the ``nucleiseg.batch`` logger).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per input (and per input that gave no image): ``image``,
+        ``name``, ``nuclei``, ``mean_area``, ``status`` (``ok``, ``skipped`` or
+        ``failed``), ``message``; as written to ``summary.csv``.
+
+    Raises
+    ------
+    NucleisegError
+        Before any work: the output folder cannot be written or another run
+        holds it, an output would replace an input, the model cannot be read,
+        an option is out of range (:class:`~nucleiseg.errors.OptionError`).
+        Problems of single images never raise: their rows say ``failed``.
+    """
+    import pandas as pd
+
+    from .inference import _as_model, resolve_device
+
+    say = say or _log_say
+    opts = PredictOptions.from_any(options)
+    formats = check_formats(formats)
+    out_dir = Path(out_dir)
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    paths, problems = expand_inputs(inputs)
+    names, notes = output_names(paths)
+    jobs = [ImageJob(p, n, plan_outputs(out_dir, n, formats, save_probabilities)) for p, n in zip(paths, names)]
+    _refuse_overwriting_inputs(jobs, out_dir, formats)
+
+    model = _as_model(model, resolve_device(opts.device))
+    opts = opts.resolved(model.depth, model.nucleus_diameter)
+    if isinstance(opts.scale, float) and opts.scale != 1.0:
+        log.info("images resized by %.3g for the network", opts.scale)
+
+    with OutputFolder(out_dir) as folder:
+        for spec, problem in problems:
+            say("error", f"{display(spec)}: {problem}")
+        for note in notes:
+            say("note", note)
+        rows = []
+        with _progress_bars(progress, len(jobs)) as (bar, tiles):
+            for job in jobs:
+                rows.append(_run_one(job, model, opts, folder, overwrite, say, tiles))
+                bar(len(rows), len(jobs))
+        if "rle" in formats:
+            _write_submission(out_dir / "submission.csv", rows, jobs, say)
+        summary = pd.DataFrame(
+            rows + [{"image": display(spec), "name": "", "status": "failed", "message": problem}
+                    for spec, problem in problems],
+            columns=SUMMARY_COLUMNS,
+        ).astype({"nuclei": "Int64"})
+        with _io.atomic_path(out_dir / "summary.csv") as tmp:
+            summary.to_csv(tmp, index=False)
+    return summary
+
+
+def _run_one(job: ImageJob, model: Any, opts: PredictOptions, folder: OutputFolder, overwrite: bool,
+             say: Say, tiles: Callable[[int, int], None] | None) -> dict[str, Any]:
+    """One image of predict_files: skipped when done (unless overwrite), else predicted."""
+    state, record = folder.status(job)
+    if state in ("done", "earlier") and not overwrite:
+        row = {"image": display(job.path), "name": display(job.name), "nuclei": None, "mean_area": None,
+               "status": "skipped", "message": ""}
+        missing = [k for k in job.outputs if record is not None and k not in record["files"]]
+        if missing:
+            row["message"] = f"done earlier without {', '.join(missing)} (overwrite redoes it)"
+        else:
+            row["message"] = "done earlier (overwrite redoes it)"
+        say("note", f"{display(job.path)}: skipped, its outputs in {display(folder.path)} are complete "
+                    "(overwrite replaces them)")
+        if record is not None and record.get("nuclei") is not None:
+            row.update(nuclei=record["nuclei"], mean_area=record.get("mean_area"))
+        else:
+            _fill_from_table(row, job.outputs["table"])
+        return row
+    if state == "partial":
+        say("note", f"{display(job.path)}: an earlier run left its outputs unfinished: redoing it")
+        folder.forget(job)
+    return predict_one(job, model, opts, folder, say=say, progress=tiles)
+
+
+@contextlib.contextmanager
+def _progress_bars(progress: bool | Callable[[int, int], None] | None, total: int) -> Iterator[tuple]:
+    """``(images(done, total), tiles(done, total) or None)`` callbacks for predict_files."""
+    if callable(progress):
+        yield progress, None
+        return
+    if progress is False:
+        yield (lambda done, total: None), None
+        return
+    from tqdm import tqdm
+
+    disable = None if progress is None else False
+    images = tqdm(total=total, desc="predict", unit="image", file=sys.stderr, disable=disable)
+    tile_bar: list[Any] = []
+
+    def tiles(done: int, of: int) -> None:
+        # a second bar for images of many tiles: large images take minutes
+        if of < 8:
+            return
+        if not tile_bar:
+            tile_bar.append(tqdm(total=of, desc="  tiles", unit="tile", file=sys.stderr, leave=False, disable=disable))
+        tile_bar[0].update(done - tile_bar[0].n)
+        if done >= of:
+            tile_bar.pop().close()
+
+    try:
+        yield (lambda done, of: images.update(done - images.n)), tiles
+    finally:
+        for bar in tile_bar:
+            bar.close()
+        images.close()
+
+
+def _refuse_overwriting_inputs(jobs: Sequence[ImageJob], out_dir: Path, formats: Sequence[str]) -> None:
+    """Refuse, before any work, an output folder where an output would replace an input image."""
+    inputs = {job.path.resolve(): job.path for job in jobs}
+    run_files = [out_dir / "summary.csv"] + ([out_dir / "submission.csv"] if "rle" in formats else [])
+    for target in [f for job in jobs for f in job.outputs.values()] + run_files:
+        if target.resolve() in inputs:
+            raise NucleisegError(f"output {display(target)} would overwrite the input image "
+                                 f"{display(inputs[target.resolve()])}; choose another output folder")
+
+
+def _fill_from_table(row: dict, table_path: Path) -> None:
+    """Nucleus count and mean area of a skipped image, from its existing table, when readable."""
+    import pandas as pd
+
+    try:
+        areas = pd.read_csv(table_path)["area"]
+    except Exception:  # missing or foreign file: the summary leaves the numbers empty
+        return
+    row.update(nuclei=len(areas), mean_area=round(float(areas.mean()), 2) if len(areas) else 0.0)
+
+
+def _write_submission(path: Path, rows: Sequence[dict], jobs: Sequence[ImageJob], say: Say) -> None:
+    """The Kaggle submission CSV from the label files of all done images, one image in memory at a time."""
+    from .data.rle import write_rle_csv
+
+    def items():
+        for row, job in zip(rows, jobs):
+            if row["status"] == "failed":
+                continue
+            try:
+                yield display(job.name), _io.read_labels(job.outputs["labels"])
+            except NucleisegError as exc:
+                say("error", f"{row['image']}: not in submission.csv: {display(exc)}")
+
+    write_rle_csv(path, items())
