@@ -18,7 +18,7 @@ import pytest
 
 from nucleiseg.blocks import cover, raster_ids, settle
 from nucleiseg.errors import NucleisegError
-from nucleiseg.inference import label_nuclei
+from nucleiseg.postprocess import label_nuclei
 from nucleiseg.postprocess import PostprocessParams
 
 distributed = pytest.importorskip("distributed")

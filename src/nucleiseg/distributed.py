@@ -187,11 +187,16 @@ def _set_threads(threads: dict[str, int]) -> None:
 _MODELS: dict[tuple[str, str, float], Any] = {}
 
 
-def worker_model(model: str | Path | None, device: str = "cpu"):
-    """The model, loaded once per process (a Dask worker's tasks share it), keyed by file and device."""
-    from .inference import load_model
+def worker_model(model: Any, device: str = "cpu"):
+    """The model, loaded once per process (a Dask worker's tasks share it), keyed by file and device.
+
+    ``model``: a model file, a training run folder, ``"default"``, or a loaded Model (returned as it is).
+    """
+    from .inference import Model, load_model
     from .models import resolve_model_path
 
+    if isinstance(model, Model):
+        return model
     path = resolve_model_path(None if model in (None, "default") else model)
     key = (str(path.resolve()), str(device), path.stat().st_mtime)
     if key not in _MODELS:
@@ -421,25 +426,17 @@ class NetworkPredictor:
     it in :func:`segment_large` (probabilities computed elsewhere, or exact synthetic ones).
     """
 
-    model: str
-    device: str = "cpu"
-    options: dict = field(default_factory=dict)
+    model: Any
+    device: str = "auto"
+    options: Any = None
     levels: Any = None
     reach: int = NETWORK_REACH
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
-        from .inference import predict_probabilities
+        from .inference import predict_probabilities, resolve_device
 
-        model = worker_model(self.model, self.device)
-        return predict_probabilities(model, image, levels=self.levels, **self.options), tuple(model.channels)
-
-
-def _option(options: Any, name: str, default: Any = None) -> Any:
-    if options is None:
-        return default
-    if isinstance(options, dict):
-        return options.get(name, default)
-    return getattr(options, name, default)
+        model = worker_model(self.model, str(resolve_device(self.device)))
+        return predict_probabilities(model, image, self.options, levels=self.levels), tuple(model.channels)
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -464,9 +461,9 @@ def _segment_block(job: _Job, block: Block) -> dict:
 
     import zarr
 
-    from .inference import label_nuclei
     from .io import atomic_path, nucleus_features
     from .measure import measure_nuclei
+    from .postprocess import label_nuclei
     from .preprocess import select_channel
 
     _set_threads(job.threads)
@@ -628,6 +625,7 @@ def segment_large(
     import dataclasses
 
     from .io import atomic_path
+    from .options import PredictOptions
     from .postprocess import PostprocessParams
 
     image, name = open_image(source, name)
@@ -645,33 +643,24 @@ def segment_large(
             row.update(nuclei=len(areas), mean_area=round(float(areas.mean()), 2) if len(areas) else 0.0)
         return row
 
-    channel = _option(options, "channel")
-    scale = _option(options, "scale", 1.0)
-    if isinstance(scale, str):
-        raise NucleisegError("--diameter auto / scale 'auto' needs the whole image at once; give --diameter PX "
-                             "or --scale for an image segmented in blocks", source if not isinstance(source, np.ndarray) else None)
-    scale = float(scale or 1.0)
+    opts = PredictOptions.from_any(options)
+    where = row["image"] if not isinstance(source, np.ndarray) else None
     depth_align = 16
-    params = PostprocessParams.from_dict(_option(options, "postprocess") or {})
     if predictor is None:
-        import torch
+        from .inference import resolve_device
 
-        from .inference import check_scale
-        from .preprocess import intensity_levels
-
-        device = _option(options, "device", "auto") or "auto"
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = str(resolve_device(opts.device))
         net = worker_model(model, device)
         depth_align = 2**net.depth
-        check_scale(scale)
-        predict_options = {k: _option(options, k, d) for k, d in (
-            ("mode", "accurate"), ("tta", False), ("tile", 1024), ("overlap", 192), ("batch_size", None),
-            ("precision", "auto"))}
-        predict_options["scale"] = scale
-        reach = math.ceil(NETWORK_REACH / scale)
+        opts = opts.resolved(net.depth, net.nucleus_diameter)
+        reach = NETWORK_REACH
     else:
         reach = int(getattr(predictor, "reach", 0))
+    if opts.scale == "auto":
+        raise NucleisegError("diameter / scale 'auto' needs the whole image at once; give the nuclei's diameter "
+                             "in pixels or a scale for an image segmented in blocks", where)
+    scale = float(opts.scale)
+    reach = math.ceil(reach / scale)
     if overlap is None:
         overlap = reach + LARGEST_REGION
     overlap = -(-int(overlap) // depth_align) * depth_align
@@ -681,28 +670,32 @@ def segment_large(
 
     with connect(cluster) as client:
         if predictor is None:
-            from .preprocess import sample_step
+            from .preprocess import intensity_levels, sample_step, select_channel
 
             sample = _sample(client, image, sample_step(image.shape))
-            if channel is not None:
-                from .preprocess import select_channel
-
+            if opts.channel is not None:
                 try:
-                    sample = select_channel(sample, channel)
+                    sample = select_channel(sample, opts.channel)
                 except ValueError as exc:
-                    raise NucleisegError(f"--channel {channel}: the image {exc}", row["image"]) from None
+                    raise NucleisegError(f"channel {opts.channel}: the image {exc}", where) from None
             levels = intensity_levels(sample)
-            if not _option(options, "postprocess"):
-                params = net.postprocess_for(sample)
-            params = params.at_scale(scale)
-            if _option(options, "min_size") is not None:
-                params = replace(params, min_size=int(_option(options, "min_size")))
-            predictor = NetworkPredictor(str(net.path), device, predict_options, levels, reach)
+            params = net.postprocess_for(sample)  # the image's kind, from the same pixels as in memory
+            predictor = NetworkPredictor(net.path if net.path is not None else net, opts.device, opts, levels, reach)
             del sample
-        fingerprint = {
+        else:
+            params = PostprocessParams()
+        if opts.postprocess:
+            params = replace(params, **opts.postprocess)
+        params = params.at_scale(scale)
+        if opts.min_size is not None:
+            params = replace(params, min_size=int(opts.min_size))
+        fingerprint = {  # what a resumed run must share with the one it resumes
             "shape": list(image.shape), "block": int(block), "overlap": overlap, "reach": reach,
-            "params": dataclasses.asdict(params), "predictor": repr(predictor) if isinstance(predictor, NetworkPredictor) else "custom", "geojson": bool(geojson),
+            "params": dataclasses.asdict(params), "geojson": bool(geojson), "predictor": "custom",
         }
+        if isinstance(predictor, NetworkPredictor):
+            fingerprint["predictor"] = repr((str(predictor.model) if isinstance(predictor.model, (str, Path))
+                                             else "model in memory", predictor.options, predictor.levels))
         run_file = parts / "run.json"
         if overwrite:
             shutil.rmtree(parts, ignore_errors=True)
@@ -717,15 +710,16 @@ def segment_large(
             _create_labels(label_path, image.shape[:2], int(block), name)
             with atomic_path(run_file) as tmp:
                 tmp.write_text(json.dumps(fingerprint))
+        if image.kind == "array":  # workers read it from the output folder: no copy dies with a worker
+            image = _stored_copy(image, parts / "image.zarr", int(block))
         n_levels, _ = _pyramid(image.shape[:2], int(block))
         todo = [b for b in blocks if not (parts / f"{b.name}.json").exists()]
         done = len(blocks) - len(todo)
         if done:
             log.warning("%s: resuming, %d of %d blocks already done", name, done, len(blocks))
-        job = _Job(image, str(label_path), str(parts), n_levels, predictor, channel, params, geojson,
+        job = _Job(image, str(label_path), str(parts), n_levels, predictor, opts.channel, params, geojson,
                    _torch_threads(client))
-        [job_future] = client.scatter([job], broadcast=False)
-        futures = client.map(_segment_block, [job_future] * len(todo), todo, pure=False, retries=1)
+        futures = client.map(_segment_block, [job] * len(todo), todo, pure=False, retries=1)
         from distributed import as_completed
 
         failures = []
@@ -740,7 +734,6 @@ def segment_large(
             done += 1
             if progress:
                 progress(done, len(blocks))
-        del job_future
     if failures:
         first = failures[0]
         message = first.message if isinstance(first, NucleisegError) else f"{type(first).__name__}: {first}"
@@ -759,6 +752,20 @@ def segment_large(
     elif not nuclei:
         row["message"] = "no nuclei found"
     return row
+
+
+def _stored_copy(image: ImageSource, path: Path, block: int) -> ImageSource:
+    """An image held in memory, written once as a Zarr array that every worker reads."""
+    import zarr
+
+    if not path.exists():
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        array = zarr.open_array(tmp, mode="w", shape=image.array.shape, dtype=image.array.dtype,
+                                chunks=(block, block) + image.array.shape[2:])
+        array[...] = image.array
+        os.replace(tmp, path)
+    return ImageSource("zarr", str(path), None, image.axes, image.shape, image.dtype)
 
 
 def _areas(table: Path):
