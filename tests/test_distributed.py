@@ -189,3 +189,87 @@ def test_killed_worker_is_replaced(client, tmp_path: Path) -> None:
     row = _segment(client, image, tmp_path, predictor=KillingPredictor(str(tmp_path / "killed")))
     assert (tmp_path / "killed").exists() and row["status"] == "ok"
     _check_outputs(tmp_path, _whole(image))
+
+
+# ----------------------------------------------------------------------------- with a (tiny) network
+DSB_TRAIN = Path(__file__).resolve().parent / "fixtures" / "dsb" / "stage1_train"
+FLUO = "0b2e702f90aee4fff2bc6e4326308d50cf04701082e718d4f831c8959fbcda93"
+TISSUE = "af576e8ec3a8d0b57eb6a311299e9e4fd2047970d3dd9d6f52e54ea6a91109da"
+
+
+def _fixture(image_id: str, size: int) -> np.ndarray:
+    from nucleiseg.io import read_image
+
+    return read_image(DSB_TRAIN / image_id / "images" / f"{image_id}.png")[:size, :size, :3]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny model with BatchNorm statistics from real images, so that it finds blobs."""
+    import torch
+
+    from nucleiseg.models import UNetPlusPlus, save_model
+    from nucleiseg.preprocess import normalize, to_rgb_uint8
+
+    torch.manual_seed(0)
+    net = UNetPlusPlus(widths=(4, 8, 16))
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
+    x = torch.from_numpy(np.stack([normalize(to_rgb_uint8(_fixture(FLUO, 256)))]))
+    with torch.no_grad():
+        net.train()(x)
+        net.eval()
+        for head, logits in zip(net.heads, net(x)):
+            head.bias[0] -= torch.quantile(logits[:, 0].flatten(), 0.85)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_model(path, net, {"postprocess": {"min_size": 5}})
+    return str(path)
+
+
+def test_many_images_same_outputs_as_one_process(client, tiny_model: str, tmp_path: Path) -> None:
+    from nucleiseg.batch import predict_files
+    from nucleiseg.io import write_png
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for k, (image_id, size) in enumerate([(FLUO, 96), (TISSUE, 80), (FLUO, 64), (TISSUE, 72)]):
+        write_png(images / f"img{k}.png", _fixture(image_id, size))
+    (images / "broken.png").write_bytes(b"")  # fails alone
+    kw = dict(model=tiny_model, formats=["geojson"], options={"precision": "fp32"}, progress=False)
+    one = predict_files(images, tmp_path / "one", **kw)
+    seen = []
+    many = predict_files(images, tmp_path / "many", cluster=client, **{**kw, "progress": lambda d, t: seen.append((d, t))})
+    pd.testing.assert_frame_equal(one, many)
+    assert list(many["status"]) == ["failed", "ok", "ok", "ok", "ok"] and seen[-1] == (5, 5)
+    files = sorted(p.name for p in (tmp_path / "one").iterdir() if p.is_file())
+    assert files == sorted(p.name for p in (tmp_path / "many").iterdir() if p.is_file()) and len(files) == 4 * 5 + 1
+    for name in files:
+        if name != "summary.csv":
+            assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "many" / name).read_bytes(), name
+    again = predict_files(images, tmp_path / "many", cluster=client, **kw)
+    assert list(again["status"]) == ["failed"] + ["skipped"] * 4
+
+
+def test_large_image_in_blocks_matches_the_whole(client, tiny_model: str, tmp_path: Path) -> None:
+    import tifffile
+
+    from nucleiseg.distributed import segment_large
+    from nucleiseg.inference import segment
+    from nucleiseg.metrics import dsb_score
+
+    tile = _fixture(FLUO, 256)
+    mosaic = np.concatenate([np.concatenate([tile, tile[:, ::-1]], axis=1),
+                             np.concatenate([tile[::-1], tile[::-1, ::-1]], axis=1)], axis=0)
+    mosaic = np.concatenate([mosaic, mosaic[:, :256]], axis=1)  # 512 x 768 x 3
+    path = tmp_path / "mosaic.ome.tif"
+    tifffile.imwrite(path, mosaic, tile=(128, 128), photometric="rgb", ome=True)
+    row = segment_large(path, tmp_path / "out", model=tiny_model, options={"precision": "fp32"}, cluster=client,
+                        block=256)
+    whole = segment(mosaic, tiny_model, precision="fp32")
+    labels = zarr.open_group(tmp_path / "out" / "mosaic_labels.ome.zarr", mode="r")["0"][:]
+    assert row["status"] == "ok" and row["nuclei"] == len(np.unique(labels)) - 1
+    assert abs(row["nuclei"] - whole.n_nuclei) <= 0.005 * whole.n_nuclei
+    assert dsb_score(whole.labels, labels.astype(np.int64)) >= 0.99
+    table = pd.read_csv(tmp_path / "out" / "mosaic_nuclei.csv")
+    assert len(table) == row["nuclei"] and table["label"].is_unique

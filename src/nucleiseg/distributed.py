@@ -61,12 +61,14 @@ from .errors import ImageReadError, NucleisegError
 
 __all__ = [
     "DEFAULT_BLOCK",
+    "LARGE_IMAGE_PIXELS",
     "LARGEST_REGION",
     "NETWORK_REACH",
     "ImageSource",
     "NetworkPredictor",
     "connect",
     "open_image",
+    "predict_on_cluster",
     "segment_large",
 ]
 
@@ -81,6 +83,10 @@ NETWORK_REACH = 100
 #: keeps exact: on DSB2018 stage1_train the largest region of the annotations spans 202 px (99th
 #: percentile over images 165 px, median 50 px).
 LARGEST_REGION = 220
+
+#: Images of more pixels than this go the block path (:func:`segment_large`) when predicted on a
+#: cluster: 8000 x 8000, where one process needs 3.6 GiB with the shipped model (docs/benchmarks.md).
+LARGE_IMAGE_PIXELS = 64_000_000
 
 #: Core side of a block (pixels). A 2048 px block with the default 320 px overlap is a 2688 px
 #: outer region: about 2 GB per worker with the shipped model (docs/benchmarks.md).
@@ -349,12 +355,13 @@ def open_image(source: str | Path | np.ndarray, name: str | None = None) -> tupl
     if not path.exists():
         raise ImageReadError("no such file", path)
     suffix = path.suffix.lower()
+    component = None
     try:
         if path.is_dir() or suffix == ".zarr":
             import zarr
 
             node = zarr.open(path, mode="r")
-            component, names = None, None
+            names = None
             if isinstance(node, zarr.Group):
                 attrs = dict(node.attrs)
                 multiscales = attrs.get("ome", attrs).get("multiscales")
@@ -775,3 +782,96 @@ def _areas(table: Path):
         return pd.read_csv(table)["area"]
     except Exception:  # missing or foreign file: the summary leaves the numbers empty
         return None
+
+
+# ----------------------------------------------------------------------------- many images
+def is_large(path: Path) -> bool:
+    """Whether an input goes the block path on a cluster: a Zarr folder, or a TIFF over
+    :data:`LARGE_IMAGE_PIXELS` (read from its header; other formats are read whole anyway)."""
+    path = Path(path)
+    if path.is_dir():
+        return path.suffix.lower() == ".zarr"
+    from .io import TIFF_SUFFIXES
+
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        return False
+    try:
+        source, _ = open_image(path)
+    except NucleisegError:
+        return False  # predict_one reports the problem
+    return source.pixels > LARGE_IMAGE_PIXELS
+
+
+def _predict_image(job, model: Any, options, out_dir: str, threads: dict[str, int]) -> dict:
+    """On a worker: one image of a batch, through the batch module's staging and commit."""
+    from .batch import OutputFolder, display, predict_one
+    from .inference import resolve_device
+
+    _set_threads(threads)
+    folder = OutputFolder(out_dir).open(lock=False)  # the client holds the run's lock
+    state, record = folder.status(job)
+    if state == "done":  # a retry of a task whose first worker died after committing the image
+        return {"image": display(job.path), "name": display(job.name), "nuclei": record.get("nuclei"),
+                "mean_area": record.get("mean_area"), "status": "ok", "message": record.get("message", "")}
+    if state == "partial":
+        folder.forget(job)
+    return predict_one(job, worker_model(model, str(resolve_device(options.device))), options, folder)
+
+
+def predict_on_cluster(cluster, jobs, model, options, folder, overwrite: bool, say, progress, formats=()) -> list[dict]:
+    """The images of :func:`nucleiseg.batch.predict_files` on a Dask cluster; their summary rows, in order.
+
+    Images done earlier are skipped here (unless ``overwrite``); the others fan out over the workers,
+    each through :func:`nucleiseg.batch.predict_one` (staged, committed as a unit, so that an image
+    retried after its worker died is written once). A failing image fails alone. Large images
+    (:func:`is_large`) then run one after the other, each spread over the cluster in blocks
+    (:func:`segment_large`). ``progress(done, total)`` counts images.
+    """
+    from distributed import as_completed
+
+    from .batch import _failure, display, skipped_row
+
+    rows: list[dict | None] = [None] * len(jobs)
+    large, pending = [], []
+    for i, job in enumerate(jobs):
+        if is_large(job.path):
+            large.append(i)
+            continue
+        rows[i] = skipped_row(job, folder, overwrite, say)
+        if rows[i] is None:
+            pending.append(i)
+    done = len(jobs) - len(large) - len(pending)
+    progress(done, len(jobs))
+    reference = model.path if getattr(model, "path", None) is not None else model
+    with connect(cluster) as client:
+        threads = _torch_threads(client)
+        futures = {client.submit(_predict_image, jobs[i], reference, options, str(folder.path), threads,
+                                 pure=False, retries=1): i for i in pending}
+        for future in as_completed(futures):
+            i = futures[future]
+            try:
+                rows[i] = future.result()
+            except Exception as exc:  # a worker died too often on it (KilledWorker), or the cluster failed
+                rows[i] = {"image": display(jobs[i].path), "name": display(jobs[i].name), "nuclei": None,
+                           "mean_area": None, "status": "failed", "message": _failure(exc, jobs[i].path)}
+            row = rows[i]
+            if row["status"] == "failed":
+                say("error", f"{row['image']}: {row['message']}")
+            elif row["message"] == "no nuclei found":
+                say("warning", f"{row['image']}: no nuclei found (outputs written)")
+            done += 1
+            progress(done, len(jobs))
+        for i in large:
+            job = jobs[i]
+            say("note", f"{display(job.path)}: segmented in blocks on the cluster (outputs "
+                        f"{display(job.name)}_labels.ome.zarr, _nuclei.csv{', .geojson' if 'geojson' in formats else ''})")
+            try:
+                rows[i] = segment_large(job.path, folder.path, model=reference, options=options, cluster=client,
+                                        name=job.name, geojson="geojson" in formats, overwrite=overwrite)
+            except Exception as exc:  # this image fails alone
+                rows[i] = {"image": display(job.path), "name": display(job.name), "nuclei": None,
+                           "mean_area": None, "status": "failed", "message": _failure(exc, job.path)}
+                say("error", f"{rows[i]['image']}: {rows[i]['message']}")
+            done += 1
+            progress(done, len(jobs))
+    return rows
