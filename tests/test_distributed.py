@@ -273,3 +273,49 @@ def test_large_image_in_blocks_matches_the_whole(client, tiny_model: str, tmp_pa
     assert dsb_score(whole.labels, labels.astype(np.int64)) >= 0.99
     table = pd.read_csv(tmp_path / "out" / "mosaic_nuclei.csv")
     assert len(table) == row["nuclei"] and table["label"].is_unique
+
+
+# ----------------------------------------------------------------------------- lazy reading
+def test_open_image_reads_blocks_of_every_layout(tmp_path: Path) -> None:
+    import tifffile
+    from ome_zarr.writer import write_image
+
+    from nucleiseg.distributed import open_image
+
+    rgb = np.random.default_rng(0).integers(0, 255, (300, 260, 3), dtype=np.uint8)
+    grey16 = rgb[..., 0].astype(np.uint16) * 200
+    pyramid = tmp_path / "pyramid.ome.tif"
+    with tifffile.TiffWriter(pyramid, bigtiff=True, ome=True) as tif:  # tiled, pyramidal: level 0 is read
+        tif.write(rgb, tile=(128, 128), subifds=1, photometric="rgb")
+        tif.write(rgb[::2, ::2], tile=(128, 128), photometric="rgb", subfiletype=1)
+    tifffile.imwrite(tmp_path / "planar.tif", np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")
+    tifffile.imwrite(tmp_path / "grey.tif", grey16)
+    write_image(np.moveaxis(rgb, -1, 0)[:, None], zarr.open_group(tmp_path / "ngff.ome.zarr", mode="w"),
+                axes="czyx")  # NGFF c, z (one plane), y, x
+    zarr.open_array(tmp_path / "plain.zarr", mode="w", shape=grey16.shape, dtype=grey16.dtype)[:] = grey16
+    rows, cols = slice(37, 211), slice(129, 260)
+    for name, expected in [("pyramid.ome.tif", rgb), ("planar.tif", rgb), ("grey.tif", grey16),
+                           ("ngff.ome.zarr", rgb), ("plain.zarr", grey16)]:
+        source, stem = open_image(tmp_path / name)
+        assert source.shape == expected.shape, name
+        np.testing.assert_array_equal(source.read(rows, cols), expected[rows, cols], err_msg=name)
+        assert stem == name.split(".")[0]
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, np.zeros((5, 40, 40), np.uint8), metadata={"axes": "ZYX"})
+    with pytest.raises(NucleisegError, match="z-stack"):
+        open_image(stack)
+    with pytest.raises(NucleisegError, match="no such file"):
+        open_image(tmp_path / "missing.tif")
+
+
+def test_cli_cluster_option(client, tiny_model: str, tmp_path: Path, capsys) -> None:
+    from nucleiseg.cli import main
+    from nucleiseg.io import write_png
+
+    write_png(tmp_path / "cells.png", _fixture(FLUO, 64))
+    assert main(["predict", str(tmp_path / "cells.png"), "-o", str(tmp_path / "out"), "--model", tiny_model,
+                 "--cluster", client.scheduler.address]) == 0
+    assert (tmp_path / "out" / "cells_labels.tif").is_file()
+    assert main(["predict", str(tmp_path / "cells.png"), "-o", str(tmp_path / "out2"), "--model", tiny_model,
+                 "--cluster", "local:0"]) != 0
+    assert "local:N with N >= 1" in capsys.readouterr().err

@@ -547,7 +547,7 @@ def _create_labels(path: Path, shape: tuple[int, int], block: int, name: str) ->
         datasets.append({"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": [float(f), float(f)]}]})
     write_multiscales_metadata(root, datasets, axes=[{"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
                                name=name)
-    add_metadata(root, {"image-label": {"version": CurrentFormat().version, "source": {"image": "../"}}})
+    add_metadata(root, {"image-label": {"version": CurrentFormat().version}})
     return n_levels
 
 
