@@ -157,7 +157,7 @@ def connect(cluster: Any = "local") -> Iterator[Any]:
             client = Client(cluster)
         opened.insert(0, client)
         workers = client.scheduler_info().get("workers", {})
-        log.warning("Dask cluster: %d workers; dashboard %s", len(workers),
+        log.info("Dask cluster: %d workers; dashboard %s", len(workers),
                     client.dashboard_link if client.dashboard_link else "(pip install bokeh to serve one)")
         yield client
     finally:
@@ -622,7 +622,8 @@ def segment_large(
     -------
     dict
         The image's row of ``summary.csv``: image, name, nuclei, mean_area, status (ok | skipped),
-        message.
+        message; and ``blocks``: each block's record (nuclei, area, uncertain, seconds, outer
+        pixels, peak_rss_mib: the worker process's peak resident memory so far).
 
     Raises
     ------
@@ -723,7 +724,7 @@ def segment_large(
         todo = [b for b in blocks if not (parts / f"{b.name}.json").exists()]
         done = len(blocks) - len(todo)
         if done:
-            log.warning("%s: resuming, %d of %d blocks already done", name, done, len(blocks))
+            log.info("%s: resuming, %d of %d blocks already done", name, done, len(blocks))
         job = _Job(image, str(label_path), str(parts), n_levels, predictor, opts.channel, params, geojson,
                    _torch_threads(client))
         futures = client.map(_segment_block, [job] * len(todo), todo, pure=False, retries=1)
@@ -751,6 +752,7 @@ def segment_large(
     shutil.rmtree(parts, ignore_errors=True)
     nuclei = sum(r["nuclei"] for r in records)
     uncertain = sum(r["uncertain"] for r in records)
+    row["blocks"] = records
     row.update(nuclei=nuclei, mean_area=round(sum(r["area"] for r in records) / nuclei, 2) if nuclei else 0.0)
     if uncertain:
         row["message"] = (f"{uncertain} nuclei lie in regions wider than the block overlap allows ({overlap} px): "
