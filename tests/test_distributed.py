@@ -300,6 +300,11 @@ def test_open_image_reads_blocks_of_every_layout(tmp_path: Path) -> None:
         assert source.shape == expected.shape, name
         np.testing.assert_array_equal(source.read(rows, cols), expected[rows, cols], err_msg=name)
         assert stem == name.split(".")[0]
+    from nucleiseg.distributed import _sample
+
+    source, _ = open_image(tmp_path / "pyramid.ome.tif")
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
+        np.testing.assert_array_equal(_sample(client, source, 7, local_pixels=0, piece_side=64), rgb[::7, ::7])  # in pieces
     stack = tmp_path / "stack.tif"
     tifffile.imwrite(stack, np.zeros((5, 40, 40), np.uint8), metadata={"axes": "ZYX"})
     with pytest.raises(NucleisegError, match="z-stack"):

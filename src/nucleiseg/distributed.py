@@ -407,13 +407,15 @@ def open_image(source: str | Path | np.ndarray, name: str | None = None) -> tupl
     return ImageSource(kind, str(path), component, axes, full, str(np.dtype(dtype))), name
 
 
-def _sample(client, source: ImageSource, step: int) -> np.ndarray:
-    """``image[::step, ::step]`` (what the intensity percentiles are taken from), read on the workers."""
+def _sample(client, source: ImageSource, step: int, local_pixels: int = LARGE_IMAGE_PIXELS,
+            piece_side: int = 4096) -> np.ndarray:
+    """``image[::step, ::step]`` (what the intensity percentiles are taken from); read in pieces on the
+    workers when the image has more than ``local_pixels`` pixels."""
     height, width = source.shape[:2]
-    if source.kind == "array" or client is None or source.pixels <= 64_000_000:
+    if source.kind == "array" or client is None or source.pixels <= local_pixels:
         return source.read(slice(0, height, step), slice(0, width, step)) if source.kind != "array" \
             else source.array[::step, ::step]
-    side = step * max(1, 4096 // step)  # pieces start on the sample's grid
+    side = step * max(1, piece_side // step)  # pieces start on the sample's grid
 
     def piece(r0: int, c0: int) -> np.ndarray:
         return source.read(slice(r0, min(height, r0 + side)), slice(c0, min(width, c0 + side)))[::step, ::step]
