@@ -253,7 +253,15 @@ class OutputFolder:
             raise NucleisegError(f"cannot write the output folder here ({reason})", self.path) from None
         if lock:
             self._lock()
+            self._tidy()
         return self
+
+    def _tidy(self) -> None:
+        """Remove the temporary files of writes that a killed run left (atomic_path's ``.<name>.*.tmp*``)."""
+        leftovers = [p for name in ("summary.csv", "submission.csv") for p in self.path.glob(f".{name}.*.tmp*")]
+        leftovers += [p for sub in ("done", "journal") for p in (self.state / sub).glob(".*.tmp*")]
+        for path in leftovers:
+            path.unlink(missing_ok=True)
 
     def _lock(self) -> None:
         path = self.state / "lock"
@@ -313,7 +321,9 @@ class OutputFolder:
         """``("done", record)``, ``("earlier", None)`` (complete outputs of a version without records),
         ``("partial", None)`` (outputs of an unfinished run, to redo) or ``("absent", None)``."""
         record = self.record(job.name)
-        if record is not None:
+        if record is not None:  # a run killed just after recording it may have left its journal and staging
+            self._entry("journal", job.name).unlink(missing_ok=True)
+            self.discard(job.name)
             return "done", record
         if self._entry("journal", job.name).exists() or self._entry("done", job.name).exists():
             return "partial", None

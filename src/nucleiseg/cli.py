@@ -93,24 +93,37 @@ def _add_prepare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--force", action="store_true", help="process every image again, even when up to date (keeps the split)"
     )
+    p.add_argument(
+        "--binary-masks",
+        choices=("refuse", "split"),
+        default="refuse",
+        help="a label file that is a binary mask (one value, e.g. 255, over several separate blobs) rather than "
+        "instance labels: refuse stops with an error naming it; split numbers each blob as one nucleus, with a "
+        "warning (touching nuclei stay merged)",
+    )
     p.set_defaults(func=_run_prepare)
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
     from .data.cache import prepare_dataset
+    from .data.paired import BinaryMaskError
 
-    result = prepare_dataset(
-        args.data_dir,
-        args.out,
-        layout=args.layout,
-        rle_csv=args.rle_csv,
-        groups=None if args.groups == "auto" else args.groups,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        workers=args.workers,
-        force=args.force,
-        progress=not args.quiet,
-    )
+    try:
+        result = prepare_dataset(
+            args.data_dir,
+            args.out,
+            layout=args.layout,
+            rle_csv=args.rle_csv,
+            groups=None if args.groups == "auto" else args.groups,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            workers=args.workers,
+            force=args.force,
+            progress=not args.quiet,
+            binary_masks=args.binary_masks,
+        )
+    except BinaryMaskError as exc:  # the library's words for the choice -> this option
+        raise NucleisegError(str(exc).replace("choose to split binary masks", "use --binary-masks split")) from None
     if not args.quiet:
         print(
             f"{result.cache_dir}: {len(result.table)} images "
@@ -175,7 +188,20 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_train)
 
 
+# TrainConfig fields whose option is not "--" + the field with dashes
+_TRAIN_OPTIONS = {"augment_strength": "--augment", "lr": "--lr"}
+
+
 def _run_train(args: argparse.Namespace) -> int:
+    from .training import TrainConfigError
+
+    try:
+        return _train(args)
+    except TrainConfigError as exc:  # the library names its field; say the option instead
+        raise NucleisegError(exc.reworded(_TRAIN_OPTIONS.get(exc.field, "--" + exc.field.replace("_", "-")))) from None
+
+
+def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .training import TrainConfig, train
@@ -187,7 +213,7 @@ def _run_train(args: argparse.Namespace) -> int:
             raise NucleisegError("not a training run folder (no train_config.json)", run_dir)
         data = args.data or _cache_of_run(run_dir)
         config = TrainConfig(epochs=args.epochs) if args.epochs != TrainConfig().epochs else None
-        best = train(data, run_dir, config, resume=True, max_steps=args.max_steps)
+        best = train(data, run_dir, config, resume=True, max_steps=args.max_steps, progress=not args.quiet)
     else:
         if not args.data or not args.out:
             raise NucleisegError("train needs DATA and --out RUN_DIR (or --resume RUN_DIR)")
@@ -210,7 +236,7 @@ def _run_train(args: argparse.Namespace) -> int:
             warmup_epochs=args.warmup_epochs, precision=args.precision, workers=args.workers, seed=args.seed,
             augment_strength=args.augment_strength, init=args.init, val_every=args.val_every, threads=args.threads,
         )
-        best = train(_as_cache(Path(args.data)), out, config, max_steps=args.max_steps)
+        best = train(_as_cache(Path(args.data)), out, config, max_steps=args.max_steps, progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":
         log.info("best model: %s", best)
     return 0
@@ -237,11 +263,11 @@ def _parse_weights(text: str, option: str, defaults: dict[str, float], what: str
 
 def _as_cache(data: Path) -> Path:
     """A prepared cache as is; a raw data folder is prepared next to itself first."""
-    from .data.cache import prepare_dataset
+    from .data.cache import Cache, prepare_dataset
 
     if not data.exists():
         raise NucleisegError("no such folder", data)
-    if (data / "manifest.json").is_file() and (data / "index.csv").is_file():
+    if Cache.is_cache(data):
         return data
     cache = data.parent / f"{data.name}-cache"
     log.info("preparing %s into %s", data, cache)
@@ -250,11 +276,11 @@ def _as_cache(data: Path) -> Path:
 
 
 def _cache_of_run(run_dir: Path) -> Path:
-    import json
     from pathlib import Path
 
-    config = json.loads((run_dir / "train_config.json").read_text())
-    cache = config.get("cache")
+    from .training import TrainConfig
+
+    cache = TrainConfig.from_json(run_dir / "train_config.json").cache
     if not cache:
         raise NucleisegError("give the data folder: the run does not record its cache", run_dir)
     return Path(cache)

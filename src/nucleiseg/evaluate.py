@@ -479,23 +479,23 @@ def open_dataset(data: str | Path, split: str | None, fallback_dir: str | Path |
     """
     import os
 
-    from .data.cache import prepare_dataset, read_cache
+    from .data.cache import Cache, prepare_dataset, read_cache
 
     data = Path(data)
     if not data.exists():
         raise NucleisegError("no such folder", data)
     if split is not None and split not in ("val", "train", "all"):
         raise NucleisegError(f"unknown split {split!r}; choose val, train or all")
-    if (data / "manifest.json").is_file() or not data.is_dir():
+    if Cache.is_cache(data) or not data.is_dir():
         cache_dir = data
         table = read_cache(data)
         split = split or "val"
     else:
         cache_dir = data.parent / f"{data.name}-cache"
-        existed = (cache_dir / "manifest.json").is_file()
+        existed = Cache.is_cache(cache_dir)
         if not existed and not os.access(data.parent, os.W_OK) and fallback_dir is not None:
             cache_dir = Path(fallback_dir)
-            existed = (cache_dir / "manifest.json").is_file()
+            existed = Cache.is_cache(cache_dir)
         log.info("preparing %s into %s", data, cache_dir)
         try:
             result = prepare_dataset(data, cache_dir, progress=progress)
@@ -510,7 +510,7 @@ def open_dataset(data: str | Path, split: str | None, fallback_dir: str | Path |
     if split != "all":
         table = table[table["split"] == split]
     if table.empty:
-        raise NucleisegError(f"the cache has no images in the {split!r} split (see split.csv); try --split all", cache_dir)
+        raise NucleisegError(f"the cache has no images in the {split!r} split (see split.csv); score the split 'all' instead", cache_dir)
     log.info("evaluating the %s split of %s: %d images", split, cache_dir, len(table))
     return Path(cache_dir), table.reset_index(drop=True), split
 
@@ -519,14 +519,12 @@ class _CacheFiles(Mapping):
     """Read-on-access mapping image_id -> array of a cache's images/ or labels/ files."""
 
     def __init__(self, cache_dir: Path, ids: Sequence[str], what: str):
-        self.cache_dir, self.ids, self.what = Path(cache_dir), list(ids), what
+        from .data.cache import Cache
+
+        self.cache, self.ids, self.what = Cache(Path(cache_dir)), list(ids), what
 
     def __getitem__(self, image_id: str) -> np.ndarray:
-        from .io import read_image, read_labels
-
-        if self.what == "images":
-            return read_image(self.cache_dir / "images" / f"{image_id}.png")
-        return read_labels(self.cache_dir / "labels" / f"{image_id}.tif")
+        return self.cache.image(image_id) if self.what == "images" else self.cache.labels(image_id)
 
     def __iter__(self):
         return iter(self.ids)
@@ -586,7 +584,7 @@ def evaluate_dataset(
     """
     from tqdm import tqdm
 
-    from .io import read_image, read_labels
+    from .io import read_labels
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -635,7 +633,7 @@ def evaluate_dataset(
         params = net.postprocess
         evaluator = Evaluator(channels=channels, params=params)
         for image_id in tqdm(ids, **bar):
-            rgb = read_image(cache_dir / "images" / f"{image_id}.png")
+            rgb = images[image_id]
             # the thresholds of the image's kind, as segment() / predict use them
             probs, pred, _ = predict_labels(net, rgb, net.postprocess_for(rgb), opts)
             pred = _compact(pred)

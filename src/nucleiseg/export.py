@@ -51,8 +51,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .errors import NucleisegError
-from .models import DEFAULT_CHANNELS, UNetPlusPlus, load_model_file, resolve_model_path
+from .errors import NucleisegError, OptionError
+from .models import DEFAULT_CHANNELS, UNetPlusPlus, load_model_file, resolve_model_path, resolve_prune_level
 from .models.fuse import fuse_batchnorm
 from .models.unetplusplus import heads_to_probabilities
 
@@ -86,11 +86,9 @@ def _require(module: str, what: str) -> None:
 
 
 def _resolve_level(depth: int, metadata: dict[str, Any], mode: str, prune_level: int | None) -> int | None:
-    """Prediction's rule (:func:`nucleiseg.inference.resolve_prune_level`), a bad level reported for the CLI."""
-    from .inference import resolve_prune_level
-
+    """Prediction's rule (:func:`nucleiseg.models.metadata.resolve_prune_level`), a bad level reported in one line."""
     if prune_level is not None and not 1 <= int(prune_level) <= depth:
-        raise NucleisegError(f"--prune-level must be in 1..{depth} for this model, got {prune_level}")
+        raise OptionError("prune_level", f"must be in 1..{depth} for this model, got {prune_level}")
     return resolve_prune_level(depth, metadata, mode, prune_level)
 
 

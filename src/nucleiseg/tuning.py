@@ -17,7 +17,6 @@ and store them in the model file's metadata (``"postprocess"``,
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import sys
 from collections.abc import Mapping, Sequence
@@ -29,7 +28,6 @@ import numpy as np
 import pandas as pd
 
 from .errors import NucleisegError
-from .io import atomic_path
 from .metrics import instance_scores
 from .options import PredictOptions
 from .postprocess import (
@@ -304,13 +302,11 @@ def update_model_metadata(path: str | Path, updates: Mapping[str, Any], out: str
     Path
         The file written.
     """
-    from safetensors.torch import save_file
-
-    from .models import read_raw_model_file
+    from .models.metadata import read_model_file, tensor_shapes, write_model_file
 
     path = Path(path)
     out = path if out is None else Path(out)
-    tensors, metadata = read_raw_model_file(path)
+    tensors, metadata = read_model_file(path)  # validated against its tensors
     if float16:
         import torch
 
@@ -319,9 +315,8 @@ def update_model_metadata(path: str | Path, updates: Mapping[str, Any], out: str
                 if float(tensor.abs().max()) > torch.finfo(torch.float16).max:
                     raise NucleisegError(f"tensor {name} holds values beyond float16's range; keep it float32", path)
                 tensors[name] = tensor.half()
-    metadata.update({str(k): json.dumps(v) for k, v in updates.items()})
-    with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    metadata = metadata.updated(updates, tensor_shapes(tensors))  # the updates are checked too
+    write_model_file(out, tensors, metadata)
     return out
 
 
@@ -429,9 +424,8 @@ def tune_model(
     """
     from tqdm import tqdm
 
-    from .data.cache import read_cache
+    from .data.cache import Cache
     from .data.kinds import image_kind
-    from .io import read_image, read_labels
     from .models import load_model_file, resolve_model_path
 
     if model is None or str(model) == "default":
@@ -443,12 +437,10 @@ def tune_model(
         raise NucleisegError("is a folder; expected the model file to write", out)
     if split not in ("val", "train", "all"):
         raise NucleisegError(f"unknown split {split!r}; choose val, train or all")
-    table = read_cache(cache_dir)
-    if split != "all":
-        table = table[table["split"] == split]
+    cache = Cache.open(cache_dir)
+    table = cache.table(split)
     if table.empty:
         raise NucleisegError(f"the cache has no images in the {split!r} split (see split.csv)", cache_dir)
-    cache_dir = Path(cache_dir)
     ids = table["image_id"].astype(str).tolist()
 
     from .inference import load_model, resolve_device
@@ -459,8 +451,8 @@ def tune_model(
 
     channels = list(net.channels)
     previous = net.postprocess
-    images = [read_image(cache_dir / "images" / f"{i}.png") for i in ids]
-    truths = [read_labels(cache_dir / "labels" / f"{i}.tif") for i in ids]
+    images = [cache.image(i) for i in ids]
+    truths = [cache.labels(i) for i in ids]
     bar = dict(unit="image", file=sys.stderr, disable=None if progress else True)
     probs = [_predict(net, rgb, None, opts) for rgb in tqdm(images, desc="predict", **bar)]
 

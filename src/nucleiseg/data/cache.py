@@ -39,11 +39,11 @@ from ..io import atomic_path, list_images, read_image, write_labels_tiff, write_
 from ..preprocess import to_rgb_uint8
 from .dsb import find_kaggle_root, list_kaggle_images, read_kaggle_labels
 from .kinds import KINDS, image_kind
-from .paired import is_paired_layout, list_paired_images, read_paired_labels
+from .paired import BINARY_MASK_CHOICES, check_binary_mask, is_paired_layout, list_paired_images, read_paired_labels
 from .rle import read_rle_csv, rle_to_labels
 from .split import read_groups, split_train_val
 
-__all__ = ["FORMAT_VERSION", "LAYOUTS", "PrepareResult", "detect_layout", "prepare_dataset", "read_cache"]
+__all__ = ["FORMAT_VERSION", "LAYOUTS", "Cache", "PrepareResult", "detect_layout", "prepare_dataset", "read_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def _init_worker() -> None:
         pass
 
 
-def _process_sample(sample: _Sample, out_dir: Path, source: str) -> dict:
+def _process_sample(sample: _Sample, out_dir: Path, source: str, binary_masks: str = "refuse") -> dict:
     """Read one source, write its three cache files; return its index row or why it was skipped."""
     result: dict = {"image_id": sample.image_id, "source": source, "warnings": []}
     try:
@@ -267,6 +267,9 @@ def _process_sample(sample: _Sample, out_dir: Path, source: str) -> dict:
         except ImageReadError as exc:
             result["skip"] = f"unusable label file {sample.labels} ({exc.message})"
             return result
+        labels, note = check_binary_mask(labels, sample.labels, binary_masks)  # refusing stops the run
+        if note:
+            warnings.append(note)
     else:
         assert sample.rles is not None
         labels, problems = rle_to_labels(sample.rles, (height, width))
@@ -290,12 +293,17 @@ def _write_png(path: Path, image: np.ndarray) -> None:
     import cv2
 
     data = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
+    # encoded in memory, written by Python: a full disk is then an OSError that atomic_path reports
+    # in one line (cv2.imwrite would print libpng's own error and return False)
+    ok, encoded = cv2.imencode(".png", data, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:  # cv2 declined (unusual build): the plain writer
+        write_png(path, image)
+        return
     with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), data, [cv2.IMWRITE_PNG_COMPRESSION, 3]):
-            write_png(tmp, image)  # cv2 declined (unusual path or build): the plain writer
+        tmp.write_bytes(encoded.tobytes())
 
 
-def _run_all(tasks: list[tuple[_Sample, str]], out_dir: Path, workers: int, progress: bool):
+def _run_all(tasks: list[tuple[_Sample, str]], out_dir: Path, workers: int, progress: bool, binary_masks: str = "refuse"):
     """Yield results of :func:`_process_sample`, in a process pool when workers > 1."""
     from tqdm import tqdm
 
@@ -305,13 +313,13 @@ def _run_all(tasks: list[tuple[_Sample, str]], out_dir: Path, workers: int, prog
     try:
         if workers <= 1 or len(tasks) <= 1:
             for sample, source in tasks:
-                yield _process_sample(sample, out_dir, source)
+                yield _process_sample(sample, out_dir, source, binary_masks)
                 bar.update()
             return
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(max_workers=workers, initializer=_init_pool_worker) as pool:
-            futures = [pool.submit(_process_sample, sample, out_dir, source) for sample, source in tasks]
+            futures = [pool.submit(_process_sample, sample, out_dir, source, binary_masks) for sample, source in tasks]
             try:
                 for future in as_completed(futures):
                     yield future.result()
@@ -411,6 +419,7 @@ def prepare_dataset(
     workers: int | None = None,
     force: bool = False,
     progress: bool = True,
+    binary_masks: str = "refuse",
 ) -> PrepareResult:
     """Ingest an annotated data set into a prepared cache, doing only what changed.
 
@@ -440,6 +449,12 @@ def prepare_dataset(
         Process every image again even when up to date (the split is kept).
     progress : bool, optional
         Show a progress bar on stderr.
+    binary_masks : {"refuse", "split"}, optional
+        A paired-layout label file that is a binary mask (one value over
+        several separate blobs, e.g. 0/255) stops the run with
+        :class:`~nucleiseg.data.paired.BinaryMaskError` (``"refuse"``), or has each
+        blob numbered as one nucleus, with a warning (``"split"``; see
+        :func:`~nucleiseg.data.paired.check_binary_mask`).
 
     Returns
     -------
@@ -449,8 +464,8 @@ def prepare_dataset(
     Raises
     ------
     NucleisegError
-        Missing data folder, unknown layout, unusable options, or no usable
-        image at all.
+        Missing data folder, unknown layout, unusable options, a refused
+        binary mask, or no usable image at all.
 
     Examples
     --------
@@ -465,6 +480,8 @@ def prepare_dataset(
     out_dir = Path(out_dir).expanduser().resolve()
     if not 0.0 <= float(val_fraction) < 1.0:
         raise NucleisegError(f"--val-fraction must be at least 0 and below 1, got {val_fraction}")
+    if binary_masks not in BINARY_MASK_CHOICES:
+        raise NucleisegError(f"binary_masks must be one of {', '.join(BINARY_MASK_CHOICES)}, got {binary_masks!r}")
     workers = min(2, os.cpu_count() or 1) if workers is None else int(workers)
     if workers < 1:
         raise NucleisegError(f"--workers must be at least 1, got {workers}")
@@ -536,7 +553,7 @@ def prepare_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         with _redirect_logging(progress):
-            for result in _run_all(todo, out_dir, workers, progress):
+            for result in _run_all(todo, out_dir, workers, progress, binary_masks):
                 image_id = result["image_id"]
                 for message in result["warnings"]:
                     log.warning("%s", message)
@@ -771,3 +788,56 @@ def _read_cache_table(path: Path, columns: Sequence[str], hint: str) -> pd.DataF
     if missing:
         raise NucleisegError(f"{path.name} lacks columns {', '.join(missing)}" + hint, path.parent)
     return table[list(columns)]
+
+
+@dataclass(frozen=True)
+class Cache:
+    """A prepared cache: the one owner of its layout (where each image's files lie, what makes a cache).
+
+    Examples
+    --------
+    >>> cache = Cache.open("cache/dsb2018")                      # doctest: +SKIP
+    >>> table = cache.table("val")                               # doctest: +SKIP
+    >>> image, labels = cache.image(table.image_id[0]), cache.labels(table.image_id[0])  # doctest: +SKIP
+    >>> Cache.is_cache("examples/images")
+    False
+    """
+
+    path: Path
+
+    @staticmethod
+    def is_cache(path: str | Path) -> bool:
+        """Whether ``path`` holds a cache (its ``manifest.json``); :meth:`open` checks it is a sound one."""
+        return (Path(path) / "manifest.json").is_file()
+
+    @classmethod
+    def open(cls, path: str | Path) -> Cache:
+        """The cache at ``path``, checked (:func:`read_cache`'s errors)."""
+        read_cache(path)
+        return cls(Path(path))
+
+    def table(self, split: str | None = None) -> pd.DataFrame:
+        """:func:`read_cache`'s table; only the rows of ``split`` (``train``, ``val``) unless None or ``all``."""
+        table = read_cache(self.path)
+        if split not in (None, "all"):
+            table = table[table["split"] == split].reset_index(drop=True)
+        return table
+
+    def image_path(self, image_id: str) -> Path:
+        return self.path / "images" / f"{image_id}.png"
+
+    def mask_path(self, image_id: str) -> Path:
+        return self.path / "masks" / f"{image_id}.png"
+
+    def labels_path(self, image_id: str) -> Path:
+        return self.path / "labels" / f"{image_id}.tif"
+
+    def image(self, image_id: str) -> np.ndarray:
+        """The 8-bit RGB image."""
+        return read_image(self.image_path(image_id))
+
+    def labels(self, image_id: str) -> np.ndarray:
+        """The instance labels (uint16, 0 = background)."""
+        from ..io import read_labels
+
+        return read_labels(self.labels_path(image_id))

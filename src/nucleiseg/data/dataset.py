@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from ..preprocess import normalize
 from .augment import train_transform
+from .cache import Cache
 from .targets import make_targets
 
 #: How much more often each image kind is drawn than its share (the 2018
@@ -24,8 +25,9 @@ DEFAULT_KIND_WEIGHTS = {"fluorescence": 1.0, "tissue": 2.0, "brightfield": 4.0}
 
 def load_cached_image(cache_dir: Path, image_id: str) -> tuple[np.ndarray, np.ndarray]:
     """The 8-bit RGB image and uint16 instance labels of one cached image."""
-    image = iio.imread(cache_dir / "images" / f"{image_id}.png")
-    labels = tifffile.imread(cache_dir / "labels" / f"{image_id}.tif")
+    cache = Cache(Path(cache_dir))
+    image = iio.imread(cache.image_path(image_id))
+    labels = tifffile.imread(cache.labels_path(image_id))
     return image, labels
 
 

@@ -1,0 +1,293 @@
+"""The batch workflow (nucleiseg.predict_files): outputs complete or absent, whatever kills a run.
+
+A run is killed (SIGKILL, in a forked child) before each of its file operations in turn; the next run
+must finish the batch with outputs byte-identical to an uninterrupted run's, and report nothing failed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from nucleiseg import batch
+from nucleiseg.batch import OutputFolder, predict_files
+from nucleiseg.errors import NucleisegError, OptionError
+from nucleiseg.io import read_image, write_png
+from nucleiseg.models import UNetPlusPlus, save_model
+from nucleiseg.options import PredictOptions
+from nucleiseg.preprocess import normalize, to_rgb_uint8
+
+DSB_TRAIN = Path(__file__).resolve().parent / "fixtures" / "dsb" / "stage1_train"
+FLUO = "0b2e702f90aee4fff2bc6e4326308d50cf04701082e718d4f831c8959fbcda93"
+TISSUE = "af576e8ec3a8d0b57eb6a311299e9e4fd2047970d3dd9d6f52e54ea6a91109da"
+FORMATS = ["rle", "imagej-roi", "geojson"]
+
+
+def _fixture(image_id: str, size: int) -> np.ndarray:
+    return read_image(DSB_TRAIN / image_id / "images" / f"{image_id}.png")[:size, :size]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny loaded model that finds blobs (BatchNorm statistics from real images)."""
+    from nucleiseg.inference import load_model
+
+    torch.manual_seed(0)
+    net = UNetPlusPlus(widths=(4, 8, 16))
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
+    x = torch.from_numpy(np.stack([normalize(to_rgb_uint8(_fixture(i, 256))) for i in (FLUO, TISSUE)]))
+    with torch.no_grad():
+        net.train()(x)
+        net.eval()
+        for head, logits in zip(net.heads, net(x)):
+            head.bias[0] -= torch.quantile(logits[:, 0].flatten(), 0.75)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_model(path, net)
+    return load_model(path)
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_png(folder / "fluo.png", _fixture(FLUO, 72))
+    write_png(folder / "tissue.png", _fixture(TISSUE, 64)[..., :3])
+    return folder
+
+
+def _snapshot(out: Path) -> dict[str, object]:
+    """Every output file's bytes (the bookkeeping folder aside); of summary.csv, what was found per image."""
+    files: dict[str, object] = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+    files["summary.csv"] = pd.read_csv(out / "summary.csv")[["image", "name", "nuclei", "mean_area"]].to_dict()
+    return files
+
+
+def _run(images: Path, out: Path, model, **kwargs) -> pd.DataFrame:
+    return predict_files([images], out, model=model, options=PredictOptions(precision="fp32"), formats=FORMATS,
+                         save_probabilities=True, progress=False, say=lambda kind, text: None, **kwargs)
+
+
+def _killed_run(images: Path, out: Path, model, kill_at: int) -> int:
+    """Run predict_files in a forked child that SIGKILLs itself before its kill_at-th file operation.
+
+    Returns how many file operations the child reached (fewer than kill_at: it finished)."""
+    counter = {"n": 0}
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.close(read_end)
+        signal.alarm(120)  # a child that hangs (a lock inherited through fork) dies instead of hanging the suite
+
+        def hooked(real):
+            def operation(*args, **kwargs):
+                counter["n"] += 1
+                os.write(write_end, b".")
+                if counter["n"] == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return real(*args, **kwargs)
+            return operation
+
+        os.replace = hooked(os.replace)
+        os.unlink = hooked(os.unlink)
+        try:
+            _run(images, out, model)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    reached = 0
+    while chunk := os.read(read_end, 4096):
+        reached += len(chunk)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    return reached
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_killed_at_every_file_operation_a_rerun_finishes_the_batch(tmp_path: Path, images: Path, model) -> None:
+    reference = tmp_path / "reference"
+    _run(images, reference, model)
+    expected = _snapshot(reference)
+    assert "submission.csv" in expected and "fluo_labels.tif" in expected
+
+    kills = 0
+    kill_at = 1
+    while True:
+        out = tmp_path / f"killed-{kill_at}"
+        reached = _killed_run(images, out, model, kill_at)
+        if reached < kill_at:  # the run ended before this operation: every moment was tried
+            break
+        kills += 1
+        # whatever the moment, an image's outputs are complete or absent ...
+        done = {p.stem for p in (out / ".nucleiseg" / "done").glob("*.json")} if out.exists() else set()
+        for name in ("fluo", "tissue"):
+            present = [p for p in out.glob(f"{name}*")] if out.exists() else []
+            if name in done:
+                assert len(present) == 7, (kill_at, present)
+        # ... and the next run finishes the batch, with nothing failed
+        summary = _run(images, out, model)
+        assert (summary["status"] != "failed").all(), (kill_at, summary)
+        assert _snapshot(out) == expected, kill_at
+        assert not list((out / ".nucleiseg" / "staging").iterdir())
+        kill_at += 1
+    print(f"{kills} kills survived")
+    assert kills >= 20  # 7 outputs and a record per image, the journal, summary and submission
+
+
+def test_summary_and_skip(tmp_path: Path, images: Path, model) -> None:
+    out = tmp_path / "out"
+    summary = _run(images, out, model)
+    assert list(summary.columns) == batch.SUMMARY_COLUMNS
+    assert summary["status"].tolist() == ["ok", "ok"] and (summary["nuclei"] > 0).all()
+    again = _run(images, out, model)
+    assert again["status"].tolist() == ["skipped", "skipped"]
+    assert again["nuclei"].tolist() == summary["nuclei"].tolist()  # from the records
+    # an output deleted by hand makes the image incomplete: redone, not skipped
+    (out / "fluo_mask.png").unlink()
+    third = _run(images, out, model)
+    assert third.set_index("name")["status"].to_dict() == {"fluo": "ok", "tissue": "skipped"}
+
+
+def test_overwrite_replaces_the_whole_output_set(tmp_path: Path, images: Path, model) -> None:
+    out = tmp_path / "out"
+    _run(images, out, model)
+    assert (out / "fluo.geojson").is_file() and (out / "fluo_rois.zip").is_file()
+    summary = predict_files([images], out, model=model, overwrite=True, progress=False,
+                            options={"precision": "fp32", "min_size": 400})
+    assert (summary["status"] == "ok").all()
+    for stale in ("fluo.geojson", "fluo_rois.zip", "fluo_probabilities.tif"):
+        assert not (out / stale).exists(), stale  # formats not asked for this time are gone
+    assert pd.read_csv(out / "fluo_nuclei.csv")["area"].min() >= 400
+
+
+def test_output_folder_checked_before_any_work(tmp_path: Path, images: Path, model, monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(batch, "predict_one", lambda *a, **k: calls.append(a))
+    a_file = tmp_path / "afile"
+    a_file.write_text("not a folder")
+    with pytest.raises(NucleisegError, match="a part of the path is a file"):
+        predict_files([images], a_file / "sub", model=model, progress=False)
+    with pytest.raises(NucleisegError, match="expected an output folder"):
+        predict_files([images], a_file, model=model, progress=False)
+    if os.geteuid() != 0:  # root writes anywhere: a read-only folder only stops others
+        read_only = tmp_path / "ro"
+        read_only.mkdir()
+        read_only.chmod(0o555)
+        with pytest.raises(NucleisegError, match="cannot write the output folder"):
+            predict_files([images], read_only / "out", model=model, progress=False)
+    assert not calls
+
+
+def test_one_run_at_a_time(tmp_path: Path, images: Path, model) -> None:
+    out = tmp_path / "out"
+    with OutputFolder(out):  # another run holds the folder
+        with pytest.raises(NucleisegError, match="another nucleiseg run .* is writing into this folder"):
+            _run(images, out, model)
+    assert (_run(images, out, model)["status"] == "ok").all()  # released: the next run goes ahead
+
+
+def test_file_names_that_are_not_utf8(tmp_path: Path, images: Path, model) -> None:
+    odd = images / os.fsdecode(b"cells-\xff.png")
+    os.rename(images / "fluo.png", odd)
+    out = tmp_path / "out"
+    summary = _run(images, out, model)
+    assert (summary["status"] == "ok").all()
+    assert "cells-\\xff" in set(pd.read_csv(out / "summary.csv")["name"])
+    assert "cells-\\xff" in (out / "submission.csv").read_text()
+    assert (out / os.fsdecode(b"cells-\xff_labels.tif")).is_file()
+
+
+def test_disk_full_fails_the_image_in_one_line(tmp_path: Path, images: Path, model, monkeypatch) -> None:
+    from nucleiseg import io
+
+    real = io.write_png
+
+    def full(path, image):
+        if "tissue" in Path(path).name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, image)
+
+    monkeypatch.setattr(io, "write_png", full)
+    lines = []
+    out = tmp_path / "out"
+    summary = predict_files([images], out, model=model, progress=False, say=lambda k, t: lines.append((k, t)))
+    status = summary.set_index("name")["status"].to_dict()
+    assert status == {"fluo": "ok", "tissue": "failed"}
+    errors = [t for k, t in lines if k == "error"]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "tissue.png" in errors[0]
+    assert not list(out.glob("tissue*")) and not list((out / ".nucleiseg" / "staging").iterdir())
+
+
+def test_options_checked_once_with_the_cli_words(tmp_path: Path, images: Path, model, capsys) -> None:
+    from nucleiseg.cli import main
+
+    with pytest.raises(OptionError, match="tile must be a multiple of 4"):
+        predict_files([images], tmp_path / "out", model=model, options={"tile": 30, "overlap": 8})
+    for args, message in [
+        (["--tile", "100", "--overlap", "32"], "--tile must be a multiple of 16 pixels (the network's pooling grid), got 100: 96 or 112"),
+        (["--tile", "64", "--overlap", "48"], "--overlap must be at most half the tile (32 pixels), got 48"),
+        (["--min-size", "-3"], "--min-size must be a whole number of pixels >= 0, got -3"),
+        (["--device", "tpu"], "--device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+        (["--threads", "0"], "--threads must be at least 1, got 0"),
+        (["--batch-size", "0"], "--batch-size must be a whole number >= 1, got 0"),
+        (["--channel", "0"], "--channel counts from 1"),
+    ]:
+        assert main(["-q", "predict", str(images), "-o", str(tmp_path / "refused"), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (args, err)
+    assert not (tmp_path / "refused").exists()
+    if not torch.cuda.is_available():
+        assert main(["-q", "predict", str(images), "-o", str(tmp_path / "refused"), "--device", "cuda"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "sees no CUDA GPU" in err[0] and "--model" not in err[0], err
+
+
+def test_progress_reports_tiles_of_a_large_image(tmp_path: Path, model) -> None:
+    from nucleiseg.inference import segment
+
+    from nucleiseg.tiling import tiles
+
+    image = np.tile(_fixture(FLUO, 64), (3, 3, 1))  # 192 x 192
+    seen = []
+    segment(image, model, tile=64, overlap=16, progress=lambda done, total: seen.append((done, total)))
+    n = len(tiles((192, 192), 64, 16, 4))
+    assert n == 16 and seen[-1] == (n, n) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident memory from /proc")
+def test_memory_does_not_grow_over_2000_images(tmp_path: Path, model) -> None:
+    """A long batch holds one image at a time: resident memory after 2,000 images is what it was after 200."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tile = _fixture(FLUO, 256)
+    for k in range(2000):
+        r, c = divmod(k % 49, 7)
+        write_png(folder / f"img{k:04d}.png", tile[32 * r : 32 * r + 32, 32 * c : 32 * c + 32])
+    samples = {}
+
+    def progress(done: int, total: int) -> None:
+        if done in (200, 2000):
+            samples[done] = _rss_bytes()
+
+    summary = predict_files([folder], tmp_path / "out", model=model, options={"precision": "fp32"},
+                            progress=progress, say=lambda kind, text: None)
+    assert len(summary) == 2000 and (summary["status"] == "ok").all()
+    growth = samples[2000] - samples[200]
+    print(f"resident memory after 200 images {samples[200] / 2**20:.0f} MiB, after 2000 "
+          f"{samples[2000] / 2**20:.0f} MiB ({growth / 2**20:+.1f} MiB)")
+    assert growth < 20 * 2**20
