@@ -18,8 +18,7 @@ import pytest
 
 from nucleiseg.blocks import cover, raster_ids, settle
 from nucleiseg.errors import NucleisegError
-from nucleiseg.postprocess import label_nuclei
-from nucleiseg.postprocess import PostprocessParams
+from nucleiseg.postprocess import PostprocessParams, label_nuclei
 
 distributed = pytest.importorskip("distributed")
 zarr = pytest.importorskip("zarr")
@@ -236,7 +235,7 @@ def test_many_images_same_outputs_as_one_process(client, tiny_model: str, tmp_pa
     for k, (image_id, size) in enumerate([(FLUO, 96), (TISSUE, 80), (FLUO, 64), (TISSUE, 72)]):
         write_png(images / f"img{k}.png", _fixture(image_id, size))
     (images / "broken.png").write_bytes(b"")  # fails alone
-    kw = dict(model=tiny_model, formats=["geojson"], options={"precision": "fp32"}, progress=False)
+    kw = {"model": tiny_model, "formats": ["geojson"], "options": {"precision": "fp32"}, "progress": False}
     one = predict_files(images, tmp_path / "one", **kw)
     seen = []
     many = predict_files(images, tmp_path / "many", cluster=client, **{**kw, "progress": lambda d, t: seen.append((d, t))})

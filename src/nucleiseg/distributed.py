@@ -61,8 +61,8 @@ from .errors import ImageReadError, NucleisegError
 
 __all__ = [
     "DEFAULT_BLOCK",
-    "LARGE_IMAGE_PIXELS",
     "LARGEST_REGION",
+    "LARGE_IMAGE_PIXELS",
     "NETWORK_REACH",
     "ImageSource",
     "NetworkPredictor",
@@ -88,8 +88,9 @@ LARGEST_REGION = 220
 #: cluster: 8000 x 8000, where one process needs 3.6 GiB with the shipped model (docs/benchmarks.md).
 LARGE_IMAGE_PIXELS = 64_000_000
 
-#: Core side of a block (pixels). A 2048 px block with the default 320 px overlap is a 2688 px
-#: outer region: about 2 GB per worker with the shipped model (docs/benchmarks.md).
+#: Core side of a block (pixels). With the default 320 px overlap an interior block reads 2688² px (1.72x
+#: its core; 2048 keeps the overhead there while a worker stays small): a worker peaked at 1.51 GiB on
+#: 2368² outer regions (4096² mosaic, accurate, bf16; docs/benchmarks.md, "Prediction on a Dask cluster").
 DEFAULT_BLOCK = 2048
 
 _OUTPUT_COLUMNS = ["image", "name", "nuclei", "mean_area", "status", "message"]
@@ -505,8 +506,7 @@ def _segment_block(job: _Job, block: Block) -> dict:
         table.to_csv(tmp, index=False)
     if job.geojson:
         with atomic_path(parts / f"{block.name}.geojsonl") as tmp, open(tmp, "w", encoding="utf-8") as handle:
-            for feature in nucleus_features(mine, block.origin, ids):
-                handle.write(json.dumps(feature) + "\n")
+            handle.writelines(json.dumps(feature) + "\n" for feature in nucleus_features(mine, block.origin, ids))
     record = {
         "block": block.name, "nuclei": len(table), "area": int(table["area"].sum()), "uncertain": kept.uncertain,
         "seconds": round(time.perf_counter() - start, 3),
@@ -568,8 +568,7 @@ def _assemble(parts: Path, blocks: list[Block], table: Path, geojson: Path | Non
         write_feature_collection(geojson, (line for b in blocks for line in _lines(parts / f"{b.name}.geojsonl")))
     with atomic_path(table) as tmp, open(tmp, "w", encoding="utf-8") as out:
         for k, b in enumerate(blocks):
-            for line in _lines(parts / f"{b.name}.csv", skip=0 if k == 0 else 1):
-                out.write(line + "\n")
+            out.writelines(line + "\n" for line in _lines(parts / f"{b.name}.csv", skip=0 if k == 0 else 1))
 
 
 def segment_large(
