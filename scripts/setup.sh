@@ -41,5 +41,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[test,napari,bioimageio]"
+.venv/bin/python -m pip install --quiet -e ".[test,napari,bioimageio,cluster]"
 .venv/bin/python -c "import nucleiseg, torch; print('nucleiseg', nucleiseg.__version__, 'with torch', torch.__version__, 'installed in .venv')"

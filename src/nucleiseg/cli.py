@@ -377,6 +377,14 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                    help="also write <name>_probabilities.tif (float32, channels x height x width)")
     p.add_argument("--overwrite", action="store_true",
                    help="redo images already done, replacing their whole output set, instead of skipping them")
+    p.add_argument("--cluster", default=None, metavar="local:N|ADDRESS",
+                   help="run on a Dask cluster (pip install 'nucleiseg[cluster]'): local:N starts N worker "
+                   "processes here, one core's share of threads each; ADDRESS (tcp://host:8786) uses a running "
+                   "scheduler, e.g. one started by dask-jobqueue on SLURM (workers must see the same files). "
+                   "Same outputs as without it. Images over 64 Mpixel (8000x8000) and .zarr folders (OME-Zarr) "
+                   "are cut into overlapping blocks spread over the workers, and write <name>_labels.ome.zarr "
+                   "(NGFF labels) and <name>_nuclei.csv (and <name>.geojson with --formats geojson) instead; "
+                   "a re-run resumes from their finished blocks")
     p.set_defaults(func=_run_predict)
 
 
@@ -427,7 +435,7 @@ def _predict_files(args: argparse.Namespace, options, say):
 
     return predict_files(args.inputs, args.out, model=args.model, options=options, formats=args.formats,
                          save_probabilities=args.save_probabilities, overwrite=args.overwrite,
-                         progress=False if args.quiet else None, say=say)
+                         progress=False if args.quiet else None, say=say, cluster=args.cluster)
 
 
 # -------------------------------------------------------------------- evaluate

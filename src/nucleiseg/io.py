@@ -15,7 +15,7 @@ import os
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -703,6 +703,63 @@ def write_imagej_rois(path: str | Path, labels: np.ndarray) -> None:
         roifile.roiwrite(tmp, rois, mode="w")
 
 
+def nucleus_features(labels: np.ndarray, origin: tuple[int, int] = (0, 0),
+                     ids: np.ndarray | None = None) -> Iterator[dict]:
+    """Every nucleus as a QuPath detection: a GeoJSON Feature (see :func:`write_geojson`).
+
+    Parameters
+    ----------
+    labels : ndarray, shape (H, W), integer
+        Instance labels, 0 for background.
+    origin : (int, int)
+        Image row and column of ``labels[0, 0]``, when ``labels`` is a block of
+        a larger image: the polygons are in the larger image's pixels.
+    ids : ndarray, optional
+        ``ids[k]`` is the ``label`` property of nucleus ``k`` (default: ``k``).
+
+    Examples
+    --------
+    >>> labels = np.zeros((4, 5), np.int32); labels[1, 2] = 1
+    >>> feature = next(nucleus_features(labels, origin=(100, 10)))
+    >>> feature["geometry"]["coordinates"][0][0], feature["properties"]["label"]
+    ([12.5, 102.0], 1)
+    """
+    for label, polygons in nucleus_polygons(labels):
+        if origin != (0, 0):
+            for rings in polygons:
+                for ring in rings:
+                    ring += (origin[1], origin[0])
+        if len(polygons) == 1:
+            geometry = {"type": "Polygon", "coordinates": [ring.tolist() for ring in polygons[0]]}
+        else:
+            geometry = {"type": "MultiPolygon", "coordinates": [[ring.tolist() for ring in rings] for rings in polygons]}
+        yield {
+            "type": "Feature",
+            "geometry": geometry,
+            "properties": {"objectType": "detection", "classification": {"name": "Nucleus"},
+                           "label": label if ids is None else int(ids[label])},
+        }
+
+
+def write_feature_collection(path: str | Path, features: Iterable[dict | str]) -> None:
+    """Write a GeoJSON FeatureCollection one feature at a time, atomically.
+
+    ``features`` holds Feature dicts, or Features already serialised by
+    ``json.dumps`` (strings, e.g. read back from per-block files): a collection
+    of millions of nuclei never sits in memory. The bytes are those of
+    ``json.dump({"type": "FeatureCollection", "features": [...]})``.
+    """
+    import json
+
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        handle.write('{"type": "FeatureCollection", "features": [')
+        for k, feature in enumerate(features):
+            if k:
+                handle.write(", ")
+            handle.write(feature if isinstance(feature, str) else json.dumps(feature))
+        handle.write("]}")
+
+
 def write_geojson(path: str | Path, labels: np.ndarray) -> None:
     """Write every nucleus as a QuPath detection in a GeoJSON FeatureCollection, atomically.
 
@@ -724,23 +781,7 @@ def write_geojson(path: str | Path, labels: np.ndarray) -> None:
     >>> labels = np.zeros((32, 32), np.int32); labels[8:20, 8:20] = 1
     >>> write_geojson("nuclei.geojson", labels)  # doctest: +SKIP
     """
-    import json
-
-    def geometry(polygons: list[list[np.ndarray]]) -> dict:
-        if len(polygons) == 1:
-            return {"type": "Polygon", "coordinates": [ring.tolist() for ring in polygons[0]]}
-        return {"type": "MultiPolygon", "coordinates": [[ring.tolist() for ring in rings] for rings in polygons]}
-
-    features = [
-        {
-            "type": "Feature",
-            "geometry": geometry(polygons),
-            "properties": {"objectType": "detection", "classification": {"name": "Nucleus"}, "label": label},
-        }
-        for label, polygons in nucleus_polygons(labels)
-    ]
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        json.dump({"type": "FeatureCollection", "features": features}, handle)
+    write_feature_collection(path, nucleus_features(labels))
 
 
 def write_probabilities_tiff(path: str | Path, probabilities: np.ndarray, channels: Sequence[str] | None = None) -> None:
