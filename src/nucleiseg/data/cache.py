@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from ..errors import ImageReadError, NucleisegError
+from ..errors import ImageReadError, NucleisegError, OptionError
 from ..io import atomic_path, list_images, read_image, write_labels_tiff, write_png
 from ..preprocess import to_rgb_uint8
 from .dsb import find_kaggle_root, list_kaggle_images, read_kaggle_labels
@@ -143,7 +143,7 @@ def detect_layout(
     if not data_dir.is_dir():
         raise NucleisegError("is a file; expected the data folder", data_dir)
     if rle_csv is not None and layout not in ("auto", "kaggle-rle"):
-        raise NucleisegError(f"--rle-csv goes with --layout kaggle-rle, not --layout {layout}")
+        raise OptionError("rle_csv", f"goes with layout kaggle-rle, not layout {layout}")
     if layout == "auto":
         layout = "kaggle-rle" if rle_csv is not None else "paired" if is_paired_layout(data_dir) else "kaggle"
         strict = False
@@ -156,7 +156,7 @@ def detect_layout(
         root = find_kaggle_root(data_dir)
     else:
         if rle_csv is None:
-            raise NucleisegError("--layout kaggle-rle needs --rle-csv FILE (the ImageId,EncodedPixels table)")
+            raise OptionError("layout", "kaggle-rle needs a run-length CSV (rle_csv: the ImageId,EncodedPixels table)")
         root = find_kaggle_root(data_dir)
         if root is None:
             for folder in (data_dir, data_dir / "images"):
@@ -484,16 +484,16 @@ def prepare_dataset(
     data_dir = Path(data_dir).expanduser().resolve()
     out_dir = Path(out_dir).expanduser().resolve()
     if not 0.0 <= float(val_fraction) < 1.0:
-        raise NucleisegError(f"--val-fraction must be at least 0 and below 1, got {val_fraction}")
+        raise OptionError("val_fraction", f"must be at least 0 and below 1, got {val_fraction}")
     if binary_masks not in BINARY_MASK_CHOICES:
-        raise NucleisegError(f"binary_masks must be one of {', '.join(BINARY_MASK_CHOICES)}, got {binary_masks!r}")
+        raise OptionError("binary_masks", f"must be one of {', '.join(BINARY_MASK_CHOICES)}, got {binary_masks!r}")
     workers = min(2, os.cpu_count() or 1) if workers is None else int(workers)
     if workers < 1:
-        raise NucleisegError(f"--workers must be at least 1, got {workers}")
+        raise OptionError("workers", f"must be at least 1, got {workers}")
     rle_path = None if rle_csv is None else Path(rle_csv).expanduser().resolve()
     layout, root = detect_layout(data_dir, layout, rle_path)
     if out_dir == data_dir or out_dir == root or root in out_dir.parents:
-        raise NucleisegError("the cache cannot be written into the data folder itself; choose another --out", out_dir)
+        raise NucleisegError("the cache cannot be written into the data folder itself; choose another cache folder", out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NucleisegError("exists and is not a folder", out_dir)
     manifest_path = out_dir / "manifest.json"
