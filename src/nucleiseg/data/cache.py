@@ -316,9 +316,14 @@ def _run_all(tasks: list[tuple[_Sample, str]], out_dir: Path, workers: int, prog
                 yield _process_sample(sample, out_dir, source, binary_masks)
                 bar.update()
             return
+        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(max_workers=workers, initializer=_init_pool_worker) as pool:
+        # Not fork: a process that has run torch (train on a raw folder, a test session) has OpenMP and other
+        # threads, and a child forked from it can deadlock (seen: prepare hanging after a session's torch tests).
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        with ProcessPoolExecutor(max_workers=workers, initializer=_init_pool_worker,
+                                 mp_context=multiprocessing.get_context(method)) as pool:
             futures = [pool.submit(_process_sample, sample, out_dir, source, binary_masks) for sample, source in tasks]
             try:
                 for future in as_completed(futures):
