@@ -345,6 +345,9 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                    help="cpu, cuda, cuda:1, ...; auto: cuda when available, else cpu")
     p.add_argument("--threads", type=int, default=argparse.SUPPRESS, metavar="N",
                    help="CPU threads for the network (default: PyTorch's choice)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes (threads for short batches) that label, measure and write images while the "
+                   "network predicts the next ones (default: one per core); 0: one image at a time")
     p.add_argument("--formats", type=_formats, default="none", metavar="LIST",
                    help=f"extra outputs, comma-separated: {', '.join(FORMATS)}")
     p.add_argument("--save-probabilities", action="store_true",
@@ -401,7 +404,7 @@ def _predict_files(args: argparse.Namespace, options, say):
 
     return predict_files(args.inputs, args.out, model=args.model, options=options, formats=args.formats,
                          save_probabilities=args.save_probabilities, overwrite=args.overwrite,
-                         progress=False if args.quiet else None, say=say)
+                         progress=False if args.quiet else None, say=say, workers=args.workers)
 
 
 # -------------------------------------------------------------------- evaluate
