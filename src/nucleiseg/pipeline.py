@@ -8,7 +8,8 @@ they on it. Here:
 - :func:`read_ahead` reads the next images in a thread while the network
   runs (decoding releases the GIL);
 - :func:`worker_pool` gives the pool that finishes images while the network
-  runs on the next ones: processes when a batch is long enough to repay
+  runs on the next ones, at a lower priority than the network: processes
+  when the machine has cores to spare and the batch is long enough to repay
   starting them (the measurements and writers hold the GIL), else threads.
 
 Worker processes are started with ``spawn``: they share no lock, file or
@@ -44,6 +45,15 @@ R = TypeVar("R")
 #: starting a worker process (spawn, then NumPy, SciPy, scikit-image, pandas) takes about 1 s of one core on the
 #: 2-core development machine, the CPU stages of a 256x256 image about 0.05-0.1 s.
 PROCESS_MIN_IMAGES = 16
+
+#: Fewer workers than this are threads whatever the batch: on a 2-core machine the network's threads already
+#: occupy both cores, and worker processes only added their start-up (``benchmarks/predict_speed.py``, fast
+#: mode, 32 images: 0.59 images/s with 2 processes against 0.81 one image at a time, taken at load 8-9).
+PROCESS_MIN_WORKERS = 3
+
+#: Niceness added to the workers: the network is the stage the others wait on, so on a busy CPU it comes first
+#: and the workers take the cycles it leaves.
+WORKER_NICENESS = 5
 
 #: Images read ahead of the network.
 READ_AHEAD = 2
@@ -134,14 +144,24 @@ def use_processes(workers: int, images: int) -> bool:
 
     Examples
     --------
-    >>> use_processes(2, 100), use_processes(2, 3), use_processes(1, 100)
+    >>> use_processes(16, 100), use_processes(16, 3), use_processes(2, 100)
     (True, False, False)
     """
-    return workers > 1 and images >= PROCESS_MIN_IMAGES and _main_is_importable()
+    return workers >= PROCESS_MIN_WORKERS and images >= PROCESS_MIN_IMAGES and _main_is_importable()
+
+
+def _lower_priority() -> None:
+    """Add :data:`WORKER_NICENESS` to this thread (Linux: a thread's own niceness) or process."""
+    try:
+        who = threading.get_native_id() if sys.platform.startswith("linux") else 0
+        os.setpriority(os.PRIO_PROCESS, who, min(19, os.getpriority(os.PRIO_PROCESS, who) + WORKER_NICENESS))
+    except (AttributeError, OSError):  # Windows; or not permitted
+        pass
 
 
 def _die_with_parent(parent: int) -> None:
-    """Worker initialiser: end this process when the process that started it ends (even SIGKILLed)."""
+    """Worker initialiser: a lower priority; end this process when the process that started it ends (even SIGKILLed)."""
+    _lower_priority()
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(name, "1")  # each worker is one of the cores; NumPy is imported after this
     if sys.platform.startswith("linux"):
@@ -171,7 +191,8 @@ def _die_with_parent(parent: int) -> None:
 def worker_pool(workers: int, processes: bool) -> Executor:
     """An executor of ``workers`` processes (spawned, see the module's notes) or threads."""
     if not processes:
-        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nucleiseg-worker")
+        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nucleiseg-worker",
+                                  initializer=_lower_priority)
     import multiprocessing
 
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),

@@ -1,0 +1,148 @@
+"""What users wait for: ``predict_files`` (``nucleiseg predict``) end to end against the network alone.
+
+Run from the repository root (a few minutes on 2 cores):
+
+    .venv/bin/python benchmarks/predict_speed.py [--images 32] [--modes fast accurate] [--large 2048] [--json OUT]
+
+For each mode, in one process, with the model loaded once and the default
+options (precision auto, default outputs: labels, mask, overlay, table):
+
+- network only: :func:`inference_speed.network_throughput` on 256x256 inputs,
+  batch 8 (the figure of ``inference_speed.py``) and batch 1 (what
+  ``predict`` runs for an image of one tile);
+- ``predict_files`` on a folder of ``--images`` 256x256 DSB crops, one image
+  at a time (``workers=0``) and pipelined (default workers), and the ratio
+  of its images/s to network-only's;
+- with ``--large SIDE``: one SIDE x SIDE mosaic of DSB crops, accurate mode,
+  as seconds per megapixel against the 256x256 folder's.
+
+The machine is shared: ``uptime``'s load average is recorded before and after
+each measurement; figures taken at a load above the core count are marked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inference_speed import ROOT, SIDE, dsb_crops, machine, mosaic, network_throughput  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def load() -> float:
+    """The 1-minute load average."""
+    return os.getloadavg()[0]
+
+
+def timed_predict(folder: Path, model: Any, mode: str, workers: int | None, repeats: int) -> tuple[float, float]:
+    """(best seconds of ``repeats`` predict_files runs into fresh folders, load average during the best)."""
+    from nucleiseg.batch import predict_files
+
+    best, best_load = float("inf"), 0.0
+    for _ in range(repeats):
+        out = Path(tempfile.mkdtemp(prefix="nucleiseg-predict-speed-"))
+        try:
+            before = load()
+            t0 = time.perf_counter()
+            summary = predict_files([folder], out, model=model, options={"mode": mode}, progress=False,
+                                    say=lambda kind, text: None, workers=workers)
+            seconds = time.perf_counter() - t0
+            assert (summary["status"] == "ok").all(), summary
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        if seconds < best:
+            best, best_load = seconds, max(before, load())
+    return best, best_load
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from nucleiseg.inference import load_model, resolve_prune_level
+    from nucleiseg.io import write_png
+    from nucleiseg.training import resolve_precision
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=32, help="256x256 images in the folder")
+    parser.add_argument("--modes", nargs="+", default=["fast", "accurate"], choices=["fast", "accurate"])
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each predict_files configuration (best kept)")
+    parser.add_argument("--net-time", type=float, default=3.0, help="seconds of timing per network configuration")
+    parser.add_argument("--large", type=int, default=None, metavar="SIDE", help="also one SIDE x SIDE image, accurate")
+    parser.add_argument("--json", metavar="OUT", default=None)
+    args = parser.parse_args(argv)
+
+    cores = os.cpu_count() or 1
+    say = lambda text="": print(text, flush=True)
+    results: dict[str, Any] = {"machine": machine(), "images": args.images, "modes": {}}
+    m = results["machine"]
+    model = load_model(None)
+    precision = resolve_precision("auto", torch.device("cpu"))
+    say(f"# predict speed: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({torch.get_num_threads()} threads), "
+        f"precision auto = {precision}; {m['date']}; load average {load():.2f}")
+    tmp = Path(tempfile.mkdtemp(prefix="nucleiseg-predict-speed-in-"))
+    try:
+        folder = tmp / "in"
+        folder.mkdir()
+        for k, crop in enumerate(dsb_crops(args.images, SIDE)):
+            write_png(folder / f"img{k:03d}.png", crop)
+        bf16 = precision == torch.bfloat16
+        for mode in args.modes:
+            level = resolve_prune_level(model.depth, model.metadata, mode)
+            row: dict[str, Any] = {}
+            l0 = load()
+            row["network_batch8"] = network_throughput(model.network, level, bf16, True, True, args.net_time)
+            row["network_batch1"] = network_throughput(model.network, level, bf16, True, True, args.net_time, batch=1)
+            row["network_load"] = max(l0, load())
+            for name, workers in (("sequential", 0), ("pipelined", None)):
+                seconds, at = timed_predict(folder, model, mode, workers, args.repeats)
+                row[name] = {"seconds": seconds, "images_per_s": args.images / seconds, "load": at}
+            for name in ("sequential", "pipelined"):
+                row[name]["of_network_batch8"] = row[name]["images_per_s"] / row["network_batch8"]
+                row[name]["of_network_batch1"] = row[name]["images_per_s"] / row["network_batch1"]
+            results["modes"][mode] = row
+            say(f"\n{mode}: network only {row['network_batch8']:.2f} images/s (batch 8), "
+                f"{row['network_batch1']:.2f} (batch 1), load {row['network_load']:.1f}")
+            for name in ("sequential", "pipelined"):
+                r = row[name]
+                say(f"  predict_files {name:10s}: {r['images_per_s']:.2f} images/s = {100 * r['of_network_batch8']:.0f}% "
+                    f"of network-only batch 8, {100 * r['of_network_batch1']:.0f}% of batch 1 (load {r['load']:.1f}"
+                    f"{', UNDER LOAD' if r['load'] > cores else ''})")
+        if args.large:
+            from nucleiseg.batch import predict_files
+
+            big = folder.parent / "large"
+            big.mkdir()
+            write_png(big / "large.png", mosaic(args.large, dsb_crops(64, SIDE)))
+            out = tmp / "large-out"
+            before = load()
+            t0 = time.perf_counter()
+            predict_files([big], out, model=model, options={"mode": "accurate"}, progress=False,
+                          say=lambda kind, text: None)
+            seconds = time.perf_counter() - t0
+            mpix = args.large**2 / 1e6
+            small = results["modes"].get("accurate", {}).get("pipelined")
+            per_small = small["seconds"] / (args.images * SIDE * SIDE / 1e6) if small else None
+            results["large"] = {"side": args.large, "seconds": seconds, "s_per_mpixel": seconds / mpix,
+                                "s_per_mpixel_256": per_small, "load": max(before, load())}
+            say(f"\n{args.large}x{args.large} accurate: {seconds:.1f} s = {seconds / mpix:.2f} s/Mpixel"
+                + (f" = {seconds / mpix / per_small:.2f}x the 256x256 folder's {per_small:.2f} s/Mpixel" if per_small else "")
+                + f" (load {results['large']['load']:.1f})")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(f"\nload average at the end: {load():.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
