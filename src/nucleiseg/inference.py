@@ -271,7 +271,7 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
     if precision == "fp32":
         return None
-    from .training import resolve_precision  # one rule for training and prediction
+    from .precision import resolve_precision  # one rule for training and prediction
 
     return resolve_precision(precision, device)
 

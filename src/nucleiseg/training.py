@@ -158,23 +158,7 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- environment
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast runs natively (CPU with AVX-512 BF16/AMX, or a bf16 GPU)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (None = plain fp32)."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16" or bf16_supported(device):
-        return torch.bfloat16
-    return None
+from .precision import bf16_supported, resolve_precision  # noqa: E402,F401  (one rule for training and prediction)
 
 
 @dataclass
