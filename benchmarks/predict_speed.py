@@ -46,7 +46,7 @@ def load() -> float:
 
 
 def timed_predict(folder: Path, model: Any, mode: str, workers: int | None, repeats: int,
-                  images: int | None = None) -> tuple[float, float]:
+                  images: int | None = None, device: str = "auto") -> tuple[float, float]:
     """(best seconds of ``repeats`` predict_files runs into fresh folders, load average during the best)."""
     from nucleiseg.batch import predict_files
 
@@ -56,8 +56,8 @@ def timed_predict(folder: Path, model: Any, mode: str, workers: int | None, repe
         try:
             before = load()
             t0 = time.perf_counter()
-            summary = predict_files([folder], out, model=model, options={"mode": mode}, progress=False,
-                                    say=lambda kind, text: None, workers=workers)
+            summary = predict_files([folder], out, model=model, options={"mode": mode, "device": device},
+                                    progress=False, say=lambda kind, text: None, workers=workers)
             seconds = time.perf_counter() - t0
             assert (summary["status"] == "ok").all(), summary
         finally:
@@ -67,7 +67,7 @@ def timed_predict(folder: Path, model: Any, mode: str, workers: int | None, repe
     return best, best_load
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     from nucleiseg.inference import load_model, resolve_prune_level
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every measurement (best kept)")
     parser.add_argument("--net-time", type=float, default=1.5, help="seconds of timing per network configuration")
     parser.add_argument("--large", type=int, default=None, metavar="SIDE", help="also one SIDE x SIDE image, accurate")
+    parser.add_argument("--device", default="cpu", help="torch device of the network (cpu, cuda, ...)")
+    parser.add_argument("--workers", type=int, default=None, help="predict_files workers when pipelined (default: one per core)")
     parser.add_argument("--json", metavar="OUT", default=None)
     args = parser.parse_args(argv)
 
@@ -87,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     say = lambda text="": print(text, flush=True)
     results: dict[str, Any] = {"machine": machine(), "images": args.images, "modes": {}}
     m = results["machine"]
-    model = load_model(None)
-    precision = resolve_precision("auto", torch.device("cpu"))
-    say(f"# predict speed: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({torch.get_num_threads()} threads), "
+    model = load_model(None, args.device)
+    precision = resolve_precision("auto", torch.device(args.device))
+    results["device"] = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else args.device
+    say(f"# predict speed: {results['device']}; {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({torch.get_num_threads()} threads), "
         f"precision auto = {precision}; {m['date']}; load average {load():.2f}")
     tmp = Path(tempfile.mkdtemp(prefix="nucleiseg-predict-speed-in-"))
     try:
@@ -115,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                 l0 = load()
                 keep((mode, "network_batch1"), network_throughput(model.network, level, bf16, True, True,
                                                                   args.net_time, batch=1), max(l0, load()))
-                for name, workers in (("sequential", 0), ("pipelined", None)):
-                    seconds, at = timed_predict(folder, model, mode, workers, 1)
+                for name, workers in (("sequential", 0), ("pipelined", args.workers)):
+                    seconds, at = timed_predict(folder, model, mode, workers, 1, device=args.device)
                     keep((mode, name), args.images / seconds, at)
                 say(f"round {round_ + 1}: {mode} " + ", ".join(f"{k[1]} {v[0]:.2f}" for k, v in best.items()
                                                               if k[0] == mode) + f" (best so far); load {load():.1f}")
@@ -141,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             big = folder.parent / "large"
             big.mkdir()
             write_png(big / "large.png", mosaic(args.large, dsb_crops(64, SIDE)))
-            seconds, before = timed_predict(big, model, "accurate", None, args.rounds, images=1)
+            seconds, before = timed_predict(big, model, "accurate", args.workers, args.rounds, images=1,
+                                            device=args.device)
             mpix = args.large**2 / 1e6
             small = results["modes"].get("accurate", {}).get("pipelined")
             per_small = small["seconds"] / (args.images * SIDE * SIDE / 1e6) if small else None
@@ -155,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"\nload average at the end: {load():.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    return 0
+    return results
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
