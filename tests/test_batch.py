@@ -275,3 +275,36 @@ def test_memory_does_not_grow_over_2000_images(tmp_path: Path, model) -> None:
     print(f"resident memory after 200 images {samples[200] / 2**20:.0f} MiB, after 2000 "
           f"{samples[2000] / 2**20:.0f} MiB ({growth / 2**20:+.1f} MiB)")
     assert growth < 20 * 2**20
+
+
+def test_pipelined_run_equals_one_image_at_a_time(tmp_path: Path, images: Path, model, monkeypatch) -> None:
+    """Worker processes finishing images while the network runs give the sequential run's files, byte for byte;
+    a failure in a worker fails that image alone, in one line."""
+    from nucleiseg import pipeline
+    from nucleiseg.inference import segment
+
+    write_png(images / "third.png", _fixture(FLUO, 96)[16:, 8:, :3])
+    sequential = tmp_path / "sequential"
+    _run(images, sequential, model, workers=0)
+    monkeypatch.setattr(pipeline, "PROCESS_MIN_IMAGES", 1)  # processes even for three images, on two cores
+    monkeypatch.setattr(pipeline, "PROCESS_MIN_WORKERS", 2)
+    assert pipeline.use_processes(2, 3)
+    pipelined = tmp_path / "pipelined"
+    summary = _run(images, pipelined, model, workers=2)
+    assert (summary["status"] == "ok").all() and summary["name"].tolist() == ["fluo", "third", "tissue"]
+    assert _snapshot(pipelined) == _snapshot(sequential)
+    labels = read_image(pipelined / "third_labels.tif")
+    assert labels.max() > 0
+    assert np.array_equal(labels, segment(read_image(images / "third.png"), model, precision="fp32").labels)
+
+    failing = tmp_path / "failing"
+    (failing / ".nucleiseg" / "staging").mkdir(parents=True)
+    (failing / ".nucleiseg" / "staging" / "third").write_text("")  # a file: the worker cannot stage there
+    lines: list[tuple[str, str]] = []
+    summary = predict_files([images], failing, model=model, options=PredictOptions(precision="fp32"),
+                            progress=False, say=lambda kind, text: lines.append((kind, text)), workers=2)
+    assert summary.set_index("name")["status"].to_dict() == {"fluo": "ok", "third": "failed", "tissue": "ok"}
+    errors = [text for kind, text in lines if kind == "error"]
+    assert len(errors) == 1 and "third.png" in errors[0] and "cannot write its outputs" in errors[0]
+    assert "\n" not in errors[0]
+    assert not list(failing.glob("third*")) and (failing / "tissue_labels.tif").is_file()

@@ -116,7 +116,7 @@ def expand_inputs(specs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[s
     for spec in specs:
         spec = str(spec)
         path = Path(spec)
-        if path.is_dir() and path.suffix.lower() != ".zarr":  # a .zarr folder is one image
+        if path.is_dir():
             found = _io.list_images(path)
             if not found:
                 problems.append((spec, f"folder holds no images ({', '.join(_io.IMAGE_SUFFIXES)}) directly inside"))
@@ -382,6 +382,116 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- one image
+# An image goes through three stages: _read (the file), _infer (the network; in the process holding the
+# model) and _finish (labels, measurements, outputs written and committed; any process or thread).
+# predict_one runs them one after the other; predict_files overlaps them across images.
+
+
+@dataclass
+class _Predicted:
+    """What the network stage hands to :func:`_finish`: picklable, no model."""
+
+    job: ImageJob
+    image: np.ndarray  # as read, the channel asked for selected: the overlay's and the table's image
+    probabilities: np.ndarray
+    labels: np.ndarray | None  # None: label_nuclei(probabilities, channels, params) in _finish
+    params: Any  # PostprocessParams, at the image's scale
+    channels: tuple[str, ...]
+    scale: float
+    auto_scale: bool
+    notes: list[tuple[str, str]]
+
+
+def _read(job: ImageJob, options: PredictOptions) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """The image of ``job`` as stored (only its channel ``options.channel``: picked while reading, since a
+    hyperstack's channel axis may hold any number of channels), and notes about it."""
+    image = _io.read_image(job.path, channel=options.channel)
+    notes = []
+    if (options.channel is None and image.ndim == 3 and image.shape[-1] == 2
+            and job.path.suffix.lower() in _io.TIFF_SUFFIXES):
+        # A 2-channel PNG is grey + alpha; a 2-channel TIFF is usually two stains.
+        notes.append(("note", f"{display(job.path)}: 2 channels, read as grey + alpha: only channel 1 is segmented "
+                              "(channel 2 can be chosen instead)"))
+    return image, notes
+
+
+def _infer(job: ImageJob, image: np.ndarray, notes: list[tuple[str, str]], model: Any, options: PredictOptions,
+           progress: Callable[[int, int], None] | None) -> _Predicted:
+    """The network's part of :func:`nucleiseg.segment` (with ``scale="auto"``, its labelling too)."""
+    from .inference import label_params, postprocess_params, predict_labels, predict_probabilities
+
+    options = options.replace(channel=None)  # _read picked it
+    params = postprocess_params(model, image, options)
+    labels = None
+    if options.scale == "auto":
+        probabilities, labels, scale = predict_labels(model, image, params, options, progress=progress)
+    else:
+        scale = float(options.scale)
+        probabilities = predict_probabilities(model, image, options, progress=progress)
+        params = label_params(params, scale, options)
+    return _Predicted(job, image, probabilities, labels, params, tuple(model.channels), scale,
+                      options.scale == "auto", notes)
+
+
+def _finish(predicted: _Predicted, folder: OutputFolder | Path) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """Label (unless done), measure, write and commit one image: its summary row and the lines to say.
+
+    Never raises for a problem of this image: the row says ``failed``.
+    """
+    from .measure import measure_nuclei
+    from .postprocess import label_nuclei
+    from .preprocess import to_rgb_uint8
+
+    job = predicted.job
+    folder = folder if isinstance(folder, OutputFolder) else OutputFolder(folder)
+    said = list(predicted.notes)
+    row = _row(job)
+    try:
+        labels = predicted.labels
+        if labels is None:
+            labels = label_nuclei(predicted.probabilities, predicted.channels, predicted.params)
+        table = measure_nuclei(labels, predicted.image)
+        stage = folder.staging(job.name)
+        staged = {kind: stage / path.name for kind, path in job.outputs.items()}
+        if "probabilities" in staged:
+            _io.write_probabilities_tiff(staged["probabilities"], predicted.probabilities, predicted.channels)
+        predicted.probabilities = None  # free the largest array before the writers' temporaries
+        if "rois" in staged:
+            _io.write_imagej_rois(staged["rois"], labels)
+        if "geojson" in staged:
+            _io.write_geojson(staged["geojson"], labels)
+        _io.write_overlay(staged["overlay"], to_rgb_uint8(predicted.image), labels)
+        _io.write_png(staged["mask"], (labels > 0).astype(np.uint8) * np.uint8(255))
+        with _io.atomic_path(staged["table"]) as tmp:
+            table.to_csv(tmp, index=False)
+        _io.write_labels_tiff(staged["labels"], labels)
+        n = len(table)
+        row.update(nuclei=n, mean_area=round(float(table["area"].mean()), 2) if n else 0.0)
+        if predicted.auto_scale and predicted.scale != 1.0:
+            row["message"] = f"resized by {predicted.scale:.3g} for the network (diameter auto)"
+        if not n:
+            row["message"] = "no nuclei found"
+            said.append(("warning", f"{display(job.path)}: no nuclei found (outputs written)"))
+        folder.commit(job, staged, {"nuclei": row["nuclei"], "mean_area": row["mean_area"], "message": row["message"]})
+    except Exception as exc:  # one image's failure, even a bug, must not cost the others
+        return _failed(job, exc, folder, said)
+    return row, said
+
+
+def _row(job: ImageJob) -> dict[str, Any]:
+    return {"image": display(job.path), "name": display(job.name), "nuclei": None, "mean_area": None,
+            "status": "ok", "message": ""}
+
+
+def _failed(job: ImageJob, exc: BaseException | str, folder: OutputFolder,
+            said: list[tuple[str, str]] = ()) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The row and lines of an image that failed (``exc`` or a message), its staging removed."""
+    folder.discard(job.name)
+    row = _row(job)
+    row.update(status="failed", message=exc if isinstance(exc, str) else _failure(exc, job.path))
+    return row, [*said, ("error", f"{display(job.path)}: {row['message']}")]
+
+
 def predict_one(
     job: ImageJob,
     model: Any,
@@ -411,48 +521,16 @@ def predict_one(
     progress : callable, optional
         ``progress(done, total)`` with the tiles predicted so far.
     """
-    from .inference import segment
-    from .preprocess import to_rgb_uint8
-
-    row: dict[str, Any] = {"image": display(job.path), "name": display(job.name), "nuclei": None,
-                           "mean_area": None, "status": "ok", "message": ""}
-    staged: dict[str, Path] = {}
     try:
-        # the channel is picked while reading: a hyperstack's channel axis may hold any number of channels
-        image = _io.read_image(job.path, channel=options.channel)
-        if (options.channel is None and image.ndim == 3 and image.shape[-1] == 2
-                and job.path.suffix.lower() in _io.TIFF_SUFFIXES):
-            # A 2-channel PNG is grey + alpha; a 2-channel TIFF is usually two stains.
-            say("note", f"{display(job.path)}: 2 channels, read as grey + alpha: only channel 1 is segmented "
-                        "(channel 2 can be chosen instead)")
-        result = segment(image, model, options.replace(channel=None), progress=progress)
-        stage = folder.staging(job.name)
-        staged = {kind: stage / path.name for kind, path in job.outputs.items()}
-        if "probabilities" in staged:
-            _io.write_probabilities_tiff(staged["probabilities"], result.probabilities, result.channels)
-        result.probabilities = None  # free the largest array before the writers' temporaries
-        labels = result.labels
-        if "rois" in staged:
-            _io.write_imagej_rois(staged["rois"], labels)
-        if "geojson" in staged:
-            _io.write_geojson(staged["geojson"], labels)
-        _io.write_overlay(staged["overlay"], to_rgb_uint8(image), labels)
-        _io.write_png(staged["mask"], (labels > 0).astype(np.uint8) * np.uint8(255))
-        with _io.atomic_path(staged["table"]) as tmp:
-            result.table.to_csv(tmp, index=False)
-        _io.write_labels_tiff(staged["labels"], labels)
-        row.update(nuclei=result.n_nuclei,
-                   mean_area=round(float(result.table["area"].mean()), 2) if result.n_nuclei else 0.0)
-        if options.scale == "auto" and result.scale != 1.0:
-            row["message"] = f"resized by {result.scale:.3g} for the network (diameter auto)"
-        if not result.n_nuclei:
-            row["message"] = "no nuclei found"
-            say("warning", f"{display(job.path)}: no nuclei found (outputs written)")
-        folder.commit(job, staged, {"nuclei": row["nuclei"], "mean_area": row["mean_area"], "message": row["message"]})
+        image, notes = _read(job, options)
+        predicted = _infer(job, image, notes, model, options, progress)
     except Exception as exc:  # one image's failure, even a bug, must not cost the others
-        folder.discard(job.name)
-        row.update(status="failed", message=_failure(exc, job.path))
-        say("error", f"{display(job.path)}: {row['message']}")
+        row, said = _failed(job, exc, folder)
+    else:
+        del image
+        row, said = _finish(predicted, folder)
+    for kind, text in said:
+        say(kind, text)
     return row
 
 
@@ -481,6 +559,7 @@ def predict_files(
     overwrite: bool = False,
     progress: bool | Callable[[int, int], None] | None = None,
     say: Say | None = None,
+    workers: int | None = None,
     cluster: Any = None,
 ) -> Any:
     """Segment image files and write their outputs, ``summary.csv`` and (format ``rle``) ``submission.csv``.
@@ -514,11 +593,18 @@ def predict_files(
     say : callable, optional
         ``say(kind, text)`` receives one line per note, warning or error
         (default: the ``nucleiseg.batch`` logger).
+    workers : int, optional
+        Workers that label, measure and write images while the network
+        predicts the next ones (and a thread reads ahead); processes for a
+        batch of :data:`~nucleiseg.pipeline.PROCESS_MIN_IMAGES` images or
+        more, else threads (see :mod:`nucleiseg.pipeline`). Default: one per
+        core. 0: each image read, predicted and written in turn in this
+        thread (:func:`predict_one`); the outputs are the same.
     cluster : str, distributed.Client or None
         Run the images on a Dask cluster (:func:`nucleiseg.distributed.predict_on_cluster`):
         ``"local:N"`` (N worker processes here) or a scheduler's address. Same outputs; images over
         :data:`~nucleiseg.distributed.LARGE_IMAGE_PIXELS` and Zarr folders are segmented in blocks
-        (:func:`~nucleiseg.distributed.segment_large`). None: one process, as always.
+        (:func:`~nucleiseg.distributed.segment_large`). None: this machine, as always.
 
     Returns
     -------
@@ -542,6 +628,8 @@ def predict_files(
     say = say or _log_say
     opts = PredictOptions.from_any(options)
     formats = check_formats(formats)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise OptionError("workers", f"must be a whole number >= 0, got {workers!r}")
     out_dir = Path(out_dir)
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
@@ -560,16 +648,13 @@ def predict_files(
             say("error", f"{display(spec)}: {problem}")
         for note in notes:
             say("note", note)
-        rows = []
         with _progress_bars(progress, len(jobs)) as (bar, tiles):
             if cluster is not None:
                 from .distributed import predict_on_cluster
 
                 rows = predict_on_cluster(cluster, jobs, model, opts, folder, overwrite, say, bar, formats)
             else:
-                for job in jobs:
-                    rows.append(_run_one(job, model, opts, folder, overwrite, say, tiles))
-                    bar(len(rows), len(jobs))
+                rows = _run_all(jobs, model, opts, folder, overwrite, say, tiles, bar, workers)
         if "rle" in formats:
             _write_submission(out_dir / "submission.csv", rows, jobs, say)
         summary = pd.DataFrame(
@@ -582,15 +667,93 @@ def predict_files(
     return summary
 
 
-def _run_one(job: ImageJob, model: Any, opts: PredictOptions, folder: OutputFolder, overwrite: bool,
-             say: Say, tiles: Callable[[int, int], None] | None) -> dict[str, Any]:
-    """One image of predict_files: skipped when done (unless overwrite), else predicted."""
-    return skipped_row(job, folder, overwrite, say) or predict_one(job, model, opts, folder, say=say, progress=tiles)
+def _run_all(jobs: Sequence[ImageJob], model: Any, opts: PredictOptions, folder: OutputFolder, overwrite: bool,
+             say: Say, tiles: Callable[[int, int], None] | None, bar: Callable[[int, int], None],
+             workers: int | None) -> list[dict[str, Any]]:
+    """The rows of predict_files, in the order of ``jobs``: skipped, or predicted one by one or overlapped."""
+    from . import pipeline
+
+    rows: list[dict[str, Any] | None] = [None] * len(jobs)
+    done = 0
+
+    def put(k: int, row: dict[str, Any], said: Sequence[tuple[str, str]] = ()) -> None:
+        nonlocal done
+        for kind, text in said:
+            say(kind, text)
+        rows[k] = row
+        done += 1
+        bar(done, len(jobs))
+
+    todo = []
+    for k, job in enumerate(jobs):
+        row = skipped_row(job, folder, overwrite, say)
+        if row is not None:
+            put(k, row)
+        else:
+            todo.append(k)
+    workers = pipeline.default_workers() if workers is None else workers
+    if workers == 0 or not todo:
+        for k in todo:
+            put(k, predict_one(jobs[k], model, opts, folder, say=say, progress=tiles))
+        return rows  # type: ignore[return-value]
+
+    processes = pipeline.use_processes(workers, len(todo))
+    log.debug("%d images: %d worker %s", len(todo), workers, "processes" if processes else "threads")
+    target = folder.path if processes else folder  # a worker process opens the folder by its path
+    pending: dict[Any, tuple[int, _Predicted]] = {}
+    pool = pipeline.worker_pool(workers, processes)
+
+    def collect(block: bool) -> None:
+        """Rows of the finished images; with ``block``, wait for one at least."""
+        nonlocal pool
+        from concurrent.futures import FIRST_COMPLETED, wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        finished, _ = wait(list(pending), timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        broken = []
+        for future in finished:
+            k, predicted = pending.pop(future)
+            try:
+                put(k, *future.result())
+            except BrokenProcessPool:
+                broken.append((k, predicted))
+        if broken or (pending and getattr(pool, "_broken", False)):
+            # A worker process died (killed for memory, a crash): every image pending in the pool lost it.
+            # Redo them one at a time in fresh pools, so that only the image that kills a worker fails.
+            broken += [pending.pop(f) for f in list(pending)]
+            pool.shutdown(wait=False, cancel_futures=True)
+            for k, predicted in sorted(broken, key=lambda item: item[0]):
+                pool = pipeline.worker_pool(1, True)
+                try:
+                    put(k, *pool.submit(_finish, predicted, target).result())
+                except BrokenProcessPool:
+                    put(k, *_failed(predicted.job, "the process finishing it died (out of memory?)", folder))
+                finally:
+                    pool.shutdown(wait=True)
+            pool = pipeline.worker_pool(workers, processes)
+
+    try:
+        for k, read in pipeline.read_ahead(lambda k: _read(jobs[k], opts), todo):
+            try:
+                if isinstance(read, pipeline.Failed):
+                    raise read.error
+                predicted = _infer(jobs[k], *read, model, opts, tiles)
+            except Exception as exc:  # one image's failure, even a bug, must not cost the others
+                put(k, *_failed(jobs[k], exc, folder))
+                continue
+            del read
+            pending[pool.submit(_finish, predicted, target)] = (k, predicted)
+            del predicted
+            collect(block=len(pending) >= 2 * workers)
+        while pending:
+            collect(block=True)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return rows  # type: ignore[return-value]
 
 
 def skipped_row(job: ImageJob, folder: OutputFolder, overwrite: bool, say: Say) -> dict[str, Any] | None:
-    """The summary row of an image done earlier (unless overwrite), or None after clearing what an
-    unfinished run left of it: then it is to be predicted."""
+    """The row of an image done earlier (unless overwrite), else None, with what an unfinished run left removed."""
     state, record = folder.status(job)
     if state in ("done", "earlier") and not overwrite:
         row = {"image": display(job.path), "name": display(job.name), "nuclei": None, "mean_area": None,

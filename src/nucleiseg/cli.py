@@ -134,10 +134,38 @@ def _run_prepare(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------- train
-def _add_train_parser(sub: argparse._SubParsersAction) -> None:
-    from .training import TrainConfig
+class _TrainDefault:
+    """A default of :class:`~nucleiseg.training.TrainConfig`, read (importing PyTorch) only when shown or used.
 
-    d = TrainConfig()
+    So that building the parser, ``--help`` and ``--version`` import nothing heavy.
+    """
+
+    def __init__(self, name: str, render: Callable[[object], object] | None = None):
+        self.name, self.render = name, render
+
+    def resolve(self) -> object:
+        from .training import TrainConfig
+
+        value = getattr(TrainConfig(), self.name)
+        return self.render(value) if self.render else value
+
+    def __str__(self) -> str:
+        return str(self.resolve())
+
+    __repr__ = __str__
+
+
+class _TrainDefaults:
+    def __getattr__(self, name: str) -> _TrainDefault:
+        return _TrainDefault(name)
+
+
+def _weights_text(weights: object) -> str:
+    return ",".join(f"{k}={v:g}" for k, v in weights.items())  # type: ignore[attr-defined]
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    d = _TrainDefaults()
     p = sub.add_parser(
         "train",
         help="train or fine-tune a UNet++ on annotated images",
@@ -164,7 +192,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="crops per forward/backward pass, gradients accumulated over the batch (default: 4 on a CPU, the whole batch on a GPU)")
     p.add_argument("--crop", type=int, default=d.crop, help="side of the square training crops, in pixels")
     p.add_argument("--samples-per-epoch", type=int, default=None, help="crops per epoch (default: number of training images)")
-    p.add_argument("--widths", default=",".join(map(str, d.widths)), help="channels per level, comma-separated; depth = count - 1")
+    p.add_argument("--widths", default=_TrainDefault("widths", lambda w: ",".join(map(str, w))), help="channels per level, comma-separated; depth = count - 1")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="Adam weight decay")
     p.add_argument("--schedule", choices=["cosine", "plateau"], default=d.schedule,
@@ -174,12 +202,11 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto = bf16 where the processor runs it natively")
     p.add_argument("--augment", type=float, default=d.augment_strength, dest="augment_strength",
                    help="photometric augmentation strength, 0 = flips/rotations/crops only")
-    p.add_argument("--kind-weights", metavar="KIND=W,...", default=None,
-                   help="how often each image kind is drawn relative to the others "
-                        f"(default: {','.join(f'{k}={v:g}' for k, v in d.kind_weights.items())})")
-    p.add_argument("--channel-weights", metavar="CHANNEL=W,...", default=None,
-                   help="weight of each output channel in the loss, e.g. touch=3 to stress where nuclei meet "
-                        f"(default: {','.join(f'{k}={v:g}' for k, v in d.channel_weights.items())})")
+    p.add_argument("--kind-weights", metavar="KIND=W,...", default=_TrainDefault("kind_weights", _weights_text),
+                   help="how often each image kind is drawn relative to the others")
+    p.add_argument("--channel-weights", metavar="CHANNEL=W,...",
+                   default=_TrainDefault("channel_weights", _weights_text),
+                   help="weight of each output channel in the loss, e.g. touch=3 to stress where nuclei meet")
     p.add_argument("--workers", type=int, default=None, help="data-loading processes (default: 0 on <= 2 cores, else 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for weights, sampling and augmentation")
@@ -206,6 +233,9 @@ def _train(args: argparse.Namespace) -> int:
 
     from .training import TrainConfig, train
 
+    for name, value in vars(args).items():
+        if isinstance(value, _TrainDefault):
+            setattr(args, name, value.resolve())
     if args.resume:
         run_dir = Path(args.resume)
         saved = run_dir / "train_config.json"
@@ -371,6 +401,9 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                    help="cpu, cuda, cuda:1, ...; auto: cuda when available, else cpu")
     p.add_argument("--threads", type=int, default=argparse.SUPPRESS, metavar="N",
                    help="CPU threads for the network (default: PyTorch's choice)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes (threads for short batches) that label, measure and write images while the "
+                   "network predicts the next ones (default: one per core); 0: one image at a time")
     p.add_argument("--formats", type=_formats, default="none", metavar="LIST",
                    help=f"extra outputs, comma-separated: {', '.join(FORMATS)}")
     p.add_argument("--save-probabilities", action="store_true",
@@ -435,7 +468,8 @@ def _predict_files(args: argparse.Namespace, options, say):
 
     return predict_files(args.inputs, args.out, model=args.model, options=options, formats=args.formats,
                          save_probabilities=args.save_probabilities, overwrite=args.overwrite,
-                         progress=False if args.quiet else None, say=say, cluster=args.cluster)
+                         progress=False if args.quiet else None, say=say, cluster=args.cluster,
+                         workers=args.workers)
 
 
 # -------------------------------------------------------------------- evaluate

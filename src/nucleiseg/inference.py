@@ -481,16 +481,31 @@ def segment(
             image = select_channel(image, opts.channel)
         except ValueError as exc:
             raise NucleisegError(f"channel {opts.channel}: the image {exc}") from None
+    params = postprocess_params(model, image, opts, postprocess)
+    probs, labels, scale = predict_labels(model, image, params, opts, progress=progress)
+    return Segmentation(labels, probs, measure_nuclei(labels, image), tuple(model.channels), scale)
+
+
+def postprocess_params(model: Model, image: np.ndarray, options: PredictOptions,
+                       postprocess: PostprocessParams | Mapping[str, Any] | None = None) -> PostprocessParams:
+    """The watershed thresholds :func:`segment` uses for ``image`` (network pixels; see :meth:`Model.postprocess_for`)."""
     if postprocess is None:
         params = model.postprocess_for(image)
     elif isinstance(postprocess, PostprocessParams):
         params = postprocess
     else:
         params = PostprocessParams.from_dict(postprocess)
-    if opts.postprocess:
-        params = replace(params, **opts.postprocess)
-    probs, labels, scale = predict_labels(model, image, params, opts, progress=progress)
-    return Segmentation(labels, probs, measure_nuclei(labels, image), tuple(model.channels), scale)
+    if options.postprocess:
+        params = replace(params, **options.postprocess)
+    return params
+
+
+def label_params(params: PostprocessParams, scale: float, options: PredictOptions) -> PostprocessParams:
+    """The thresholds for labelling an image predicted at ``scale``: sizes in image pixels, ``min_size`` as asked."""
+    scaled = params.at_scale(scale)
+    if options.min_size is not None:
+        scaled = replace(scaled, min_size=int(options.min_size))
+    return scaled
 
 
 def predict_labels(
@@ -537,11 +552,8 @@ def predict_labels(
     first = 1.0 if auto else opts.scale
 
     def run(factor: float) -> tuple[np.ndarray, np.ndarray]:
-        scaled = params.at_scale(factor)
-        if opts.min_size is not None:
-            scaled = replace(scaled, min_size=int(opts.min_size))
         probs = predict_probabilities(model, image, opts.replace(scale=factor), progress=progress)
-        return probs, label_nuclei(probs, model.channels, scaled)
+        return probs, label_nuclei(probs, model.channels, label_params(params, factor, opts))
 
     probs, labels = run(first)
     if not auto:
