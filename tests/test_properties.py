@@ -68,7 +68,7 @@ def test_rle_labels_round_trip(labels):
     np.testing.assert_array_equal(decoded, _consecutive(labels))
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=max(50, EXAMPLES // 4), deadline=None)  # each case writes and reads a file
 @given(st.lists(st.tuples(st.text("abc0123_-", min_size=1, max_size=8), label_images(max_labels=4)),
                 min_size=1, max_size=4, unique_by=lambda item: item[0]))
 def test_rle_csv_round_trip(images):

@@ -418,17 +418,14 @@ def predict_one(
                            "mean_area": None, "status": "ok", "message": ""}
     staged: dict[str, Path] = {}
     try:
-        image = _io.read_image(job.path)
+        # the channel is picked while reading: a hyperstack's channel axis may hold any number of channels
+        image = _io.read_image(job.path, channel=options.channel)
         if (options.channel is None and image.ndim == 3 and image.shape[-1] == 2
                 and job.path.suffix.lower() in _io.TIFF_SUFFIXES):
             # A 2-channel PNG is grey + alpha; a 2-channel TIFF is usually two stains.
             say("note", f"{display(job.path)}: 2 channels, read as grey + alpha: only channel 1 is segmented "
                         "(channel 2 can be chosen instead)")
-        result = segment(image, model, options, progress=progress)
-        if options.channel is not None:
-            from .preprocess import select_channel
-
-            image = select_channel(image, options.channel)
+        result = segment(image, model, options.replace(channel=None), progress=progress)
         stage = folder.staging(job.name)
         staged = {kind: stage / path.name for kind, path in job.outputs.items()}
         if "probabilities" in staged:

@@ -148,13 +148,18 @@ def _read_pil_format(path: Path, shape: tuple[int, ...]) -> np.ndarray:
                 Image.MAX_IMAGE_PIXELS = saved
 
 
-def read_image(path: str | Path, *, max_bytes: int | None = None) -> np.ndarray:
-    """Read a 2-D image (grey, RGB or RGBA; 8/16-bit or float) as stored.
+def read_image(path: str | Path, *, max_bytes: int | None = None, channel: int | None = None) -> np.ndarray:
+    """Read a 2-D image (grey, RGB or RGBA; 8/16-bit or float) as stored, or one channel of it.
 
     Parameters
     ----------
     path : str or Path
         PNG, JPEG, TIFF or BMP file.
+    channel : int, optional
+        Read only this channel (1 = the first, as in Fiji), as a grey image: of
+        the channel axis of a TIFF hyperstack, however many channels it has
+        (ImageJ ``C``, RGB samples, or a leading axis of a planar
+        multi-channel TIFF), else of the colour channels.
     max_bytes : int, optional
         Refuse an image whose decoded array would exceed this many bytes (0:
         no limit); default :data:`MAX_IMAGE_BYTES` (2 GiB) or the environment
@@ -164,14 +169,15 @@ def read_image(path: str | Path, *, max_bytes: int | None = None) -> np.ndarray:
     Returns
     -------
     image : ndarray
-        ``(H, W)`` or ``(H, W, C)`` with C in 1..4, in the file's own dtype.
-        Channel-first TIFFs ``(C, H, W)`` are moved to channel-last.
+        ``(H, W)`` or ``(H, W, C)`` with C in 1..4, in the file's own dtype
+        (``(H, W)`` with ``channel``). Channel-first TIFFs ``(C, H, W)`` are
+        moved to channel-last.
 
     Raises
     ------
     ImageReadError
-        The file does not exist, is empty, cannot be decoded, is not 2-D, or
-        would decode to more than ``max_bytes``.
+        The file does not exist, is empty, cannot be decoded, is not 2-D, has
+        no channel ``channel``, or would decode to more than ``max_bytes``.
 
     Examples
     --------
@@ -196,6 +202,7 @@ def read_image(path: str | Path, *, max_bytes: int | None = None) -> np.ndarray:
                 series = tif.series[0]  # all pages of a multi-page file; level 0 of a pyramid
                 _refuse_if_too_large(path, series.shape, series.dtype.itemsize, limit)
                 image = tif.asarray()
+                axes = series.axes
         else:
             shape, itemsize = _pil_header(path)
             _refuse_if_too_large(path, shape, itemsize, limit)
@@ -215,7 +222,46 @@ def read_image(path: str | Path, *, max_bytes: int | None = None) -> np.ndarray:
     finally:
         _reading.active = False
     image = np.asarray(image)
-    return _as_2d_image(image, path)
+    if channel is not None and path.suffix.lower() in TIFF_SUFFIXES:
+        picked = _tiff_channel(image, axes, channel, path)
+        if picked is not None:
+            return _as_2d_image(picked, path)
+    image = _as_2d_image(image, path)
+    if channel is None:
+        return image
+    n_channels = image.shape[-1] if image.ndim == 3 else 1
+    if not 1 <= channel <= n_channels:
+        raise ImageReadError(f"has {n_channels} channel{'s' if n_channels > 1 else ''}, "
+                             f"so there is no channel {channel} (channels count from 1)", path)
+    return image if image.ndim == 2 else image[..., channel - 1]
+
+
+def _tiff_channel(image: np.ndarray, axes: str, channel: int, path: Path) -> np.ndarray | None:
+    """Channel ``channel`` (from 1) of a TIFF series with ``axes`` (tifffile's: ``CYX``, ``ZCYX``, ``YXS``...).
+
+    None when the series names no channel axis (a plain grey or colour image: the caller picks from
+    its colour channels). A leading axis of a planar multi-channel TIFF (``QYX``) counts as the channels.
+    """
+    axes = axes.upper()
+    if "C" in axes:
+        axis = axes.index("C")
+    elif "S" in axes and image.shape[axes.index("S")] > 1:
+        axis = axes.index("S")
+    elif image.ndim == 3 and axes[0] in "QI":
+        axis = 0
+    else:
+        return None
+    n_channels = image.shape[axis]
+    if not 1 <= channel <= n_channels:
+        raise ImageReadError(f"has {n_channels} channel{'s' if n_channels > 1 else ''} (axes {axes}), "
+                             f"so there is no channel {channel} (channels count from 1)", path)
+    rest = [(name, size) for name, size in zip(axes[:axis] + axes[axis + 1 :], image.shape[:axis] + image.shape[axis + 1 :])
+            if name not in "YX" and size > 1]
+    if rest:
+        what = ", ".join(f"{name} ({size})" for name, size in rest)
+        raise ImageReadError(f"channel {channel} of this stack still has the axes {what} besides Y and X: a z-stack "
+                             "or time series? Segment one 2-D plane or a projection, saved as its own image", path)
+    return np.take(image, channel - 1, axis=axis)
 
 
 def _as_2d_image(image: np.ndarray, path: Path) -> np.ndarray:
@@ -235,8 +281,8 @@ def _as_2d_image(image: np.ndarray, path: Path) -> np.ndarray:
         return image
     hint = ""
     if image.ndim >= 3:  # what a microscope's multi-plane file usually is
-        hint = ("; a z-stack, time series or multi-channel stack? Segment one 2-D plane or a projection "
-                "(Fiji: Image > Stacks > Z Project), saved as its own image")
+        hint = ("; a z-stack, time series or multi-channel stack? Segment one channel of it (the channel option) "
+                "or one 2-D plane or a projection (Fiji: Image > Stacks > Z Project), saved as its own image")
     raise ImageReadError(f"expected a 2-D grey, RGB or RGBA image, got an array of shape {image.shape}{hint}", path)
 
 
