@@ -250,6 +250,36 @@ def test_many_images_same_outputs_as_one_process(client, tiny_model: str, tmp_pa
     assert list(again["status"]) == ["failed"] + ["skipped"] * 4
 
 
+def test_many_images_survive_a_killed_worker(client, tiny_model: str, tmp_path: Path) -> None:
+    from nucleiseg.batch import predict_files
+    from nucleiseg.io import write_png
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for k in range(8):
+        write_png(images / f"img{k}.png", _fixture(FLUO if k % 2 else TISSUE, 64 + 8 * k))
+    kw = {"model": tiny_model, "options": {"precision": "fp32"}}
+    one = predict_files(images, tmp_path / "one", progress=False, **kw)
+    import signal
+
+    pids = client.run(os.getpid)
+    killed = []
+
+    def kill_one(done: int, total: int) -> None:  # after the first image: a worker is SIGKILLed mid-run
+        if done >= 1 and not killed:
+            pid = pids[sorted(pids)[0]]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    many = predict_files(images, tmp_path / "many", cluster=client, progress=kill_one, **kw)
+    assert killed
+    pd.testing.assert_frame_equal(one, many)
+    for path in sorted((tmp_path / "one").iterdir()):
+        if path.is_file() and path.name != "summary.csv":
+            assert path.read_bytes() == (tmp_path / "many" / path.name).read_bytes(), path.name
+    assert not list((tmp_path / "many" / ".nucleiseg" / "staging").iterdir())
+
+
 def test_large_image_in_blocks_matches_the_whole(client, tiny_model: str, tmp_path: Path) -> None:
     import tifffile
 

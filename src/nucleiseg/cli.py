@@ -412,7 +412,7 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                    help="redo images already done, replacing their whole output set, instead of skipping them")
     p.add_argument("--cluster", default=None, metavar="local:N|ADDRESS",
                    help="run on a Dask cluster (pip install 'nucleiseg[cluster]'): local:N starts N worker "
-                   "processes here, one core's share of threads each; ADDRESS (tcp://host:8786) uses a running "
+                   "processes here, each with its share of the cores; ADDRESS (tcp://host:8786) uses a running "
                    "scheduler, e.g. one started by dask-jobqueue on SLURM (workers must see the same files). "
                    "Same outputs as without it. Images over 64 Mpixel (8000x8000) and .zarr folders (OME-Zarr) "
                    "are cut into overlapping blocks spread over the workers, and write <name>_labels.ome.zarr "

@@ -137,6 +137,8 @@ def connect(cluster: Any = "local") -> Iterator[Any]:
     if isinstance(cluster, Client):
         yield cluster
         return
+    if not log.isEnabledFor(logging.DEBUG):  # Dask's own INFO lines (workers joining, closing) are noise here
+        logging.getLogger("distributed").setLevel(max(logging.WARNING, logging.getLogger("distributed").level))
     opened: list = []
     try:
         if isinstance(cluster, str):
@@ -647,7 +649,7 @@ def segment_large(
            "nuclei": None, "mean_area": None, "status": "ok", "message": ""}
     if table_path.exists() and not parts.exists() and not overwrite:
         areas = _areas(table_path)
-        row.update(status="skipped", message="its outputs exist (use --overwrite)")
+        row.update(status="skipped", message="done earlier (overwrite redoes it)")
         if areas is not None:
             row.update(nuclei=len(areas), mean_area=round(float(areas.mean()), 2) if len(areas) else 0.0)
         return row
@@ -866,11 +868,12 @@ def predict_on_cluster(cluster, jobs, model, options, folder, overwrite: bool, s
             progress(done, len(jobs))
         for i in large:
             job = jobs[i]
-            say("note", f"{display(job.path)}: segmented in blocks on the cluster (outputs "
-                        f"{display(job.name)}_labels.ome.zarr, _nuclei.csv{', .geojson' if 'geojson' in formats else ''})")
             try:
                 rows[i] = segment_large(job.path, folder.path, model=reference, options=options, cluster=client,
                                         name=job.name, geojson="geojson" in formats, overwrite=overwrite)
+                if rows[i]["status"] == "ok":
+                    say("note", f"{display(job.path)}: segmented in blocks (outputs {display(job.name)}_labels.ome.zarr"
+                                f", _nuclei.csv{', .geojson' if 'geojson' in formats else ''})")
             except Exception as exc:  # this image fails alone
                 rows[i] = {"image": display(job.path), "name": display(job.name), "nuclei": None,
                            "mean_area": None, "status": "failed", "message": _failure(exc, job.path)}

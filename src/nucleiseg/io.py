@@ -756,7 +756,10 @@ def write_feature_collection(path: str | Path, features: Iterable[dict | str]) -
         for k, feature in enumerate(features):
             if k:
                 handle.write(", ")
-            handle.write(feature if isinstance(feature, str) else json.dumps(feature))
+            if isinstance(feature, str):
+                handle.write(feature)
+            else:
+                json.dump(feature, handle)
         handle.write("]}")
 
 
