@@ -116,7 +116,7 @@ def expand_inputs(specs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[s
     for spec in specs:
         spec = str(spec)
         path = Path(spec)
-        if path.is_dir():
+        if path.is_dir() and path.suffix.lower() != ".zarr":  # a .zarr folder is one image
             found = _io.list_images(path)
             if not found:
                 problems.append((spec, f"folder holds no images ({', '.join(_io.IMAGE_SUFFIXES)}) directly inside"))
@@ -418,17 +418,14 @@ def predict_one(
                            "mean_area": None, "status": "ok", "message": ""}
     staged: dict[str, Path] = {}
     try:
-        image = _io.read_image(job.path)
+        # the channel is picked while reading: a hyperstack's channel axis may hold any number of channels
+        image = _io.read_image(job.path, channel=options.channel)
         if (options.channel is None and image.ndim == 3 and image.shape[-1] == 2
                 and job.path.suffix.lower() in _io.TIFF_SUFFIXES):
             # A 2-channel PNG is grey + alpha; a 2-channel TIFF is usually two stains.
             say("note", f"{display(job.path)}: 2 channels, read as grey + alpha: only channel 1 is segmented "
                         "(channel 2 can be chosen instead)")
-        result = segment(image, model, options, progress=progress)
-        if options.channel is not None:
-            from .preprocess import select_channel
-
-            image = select_channel(image, options.channel)
+        result = segment(image, model, options.replace(channel=None), progress=progress)
         stage = folder.staging(job.name)
         staged = {kind: stage / path.name for kind, path in job.outputs.items()}
         if "probabilities" in staged:
@@ -484,6 +481,7 @@ def predict_files(
     overwrite: bool = False,
     progress: bool | Callable[[int, int], None] | None = None,
     say: Say | None = None,
+    cluster: Any = None,
 ) -> Any:
     """Segment image files and write their outputs, ``summary.csv`` and (format ``rle``) ``submission.csv``.
 
@@ -516,6 +514,11 @@ def predict_files(
     say : callable, optional
         ``say(kind, text)`` receives one line per note, warning or error
         (default: the ``nucleiseg.batch`` logger).
+    cluster : str, distributed.Client or None
+        Run the images on a Dask cluster (:func:`nucleiseg.distributed.predict_on_cluster`):
+        ``"local:N"`` (N worker processes here) or a scheduler's address. Same outputs; images over
+        :data:`~nucleiseg.distributed.LARGE_IMAGE_PIXELS` and Zarr folders are segmented in blocks
+        (:func:`~nucleiseg.distributed.segment_large`). None: one process, as always.
 
     Returns
     -------
@@ -559,9 +562,14 @@ def predict_files(
             say("note", note)
         rows = []
         with _progress_bars(progress, len(jobs)) as (bar, tiles):
-            for job in jobs:
-                rows.append(_run_one(job, model, opts, folder, overwrite, say, tiles))
-                bar(len(rows), len(jobs))
+            if cluster is not None:
+                from .distributed import predict_on_cluster
+
+                rows = predict_on_cluster(cluster, jobs, model, opts, folder, overwrite, say, bar, formats)
+            else:
+                for job in jobs:
+                    rows.append(_run_one(job, model, opts, folder, overwrite, say, tiles))
+                    bar(len(rows), len(jobs))
         if "rle" in formats:
             _write_submission(out_dir / "submission.csv", rows, jobs, say)
         summary = pd.DataFrame(
@@ -577,6 +585,12 @@ def predict_files(
 def _run_one(job: ImageJob, model: Any, opts: PredictOptions, folder: OutputFolder, overwrite: bool,
              say: Say, tiles: Callable[[int, int], None] | None) -> dict[str, Any]:
     """One image of predict_files: skipped when done (unless overwrite), else predicted."""
+    return skipped_row(job, folder, overwrite, say) or predict_one(job, model, opts, folder, say=say, progress=tiles)
+
+
+def skipped_row(job: ImageJob, folder: OutputFolder, overwrite: bool, say: Say) -> dict[str, Any] | None:
+    """The summary row of an image done earlier (unless overwrite), or None after clearing what an
+    unfinished run left of it: then it is to be predicted."""
     state, record = folder.status(job)
     if state in ("done", "earlier") and not overwrite:
         row = {"image": display(job.path), "name": display(job.name), "nuclei": None, "mean_area": None,
@@ -596,7 +610,7 @@ def _run_one(job: ImageJob, model: Any, opts: PredictOptions, folder: OutputFold
     if state == "partial":
         say("note", f"{display(job.path)}: an earlier run left its outputs unfinished: redoing it")
         folder.forget(job)
-    return predict_one(job, model, opts, folder, say=say, progress=tiles)
+    return None
 
 
 @contextlib.contextmanager

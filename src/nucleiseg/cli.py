@@ -377,6 +377,14 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                    help="also write <name>_probabilities.tif (float32, channels x height x width)")
     p.add_argument("--overwrite", action="store_true",
                    help="redo images already done, replacing their whole output set, instead of skipping them")
+    p.add_argument("--cluster", default=None, metavar="local:N|ADDRESS",
+                   help="run on a Dask cluster (pip install 'nucleiseg[cluster]'): local:N starts N worker "
+                   "processes here, one core's share of threads each; ADDRESS (tcp://host:8786) uses a running "
+                   "scheduler, e.g. one started by dask-jobqueue on SLURM (workers must see the same files). "
+                   "Same outputs as without it. Images over 64 Mpixel (8000x8000) and .zarr folders (OME-Zarr) "
+                   "are cut into overlapping blocks spread over the workers, and write <name>_labels.ome.zarr "
+                   "(NGFF labels) and <name>_nuclei.csv (and <name>.geojson with --formats geojson) instead; "
+                   "a re-run resumes from their finished blocks")
     p.set_defaults(func=_run_predict)
 
 
@@ -427,7 +435,7 @@ def _predict_files(args: argparse.Namespace, options, say):
 
     return predict_files(args.inputs, args.out, model=args.model, options=options, formats=args.formats,
                          save_probabilities=args.save_probabilities, overwrite=args.overwrite,
-                         progress=False if args.quiet else None, say=say)
+                         progress=False if args.quiet else None, say=say, cluster=args.cluster)
 
 
 # -------------------------------------------------------------------- evaluate
@@ -582,7 +590,7 @@ def _run_tune(args: argparse.Namespace) -> int:
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="write a model as ONNX for other runtimes",
+        help="write a model as ONNX, or as a bioimage.io model package, for other runtimes",
         formatter_class=_Formatter,
         description=(
             "Write a model file as an ONNX graph from the normalised image to the probabilities, with\n"
@@ -595,16 +603,22 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
             "The model's metadata (channels, postprocess thresholds, preprocess, config) and the export's\n"
             "settings (mode, prune_level, input_multiple) are stored as JSON in the ONNX metadata_props.\n\n"
             "Needs the optional packages onnx and onnxscript: pip install 'nucleiseg[onnx]'.\n\n"
+            "--format bioimageio writes a bioimage.io model package (spec 0.5 zip) for deepImageJ, ilastik,\n"
+            "QuPath, BiaPy or bioimageio.core: the same probabilities, with the percentile pre-processing,\n"
+            "test tensors, the model card, and weights as pytorch_state_dict, torchscript and onnx.\n"
+            "`bioimageio test nucleiseg.zip` checks it. Needs bioimageio.spec: pip install 'nucleiseg[bioimageio]'.\n\n"
             "Examples:\n"
             "  nucleiseg export --format onnx default -o nuclei.onnx\n"
-            "  nucleiseg export --format onnx runs/my-model --mode fast -o nuclei-fast.onnx"
+            "  nucleiseg export --format onnx runs/my-model --mode fast -o nuclei-fast.onnx\n"
+            "  nucleiseg export --format bioimageio -o nucleiseg.zip"
         ),
     )
-    p.add_argument("model", metavar="MODEL_IN",
+    p.add_argument("model", metavar="MODEL_IN", nargs="?", default="default",
                    help="model file, training run folder (its best.safetensors) or 'default' (the shipped model)")
     p.add_argument("--out", "-o", metavar="OUT", required=True, default=argparse.SUPPRESS,
-                   help="file to write, e.g. nuclei.onnx (required)")
-    p.add_argument("--format", choices=("onnx",), default="onnx", help="output format")
+                   help="file to write, e.g. nuclei.onnx or nucleiseg.zip (required)")
+    p.add_argument("--format", choices=("onnx", "bioimageio"), default="onnx",
+                   help="onnx: an ONNX graph; bioimageio: a bioimage.io model package (.zip)")
     p.add_argument("--mode", choices=("accurate", "fast"), default="accurate",
                    help="accurate: mean of all UNet++ heads; fast: only the pruned network stored with the model")
     p.add_argument("--prune-level", type=int, default=None, metavar="K",
@@ -614,7 +628,13 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx, read_onnx_metadata
+    from .export import export_bioimageio, export_onnx, read_onnx_metadata
+
+    if args.format == "bioimageio":
+        path = export_bioimageio(args.model, args.out, mode=args.mode, prune_level=args.prune_level)
+        print(f"wrote {path}: bioimage.io model package (spec 0.5), weights pytorch_state_dict, torchscript, onnx; "
+              f"check it with: bioimageio test {path}")
+        return 0
 
     path = export_onnx(args.model, args.out, mode=args.mode, prune_level=args.prune_level, opset=args.opset)
     meta = read_onnx_metadata(path)

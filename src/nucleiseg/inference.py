@@ -219,8 +219,11 @@ def _as_model(model: Model | str | Path | None, device: str | torch.device = "cp
 
 
 # ----------------------------------------------------------------------------- probabilities
-def prepare_image(image: np.ndarray) -> np.ndarray:
+def prepare_image(image: np.ndarray, levels=None) -> np.ndarray:
     """The network input for ``image``: ``(3, H, W)`` float32, normalised over the whole image.
+
+    ``levels`` (:class:`~nucleiseg.preprocess.IntensityLevels`): normalise with
+    those of a larger image that ``image`` is a block of instead.
 
     Raises
     ------
@@ -237,7 +240,9 @@ def prepare_image(image: np.ndarray) -> np.ndarray:
         raise NucleisegError(
             f"image is {height}x{width} pixels, too small: the minimum is {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}"
         )
-    return normalize(to_rgb_uint8(image))
+    if levels is None:
+        return normalize(to_rgb_uint8(image))
+    return normalize(to_rgb_uint8(image, levels.rescale), levels=levels.normalize)
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -257,6 +262,7 @@ def predict_probabilities(
     options: PredictOptions | Mapping[str, Any] | None = None,
     *,
     progress: Progress | None = None,
+    levels=None,
     **overrides: Any,
 ) -> np.ndarray:
     """Per-pixel probabilities of each model channel, at the image's own resolution.
@@ -281,6 +287,9 @@ def predict_probabilities(
         back; 0.5 for nuclei twice as wide as in the training data).
     progress : callable, optional
         ``progress(done, total)`` after each batch of tiles.
+    levels : IntensityLevels, optional
+        Normalise with these (:func:`~nucleiseg.preprocess.intensity_levels` of
+        a larger image that ``image`` is a block of) instead of the image's own.
     **overrides
         Any option of :class:`~nucleiseg.options.PredictOptions` as a keyword.
 
@@ -310,7 +319,7 @@ def predict_probabilities(
     level = resolve_prune_level(model.depth, model.metadata, opts.mode, opts.prune_level)
     autocast = _autocast_dtype(opts.precision, model.device)
     scale = opts.scale
-    x = prepare_image(image)  # normalised at the image's own size: the same intensities at every scale
+    x = prepare_image(image, levels)  # normalised at the image's own size: the same intensities at every scale
     native = x.shape[1:]
     if scale != 1.0:
         x = resize_channels(x, scaled_size(native, scale))

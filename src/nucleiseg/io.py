@@ -18,7 +18,7 @@ import os
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -151,13 +151,18 @@ def _read_pil_format(path: Path, shape: tuple[int, ...]) -> np.ndarray:
                 Image.MAX_IMAGE_PIXELS = saved
 
 
-def read_image(path: str | Path, *, max_bytes: int | None = None) -> np.ndarray:
-    """Read a 2-D image (grey, RGB or RGBA; 8/16-bit or float) as stored.
+def read_image(path: str | Path, *, max_bytes: int | None = None, channel: int | None = None) -> np.ndarray:
+    """Read a 2-D image (grey, RGB or RGBA; 8/16-bit or float) as stored, or one channel of it.
 
     Parameters
     ----------
     path : str or Path
         PNG, JPEG, TIFF or BMP file.
+    channel : int, optional
+        Read only this channel (1 = the first, as in Fiji), as a grey image: of
+        the channel axis of a TIFF hyperstack, however many channels it has
+        (ImageJ ``C``, RGB samples, or a leading axis of a planar
+        multi-channel TIFF), else of the colour channels.
     max_bytes : int, optional
         Refuse an image whose decoded array would exceed this many bytes (0:
         no limit); default :data:`MAX_IMAGE_BYTES` (2 GiB) or the environment
@@ -167,14 +172,15 @@ def read_image(path: str | Path, *, max_bytes: int | None = None) -> np.ndarray:
     Returns
     -------
     image : ndarray
-        ``(H, W)`` or ``(H, W, C)`` with C in 1..4, in the file's own dtype.
-        Channel-first TIFFs ``(C, H, W)`` are moved to channel-last.
+        ``(H, W)`` or ``(H, W, C)`` with C in 1..4, in the file's own dtype
+        (``(H, W)`` with ``channel``). Channel-first TIFFs ``(C, H, W)`` are
+        moved to channel-last.
 
     Raises
     ------
     ImageReadError
-        The file does not exist, is empty, cannot be decoded, is not 2-D, or
-        would decode to more than ``max_bytes``.
+        The file does not exist, is empty, cannot be decoded, is not 2-D, has
+        no channel ``channel``, or would decode to more than ``max_bytes``.
 
     Examples
     --------
@@ -199,6 +205,7 @@ def read_image(path: str | Path, *, max_bytes: int | None = None) -> np.ndarray:
                 series = tif.series[0]  # all pages of a multi-page file; level 0 of a pyramid
                 _refuse_if_too_large(path, series.shape, series.dtype.itemsize, limit)
                 image = tif.asarray()
+                axes = series.axes
         else:
             shape, itemsize = _pil_header(path)
             _refuse_if_too_large(path, shape, itemsize, limit)
@@ -218,7 +225,46 @@ def read_image(path: str | Path, *, max_bytes: int | None = None) -> np.ndarray:
     finally:
         _reading.active = False
     image = np.asarray(image)
-    return _as_2d_image(image, path)
+    if channel is not None and path.suffix.lower() in TIFF_SUFFIXES:
+        picked = _tiff_channel(image, axes, channel, path)
+        if picked is not None:
+            return _as_2d_image(picked, path)
+    image = _as_2d_image(image, path)
+    if channel is None:
+        return image
+    n_channels = image.shape[-1] if image.ndim == 3 else 1
+    if not 1 <= channel <= n_channels:
+        raise ImageReadError(f"has {n_channels} channel{'s' if n_channels > 1 else ''}, "
+                             f"so there is no channel {channel} (channels count from 1)", path)
+    return image if image.ndim == 2 else image[..., channel - 1]
+
+
+def _tiff_channel(image: np.ndarray, axes: str, channel: int, path: Path) -> np.ndarray | None:
+    """Channel ``channel`` (from 1) of a TIFF series with ``axes`` (tifffile's: ``CYX``, ``ZCYX``, ``YXS``...).
+
+    None when the series names no channel axis (a plain grey or colour image: the caller picks from
+    its colour channels). A leading axis of a planar multi-channel TIFF (``QYX``) counts as the channels.
+    """
+    axes = axes.upper()
+    if "C" in axes:
+        axis = axes.index("C")
+    elif "S" in axes and image.shape[axes.index("S")] > 1:
+        axis = axes.index("S")
+    elif image.ndim == 3 and axes[0] in "QI":
+        axis = 0
+    else:
+        return None
+    n_channels = image.shape[axis]
+    if not 1 <= channel <= n_channels:
+        raise ImageReadError(f"has {n_channels} channel{'s' if n_channels > 1 else ''} (axes {axes}), "
+                             f"so there is no channel {channel} (channels count from 1)", path)
+    rest = [(name, size) for name, size in zip(axes[:axis] + axes[axis + 1 :], image.shape[:axis] + image.shape[axis + 1 :])
+            if name not in "YX" and size > 1]
+    if rest:
+        what = ", ".join(f"{name} ({size})" for name, size in rest)
+        raise ImageReadError(f"channel {channel} of this stack still has the axes {what} besides Y and X: a z-stack "
+                             "or time series? Segment one 2-D plane or a projection, saved as its own image", path)
+    return np.take(image, channel - 1, axis=axis)
 
 
 def _as_2d_image(image: np.ndarray, path: Path) -> np.ndarray:
@@ -238,8 +284,8 @@ def _as_2d_image(image: np.ndarray, path: Path) -> np.ndarray:
         return image
     hint = ""
     if image.ndim >= 3:  # what a microscope's multi-plane file usually is
-        hint = ("; a z-stack, time series or multi-channel stack? Segment one 2-D plane or a projection "
-                "(Fiji: Image > Stacks > Z Project), saved as its own image")
+        hint = ("; a z-stack, time series or multi-channel stack? Segment one channel of it (the channel option) "
+                "or one 2-D plane or a projection (Fiji: Image > Stacks > Z Project), saved as its own image")
     raise ImageReadError(f"expected a 2-D grey, RGB or RGBA image, got an array of shape {image.shape}{hint}", path)
 
 
@@ -660,6 +706,63 @@ def write_imagej_rois(path: str | Path, labels: np.ndarray) -> None:
         roifile.roiwrite(tmp, rois, mode="w")
 
 
+def nucleus_features(labels: np.ndarray, origin: tuple[int, int] = (0, 0),
+                     ids: np.ndarray | None = None) -> Iterator[dict]:
+    """Every nucleus as a QuPath detection: a GeoJSON Feature (see :func:`write_geojson`).
+
+    Parameters
+    ----------
+    labels : ndarray, shape (H, W), integer
+        Instance labels, 0 for background.
+    origin : (int, int)
+        Image row and column of ``labels[0, 0]``, when ``labels`` is a block of
+        a larger image: the polygons are in the larger image's pixels.
+    ids : ndarray, optional
+        ``ids[k]`` is the ``label`` property of nucleus ``k`` (default: ``k``).
+
+    Examples
+    --------
+    >>> labels = np.zeros((4, 5), np.int32); labels[1, 2] = 1
+    >>> feature = next(nucleus_features(labels, origin=(100, 10)))
+    >>> feature["geometry"]["coordinates"][0][0], feature["properties"]["label"]
+    ([12.5, 102.0], 1)
+    """
+    for label, polygons in nucleus_polygons(labels):
+        if origin != (0, 0):
+            for rings in polygons:
+                for ring in rings:
+                    ring += (origin[1], origin[0])
+        if len(polygons) == 1:
+            geometry = {"type": "Polygon", "coordinates": [ring.tolist() for ring in polygons[0]]}
+        else:
+            geometry = {"type": "MultiPolygon", "coordinates": [[ring.tolist() for ring in rings] for rings in polygons]}
+        yield {
+            "type": "Feature",
+            "geometry": geometry,
+            "properties": {"objectType": "detection", "classification": {"name": "Nucleus"},
+                           "label": label if ids is None else int(ids[label])},
+        }
+
+
+def write_feature_collection(path: str | Path, features: Iterable[dict | str]) -> None:
+    """Write a GeoJSON FeatureCollection one feature at a time, atomically.
+
+    ``features`` holds Feature dicts, or Features already serialised by
+    ``json.dumps`` (strings, e.g. read back from per-block files): a collection
+    of millions of nuclei never sits in memory. The bytes are those of
+    ``json.dump({"type": "FeatureCollection", "features": [...]})``.
+    """
+    import json
+
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        handle.write('{"type": "FeatureCollection", "features": [')
+        for k, feature in enumerate(features):
+            if k:
+                handle.write(", ")
+            handle.write(feature if isinstance(feature, str) else json.dumps(feature))
+        handle.write("]}")
+
+
 def write_geojson(path: str | Path, labels: np.ndarray) -> None:
     """Write every nucleus as a QuPath detection in a GeoJSON FeatureCollection, atomically.
 
@@ -681,23 +784,7 @@ def write_geojson(path: str | Path, labels: np.ndarray) -> None:
     >>> labels = np.zeros((32, 32), np.int32); labels[8:20, 8:20] = 1
     >>> write_geojson("nuclei.geojson", labels)  # doctest: +SKIP
     """
-    import json
-
-    def geometry(polygons: list[list[np.ndarray]]) -> dict:
-        if len(polygons) == 1:
-            return {"type": "Polygon", "coordinates": [ring.tolist() for ring in polygons[0]]}
-        return {"type": "MultiPolygon", "coordinates": [[ring.tolist() for ring in rings] for rings in polygons]}
-
-    features = [
-        {
-            "type": "Feature",
-            "geometry": geometry(polygons),
-            "properties": {"objectType": "detection", "classification": {"name": "Nucleus"}, "label": label},
-        }
-        for label, polygons in nucleus_polygons(labels)
-    ]
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        json.dump({"type": "FeatureCollection", "features": features}, handle)
+    write_feature_collection(path, nucleus_features(labels))
 
 
 def write_probabilities_tiff(path: str | Path, probabilities: np.ndarray, channels: Sequence[str] | None = None) -> None:

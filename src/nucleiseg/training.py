@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -441,7 +442,8 @@ def plot_curves(metrics_csv: Path, out_png: Path) -> None:
 
 # ----------------------------------------------------------------------------- main loop
 def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None = None, resume: bool = False,
-          max_steps: int | None = None, progress: bool = True) -> Path:
+          max_steps: int | None = None, progress: bool = True,
+          on_step: Callable[[int, float], Any] | None = None) -> Path:
     """Train (or resume training) a UNet++ on a prepared cache.
 
     Parameters
@@ -460,6 +462,11 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
     progress : bool
         Show a progress bar per epoch on stderr (on a terminal every half second, else
         at most twice a minute); False: none.
+    on_step : callable, optional
+        Called after every optimisation step with the number of steps done and
+        the step's mean loss per crop (a progress display, e.g. napari's
+        fine-tuning); a true return value ends the training there, as
+        ``max_steps`` does, and an exception it raises aborts it.
 
     Raises
     ------
@@ -562,6 +569,7 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
     if diameter is not None:
         meta["nucleus_diameter"] = round(diameter, 2)
     steps_done = (start_epoch - 1) * steps_per_epoch
+    stop = False  # set by on_step
     for epoch in range(start_epoch, config.epochs + 1):
         sampler.set_epoch(epoch)
         net.train()
@@ -584,14 +592,15 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
             # refresh=False: the bar redraws at its own pace (mininterval), not at every step
             bar.set_postfix(loss=f"{running / seen:.4f}", img_s=f"{seen * ddp.world_size / (time.perf_counter() - started):.2f}",
                             refresh=False)
-            if max_steps is not None and steps_done >= max_steps:
+            stop = on_step is not None and bool(on_step(steps_done, loss_sum / len(x)))
+            if stop or (max_steps is not None and steps_done >= max_steps):
                 break
         if ddp.world_size > 1:
             _average_buffers(model, ddp)
         elapsed = time.perf_counter() - started
         row: dict[str, Any] = {"epoch": epoch, "train_loss": running / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
                                "seconds": round(elapsed, 1), "images_per_s": round(seen * ddp.world_size / elapsed, 2)}
-        last_epoch = epoch == config.epochs or (max_steps is not None and steps_done >= max_steps)
+        last_epoch = epoch == config.epochs or stop or (max_steps is not None and steps_done >= max_steps)
         if ddp.is_main and val_split.ids and (epoch % config.val_every == 0 or last_epoch):
             row.update(validate(model, val_split, loss_fn, autocast_dtype, val_params))
             if config.schedule == "plateau":
@@ -615,7 +624,7 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
             log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
         if ddp.world_size > 1:
             dist.barrier()
-        if max_steps is not None and steps_done >= max_steps:
+        if stop or (max_steps is not None and steps_done >= max_steps):
             break
     if ddp.world_size > 1:
         _check_replicas_identical(model, ddp)

@@ -61,7 +61,7 @@ def test_forced_layout_that_does_not_fit(tmp_path, capsys):
 
 def test_option_errors(tmp_path, capsys):
     assert main(["prepare", str(DSB), "--out", str(tmp_path / "c"), "--rle-csv", "x.csv", "--layout", "kaggle"]) != 0
-    assert "--rle-csv goes with layout kaggle-rle, not layout kaggle" in _error_line(capsys)
+    assert "--rle-csv goes with the layout kaggle-rle" in _error_line(capsys)
     assert main(["prepare", str(DSB), "--out", str(tmp_path / "c"), "--layout", "kaggle-rle"]) != 0
     assert "--layout kaggle-rle needs a run-length CSV" in _error_line(capsys)
     missing_csv = tmp_path / "labels.csv"
