@@ -26,17 +26,45 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 
 
 def test_injected_enospc_is_one_line_and_leaves_the_old_file(tmp_path, monkeypatch):
+    import builtins
+
+    from nucleiseg import io as nucleiseg_io
+
     target = tmp_path / "nuclei.geojson"
     target.write_text("OLD")
     labels = np.zeros((20, 20), np.int32)
     labels[5:15, 5:15] = 1
 
-    def full_disk(obj, handle, **kwargs):
-        handle.write('{"type": "FeatureCollection", "feat')  # half of it, then the disk is full
-        handle.flush()
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def small_disk(file, mode="r", *args, **kwargs):
+        """open() on a disk with 40 bytes left: a write past them writes what fits, then fails."""
+        handle = builtins.open(file, mode, *args, **kwargs)
+        if "w" not in mode:
+            return handle
 
-    monkeypatch.setattr(json, "dump", full_disk)
+        class Full:
+            left = 40
+
+            def write(self, text):
+                if len(text) > self.left:
+                    handle.write(text[: self.left])
+                    handle.flush()
+                    self.left = 0
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                self.left -= len(text)
+                return handle.write(text)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                handle.close()
+
+            def __getattr__(self, name):
+                return getattr(handle, name)
+
+        return Full()
+
+    monkeypatch.setattr(nucleiseg_io, "open", small_disk, raising=False)  # found before the builtin
     with pytest.raises(NucleisegError) as info:
         write_geojson(target, labels)
     assert str(info.value) == (f"{target}: cannot be written: no space left on the device (ENOSPC); "

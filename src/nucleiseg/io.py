@@ -1,8 +1,11 @@
 """Reading images robustly and writing outputs atomically.
 
-Every reader here turns a user mistake (missing file, empty file, not an image)
-into :class:`~nucleiseg.errors.ImageReadError` naming the file, so the command
-line can report it in one line and go on with the other images.
+Every reader here turns a user mistake (missing file, empty file, not an image,
+an image whose header claims more than :data:`MAX_IMAGE_BYTES`) into
+:class:`~nucleiseg.errors.ImageReadError` naming the file, so the command line
+can report it in one line and go on with the other images. Every writer goes
+through :func:`atomic_path`: a reader never sees a half-written file, and a full
+disk is one line too (docs/reliability.md).
 """
 
 from __future__ import annotations

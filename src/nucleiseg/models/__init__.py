@@ -4,6 +4,8 @@ Model files are safetensors: tensors only, never pickled objects, so loading a
 file from anywhere cannot run code. Their metadata holds JSON strings: the
 network ``config`` (enough to rebuild it alone), the output ``channels``,
 ``postprocess`` and ``preprocess`` settings, and the ``nucleiseg_version``.
+:mod:`nucleiseg.models.metadata` owns that format: every read and write is
+validated against the tensors (:class:`~nucleiseg.models.metadata.ModelMetadata`).
 """
 
 from __future__ import annotations
