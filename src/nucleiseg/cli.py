@@ -380,7 +380,7 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average over the 8 flips/rotations (8x slower)")
     d = PredictOptions()
-    p.add_argument("--channel", type=int, default=None, metavar="N",
+    p.add_argument("--channel", type=int, default=argparse.SUPPRESS, metavar="N",
                    help="segment only channel N (1 = first, as in Fiji) of multi-channel images, e.g. the "
                    "DAPI/Hoechst channel of a fluorescence TIFF; the overlay and the intensities in "
                    "<name>_nuclei.csv use that channel too (default: all channels, as colour; a 2-channel image "
@@ -401,7 +401,7 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                    help="cpu, cuda, cuda:1, ...; auto: cuda when available, else cpu")
     p.add_argument("--threads", type=int, default=argparse.SUPPRESS, metavar="N",
                    help="CPU threads for the network (default: PyTorch's choice)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
+    p.add_argument("--workers", type=int, default=argparse.SUPPRESS, metavar="N",
                    help="processes (threads for short batches) that label, measure and write images while the "
                    "network predicts the next ones (default: one per core); 0: one image at a time")
     p.add_argument("--formats", type=_formats, default="none", metavar="LIST",
@@ -469,7 +469,7 @@ def _predict_files(args: argparse.Namespace, options, say):
     return predict_files(args.inputs, args.out, model=args.model, options=options, formats=args.formats,
                          save_probabilities=args.save_probabilities, overwrite=args.overwrite,
                          progress=False if args.quiet else None, say=say, cluster=args.cluster,
-                         workers=args.workers)
+                         workers=getattr(args, "workers", None))
 
 
 # -------------------------------------------------------------------- evaluate
