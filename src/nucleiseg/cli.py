@@ -444,6 +444,10 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
                    help="predict large images in tiles of this side (default: the inference default)")
     p.add_argument("--overlap", type=int, default=None, metavar="PX",
                    help="overlap of neighbouring tiles (default: the inference default)")
+    p.add_argument("--honest", action=argparse.BooleanOptionalAction, default=None,
+                   help="also estimate the score of thresholds chosen without the scored image (tune's choice "
+                        "cross-validated by mosaic group and kind) and print it first; default: on when the "
+                        "model's thresholds were tuned on the split scored (costs tune's grid search)")
     _add_scale_options(p)
     p.set_defaults(func=_run_evaluate)
 
@@ -477,9 +481,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_dataset, format_summary
 
     if args.labels is not None and (args.tta or args.mode != "accurate" or args.precision or args.tile or args.overlap
-                                    or hasattr(args, "scale") or hasattr(args, "diameter")):
-        raise NucleisegError("--mode, --tta, --precision, --tile, --overlap, --scale and --diameter go with --model, "
-                             "not --labels")
+                                    or hasattr(args, "scale") or hasattr(args, "diameter") or args.honest):
+        raise NucleisegError("--mode, --tta, --precision, --tile, --overlap, --scale, --diameter and --honest go "
+                             "with --model, not --labels")
     _, summary, paths = evaluate_dataset(
         args.data,
         args.out,
@@ -488,6 +492,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         split=args.split,
         options=None if args.labels is not None else _predict_options(args),
         progress=not args.quiet,
+        honest=args.honest,
     )
     print(format_summary(summary))
     log.info("wrote %s, %s and %s", paths["per_image"], paths["summary"], paths["report"])
@@ -508,7 +513,9 @@ def _add_tune_parser(sub: argparse._SubParsersAction) -> None:
             "with 5 or more images whose own best thresholds score 0.01 DSB higher keeps them, and\n"
             "prediction uses them for images of that kind. All are stored in the model file's\n"
             "metadata ('postprocess', 'postprocess_by_kind', 'fast_prune_level'); the weights are\n"
-            "not changed (--float16 only rounds them). Prints the DSB before and after, per kind.\n\n"
+            "not changed (--float16 only rounds them). Prints first the honest estimate (the same choice\n"
+            "cross-validated by mosaic group and kind: thresholds chosen on other images than those\n"
+            "scored), then the validation DSB before and after, per kind.\n\n"
             "Example:\n"
             "  nucleiseg tune cache/dsb2018 --model runs/dsb/best.safetensors"
         ),
@@ -526,6 +533,7 @@ def _add_tune_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_tune(args: argparse.Namespace) -> int:
+    from .honest import format_estimate
     from .tuning import tune_model
 
     if args.out is None and str(args.model) == "default":
@@ -533,7 +541,9 @@ def _run_tune(args: argparse.Namespace) -> int:
     result = tune_model(args.cache, args.model, args.out, split=args.split, progress=not args.quiet,
                         float16=args.float16)
     p = result.params
-    print(f"validation DSB ({result.n_images} images, accurate mode): "
+    if result.honest:
+        print(format_estimate(result.honest, "honest estimate of the tuned thresholds, accurate mode"))
+    print(f"validation DSB ({result.n_images} images, accurate mode; thresholds chosen on these images): "
           f"{result.dsb_before:.4f} before, {result.dsb_after:.4f} after tuning")
     print(f"postprocess: foreground_threshold={p.foreground_threshold} seed_threshold={p.seed_threshold} "
           f"min_seed_size={p.min_seed_size} min_size={p.min_size}")

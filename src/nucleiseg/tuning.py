@@ -53,9 +53,11 @@ __all__ = [
     "TuneResult",
     "best_of_grid",
     "choose_prune_level",
+    "grid_key",
     "mean_dsb",
     "score_grid",
     "tune_model",
+    "tune_by_kind",
     "tune_postprocess",
     "update_model_metadata",
 ]
@@ -352,6 +354,9 @@ class TuneResult:
         The image kinds given thresholds of their own (``"postprocess_by_kind"``).
     kinds : dict str -> dict
         Per kind: images, DSB with the shared and with its own best thresholds.
+    honest : dict
+        The nested cross-validation estimate of these thresholds' DSB on images they were not chosen on
+        (:func:`nucleiseg.honest.nested_cv_estimate`'s summary; also stored in the ``"tuning"`` record).
     """
 
     params: PostprocessParams
@@ -366,6 +371,7 @@ class TuneResult:
     by_kind: dict[str, PostprocessParams] = field(default_factory=dict)
     kinds: dict[str, dict] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    honest: dict[str, Any] = field(default_factory=dict)
 
 
 def _predict(model, rgb: np.ndarray, prune_level: int | None, options: PredictOptions) -> np.ndarray:
@@ -478,6 +484,16 @@ def tune_model(
     dsb_after = float(np.mean([scores[i, combos.index(_key(by_kind[k])), 0] if k in by_kind else shared[i]
                                for i, k in enumerate(kinds)]))
 
+    # The same choice cross-validated by mosaic group and kind: the score of thresholds chosen without the image.
+    from .honest import nested_cv_estimate
+
+    try:
+        honest = nested_cv_estimate(combos, scores, kinds, table["group"].tolist(), ids,
+                                    min_kind_images=min_kind_images).summary
+    except ValueError as exc:  # a single image or mosaic: nothing to hold out
+        log.warning("no honest estimate: %s", exc)
+        honest = {}
+
     depth = net.depth
     fast_dsb: dict[int, float] = {}
     for level in range(1, depth + 1):
@@ -502,13 +518,14 @@ def tune_model(
         "fast_tolerance": tolerance,
         "grid_size": len(results),
         "kinds": kind_record,
+        "honest_estimate": {k: honest[k] for k in ("method", "overall", "per_kind", "not_reported") if k in honest},
     }
     updates = {"postprocess": params.to_dict(), "fast_prune_level": level, "tuning": record,
                "postprocess_by_kind": {kind: p.to_dict() for kind, p in by_kind.items()}}
     update_model_metadata(path, updates, out=out, float16=float16)
     _, metadata = load_model_file(out)  # the file written must load again
     return TuneResult(params, previous, dsb_before, dsb_after, level, fast_dsb, len(ids), results, out, by_kind,
-                      kind_record, metadata)
+                      kind_record, metadata, honest)
 
 
 def _key(params: PostprocessParams) -> tuple:
@@ -536,3 +553,8 @@ def _tune_by_kind(
         entry["uses_own_thresholds"] = kind in by_kind
         record[kind] = entry
     return by_kind, record
+
+
+#: Public names of the two steps above, for :mod:`nucleiseg.honest` (which repeats ``tune``'s choice per fold).
+grid_key = _key
+tune_by_kind = _tune_by_kind
