@@ -161,6 +161,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto = bf16 where the processor runs it natively")
     p.add_argument("--augment", type=float, default=d.augment_strength, dest="augment_strength",
                    help="photometric augmentation strength, 0 = flips/rotations/crops only")
+    p.add_argument("--stain-augment", type=float, default=d.stain_augment, metavar="P",
+                   help="probability of an H&E stain jitter (colour deconvolution) on stained-tissue crops")
     p.add_argument("--kind-weights", metavar="KIND=W,...", default=None,
                    help="how often each image kind is drawn relative to the others "
                         f"(default: {','.join(f'{k}={v:g}' for k, v in d.kind_weights.items())})")
@@ -208,7 +210,7 @@ def _run_train(args: argparse.Namespace) -> int:
             if args.channel_weights else dict(d.channel_weights),
             widths=widths, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
             warmup_epochs=args.warmup_epochs, precision=args.precision, workers=args.workers, seed=args.seed,
-            augment_strength=args.augment_strength, init=args.init, val_every=args.val_every, threads=args.threads,
+            augment_strength=args.augment_strength, stain_augment=args.stain_augment, init=args.init, val_every=args.val_every, threads=args.threads,
         )
         best = train(_as_cache(Path(args.data)), out, config, max_steps=args.max_steps)
     if os.environ.get("RANK", "0") == "0":
