@@ -119,3 +119,19 @@ def test_score_grid_rows_are_what_the_estimate_reads(synthetic_cache, tmp_path):
     combos, together = score_grid(probs, list(truth.values()), ["body", "contour", "touch"])
     _, alone = score_grid(probs[1:], list(truth.values())[1:], ["body", "contour", "touch"])
     assert np.array_equal(together[1], alone[0]) and len(combos) == together.shape[1]
+
+
+def test_cross_validated_rule_drops_kind_thresholds_that_win_on_one_mosaic_only():
+    combos = [(0.5, 0.5, 2, 5), (0.6, 0.5, 2, 5)]
+    kinds = ["fluorescence"] * 10 + ["tissue"] * 6
+    groups = [None] * 10 + ["t1", "t1", "t2", "t2", "t3", "t3"]
+    scores = np.zeros((16, 2, 2))
+    scores[:10, 0, 0], scores[:10, 1, 0] = 0.7, 0.1  # fluorescence: combination 0 by far
+    scores[10:, 0, 0] = 0.5
+    scores[10:, 1, 0] = [1.0, 1.0, 0.45, 0.45, 0.45, 0.45]  # tissue: combination 1 wins on mosaic t1 alone
+    plain = choose_thresholds(combos, scores, kinds, groups=groups, per_kind=True, min_kind_images=2)
+    assert plain == (0, {"tissue": 1})  # in-sample: 0.633 against 0.5
+    assert choose_thresholds(combos, scores, kinds, groups=groups, per_kind="cv", min_kind_images=2) == (0, {})
+    honest = nested_cv_estimate(combos, scores, kinds, groups, per_kind="cv", min_kind_images=2, repeats=1, n_boot=0)
+    naive = nested_cv_estimate(combos, scores, kinds, groups, per_kind=True, min_kind_images=2, repeats=1, n_boot=0)
+    assert honest.summary["per_kind"]["tissue"]["dsb"] > naive.summary["per_kind"]["tissue"]["dsb"]

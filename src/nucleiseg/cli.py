@@ -512,7 +512,8 @@ def _add_tune_parser(sub: argparse._SubParsersAction) -> None:
             "thresholds (foreground, seed, minimum seed size, minimum object size) for the best mean\n"
             "DSB score, and pick the fast mode's prune level (the smallest within 0.03 DSB of the\n"
             "accurate mode). An image kind (fluorescence, tissue, brightfield: read from the pixels)\n"
-            "with 5 or more images whose own best thresholds score 0.01 DSB higher keeps them, and\n"
+            "with 5 or more images whose own best thresholds score 0.01 DSB higher, and still gain on\n"
+            "held-out mosaics (cross-validated by mosaic group), keeps them, and\n"
             "prediction uses them for images of that kind. All are stored in the model file's\n"
             "metadata ('postprocess', 'postprocess_by_kind', 'fast_prune_level'); the weights are\n"
             "not changed (--float16 only rounds them). Prints first the honest estimate (the same choice\n"
@@ -556,7 +557,9 @@ def _run_tune(args: argparse.Namespace) -> int:
             line += " (too few images for thresholds of its own)"
         else:
             line += f", {own:.4f} with its own best" + (" -> kept: " + " ".join(
-                f"{k}={v}" for k, v in result.by_kind[kind].to_dict().items()) if kind in result.by_kind else " (not kept)")
+                f"{k}={v}" for k, v in result.by_kind[kind].to_dict().items()) if kind in result.by_kind else
+                " (not kept: no gain on held-out mosaics)" if entry.get("confirmed_by_cross_validation") is False
+                else " (not kept)")
         print(line)
     levels = ", ".join(f"{k}: {v:.4f}" for k, v in result.fast_dsb.items())
     print(f"fast mode: prune level {result.fast_prune_level} (DSB per level {levels})")

@@ -126,25 +126,43 @@ def group_folds(kinds: Sequence[str], groups: Sequence[Any] | None, n_folds: int
 
 
 def choose_thresholds(combos: Sequence[tuple], scores: np.ndarray, kinds: Sequence[str],
-                      rows: np.ndarray | None = None, *, per_kind: bool = True,
-                      min_kind_images: int = MIN_KIND_IMAGES,
-                      min_gain: float = MIN_KIND_GAIN) -> tuple[int, dict[str, int]]:
+                      rows: np.ndarray | None = None, *, per_kind: bool | str = True,
+                      groups: Sequence[Any] | None = None, min_kind_images: int = MIN_KIND_IMAGES,
+                      min_gain: float = MIN_KIND_GAIN, inner_folds: int = 3) -> tuple[int, dict[str, int]]:
     """``tune``'s choice made on the images ``rows`` of ``scores`` (all when None).
 
     Returns the index of the shared combination in ``combos`` and, per kind that earns thresholds of
     its own (at least ``min_kind_images`` images, a gain of ``min_gain`` DSB), the index of its own.
+    ``per_kind="cv"`` keeps a kind's own thresholds only where they also win on images they were not
+    chosen on: an inner cross-validation of the same choice on ``rows`` (``inner_folds`` folds by
+    ``groups``) must show a mean held-out gain over the shared thresholds for the kind's images.
     """
     rows = np.ones(len(scores), bool) if rows is None else np.asarray(rows)
     sub = scores[rows]
     params, _ = best_of_grid(combos, sub)
     shared = combos.index(grid_key(params))
     own: dict[str, int] = {}
-    if per_kind:
-        sub_kinds = [k for k, r in zip(kinds, rows) if r]
-        by_kind, _ = tune_by_kind(sub_kinds, combos, sub, sub[:, shared, 0], params,
-                                  min_images=min_kind_images, min_gain=min_gain)
-        own = {kind: combos.index(grid_key(p)) for kind, p in by_kind.items()}
-    return shared, own
+    if not per_kind:
+        return shared, own
+    sub_kinds = [k for k, r in zip(kinds, rows) if r]
+    by_kind, _ = tune_by_kind(sub_kinds, combos, sub, sub[:, shared, 0], params,
+                              min_images=min_kind_images, min_gain=min_gain)
+    own = {kind: combos.index(grid_key(p)) for kind, p in by_kind.items()}
+    if per_kind != "cv" or not own:
+        return shared, own
+    sub_groups = None if groups is None else [g for g, r in zip(groups, rows) if r]
+    if len(set(_group_ids(sub_groups, len(sub_kinds)))) < 2:
+        return shared, {}
+    fold = group_folds(sub_kinds, sub_groups, inner_folds)
+    gains: dict[str, list[float]] = {kind: [] for kind in own}
+    for f in np.unique(fold):
+        inner_shared, inner_own = choose_thresholds(combos, sub, sub_kinds, fold != f, per_kind=True,
+                                                    min_kind_images=min_kind_images, min_gain=min_gain)
+        for kind in own:
+            test = (fold == f) & np.array([k == kind for k in sub_kinds])
+            pick = inner_own.get(kind, inner_shared)
+            gains[kind] += list(sub[test, pick, 0] - sub[test, inner_shared, 0])
+    return shared, {kind: own[kind] for kind in own if gains[kind] and float(np.mean(gains[kind])) > 0}
 
 
 def _applied(scores: np.ndarray, kinds: Sequence[str], shared: int, own: Mapping[str, int],
@@ -219,7 +237,7 @@ def nested_cv_estimate(
     score_with: np.ndarray | None = None,
     n_folds: int = DEFAULT_FOLDS,
     repeats: int = DEFAULT_REPEATS,
-    per_kind: bool = True,
+    per_kind: bool | str = "cv",
     min_kind_images: int = MIN_KIND_IMAGES,
     min_gain: float = MIN_KIND_GAIN,
     n_boot: int = DEFAULT_BOOTSTRAP,
@@ -246,8 +264,10 @@ def nested_cv_estimate(
         Outer folds (:func:`group_folds`; fewer when there are fewer groups), how many shuffled
         assignments, the first seed.
     per_kind, min_kind_images, min_gain
-        ``tune``'s per-kind rule (:func:`~nucleiseg.tuning.tune_by_kind`); ``per_kind=False``
-        chooses shared thresholds only.
+        ``tune``'s per-kind rule: ``"cv"`` (``tune``'s) keeps a kind's own thresholds
+        (:func:`~nucleiseg.tuning.tune_by_kind`) only when an inner cross-validation on the training
+        folds confirms them (:func:`choose_thresholds`); ``True`` without that check (``tune``
+        before the eighth session); ``False`` chooses shared thresholds only.
     n_boot : int
         Bootstrap resamples (of whole groups) for the 95% intervals; 0 for none.
 
@@ -286,7 +306,7 @@ def nested_cv_estimate(
     if target.shape != scores.shape:
         raise ValueError(f"score_with has shape {target.shape}, the scores {scores.shape}")
     combos = list(combos)
-    rule = dict(per_kind=per_kind, min_kind_images=min_kind_images, min_gain=min_gain)
+    rule = dict(per_kind=per_kind, groups=groups, min_kind_images=min_kind_images, min_gain=min_gain)
 
     held_out = np.zeros((repeats, n, 2))
     for r in range(repeats):

@@ -477,18 +477,27 @@ def tune_model(
                            for p, t in zip(probs, truths)])
     del probs
 
-    # Image kinds with enough validation images and a clear gain get thresholds of their own.
+    # Image kinds with enough validation images and a clear gain get thresholds of their own, when a
+    # cross-validation by mosaic group confirms the gain on images they were not chosen on.
+    from .honest import choose_thresholds, nested_cv_estimate
+
     kinds = [image_kind(rgb) for rgb in images]
+    groups = table["group"].tolist()
     by_kind, kind_record = _tune_by_kind(kinds, combos, scores, shared, params, min_images=min_kind_images)
+    if by_kind:
+        _, confirmed = choose_thresholds(combos, scores, kinds, per_kind="cv", groups=groups,
+                                         min_kind_images=min_kind_images)
+        for kind in by_kind:
+            kind_record[kind]["confirmed_by_cross_validation"] = kind in confirmed
+            kind_record[kind]["uses_own_thresholds"] = kind in confirmed
+        by_kind = {kind: p for kind, p in by_kind.items() if kind in confirmed}
     chosen = [by_kind.get(kind, params) for kind in kinds]
     dsb_after = float(np.mean([scores[i, combos.index(_key(by_kind[k])), 0] if k in by_kind else shared[i]
                                for i, k in enumerate(kinds)]))
 
     # The same choice cross-validated by mosaic group and kind: the score of thresholds chosen without the image.
-    from .honest import nested_cv_estimate
-
     try:
-        honest = nested_cv_estimate(combos, scores, kinds, table["group"].tolist(), ids,
+        honest = nested_cv_estimate(combos, scores, kinds, groups, ids,
                                     min_kind_images=min_kind_images).summary
     except ValueError as exc:  # a single image or mosaic: nothing to hold out
         log.warning("no honest estimate: %s", exc)
