@@ -101,8 +101,15 @@ def test_tune_and_evaluate_print_the_honest_estimate_first(tmp_path, capsys, syn
     out = capsys.readouterr().out
     assert out.startswith("honest estimate") and out.index("honest estimate") < out.index("validation")
     summary = json.loads((report / "summary.json").read_text())
+    assert summary["honest"]["source"].startswith("stored by tune")  # free: tune's own estimate
+    assert summary["honest"]["overall"] == honest["overall"] and summary["tuned_on_split"] is True
+    # --honest computes it again from this run's predictions: the same figure
+    assert cli.main(["-q", "evaluate", str(cache), "--model", str(path), "--split", "all", "--out", str(report),
+                     "--honest"]) == 0
+    assert capsys.readouterr().out.startswith("honest estimate")
+    summary = json.loads((report / "summary.json").read_text())
+    assert "source" not in summary["honest"]
     assert summary["honest"]["overall"]["dsb"] == pytest.approx(honest["overall"]["dsb"], abs=1e-6)
-    assert summary["tuned_on_split"] is True
     assert cli.main(["-q", "evaluate", str(cache), "--model", str(path), "--split", "all", "--out", str(report),
                      "--no-honest"]) == 0
     assert "honest" not in capsys.readouterr().out

@@ -448,8 +448,9 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
                    help="overlap of neighbouring tiles (default: the inference default)")
     p.add_argument("--honest", action=argparse.BooleanOptionalAction, default=None,
                    help="also estimate the score of thresholds chosen without the scored image (tune's choice "
-                        "cross-validated by mosaic group and kind) and print it first; default: on when the "
-                        "model's thresholds were tuned on the split scored (costs tune's grid search)")
+                        "cross-validated by mosaic group and kind) and print it first; default: when the "
+                        "model's thresholds were tuned on the split scored, the estimate tune stored (free), else "
+                        "computed (costs tune's grid search)")
     _add_scale_options(p)
     p.set_defaults(func=_run_evaluate)
 

@@ -305,7 +305,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("honest"):  # the figure to quote first; the table below is the validation figure
         from .honest import format_estimate
 
-        first = [format_estimate(summary["honest"]), "",
+        source = summary["honest"].get("source")
+        first = [format_estimate(summary["honest"], "honest estimate" + (f", {source}" if source else "")), "",
                  "validation: the model's stored thresholds, chosen on these same images (optimistic; quote the "
                  "honest estimate above)" if summary.get("tuned_on_split") else "with the model's stored thresholds"]
     with_auc = "auc" in summary["overall"]
@@ -589,8 +590,10 @@ def evaluate_dataset(
         (:func:`nucleiseg.honest.nested_cv_estimate`): ``summary["honest"]``,
         the score of thresholds chosen without the image. Default (None): when
         a model is scored on the split its thresholds were tuned on (its
-        ``"tuning"`` record), where the plain figure is optimistic. It costs
-        the 100 watersheds per image of ``tune``.
+        ``"tuning"`` record), where the plain figure is optimistic: the
+        estimate ``tune`` stored (accurate mode) when it has one for as many
+        images, else computed here. Computing it costs the 100 watersheds per
+        image of ``tune``.
 
     Returns
     -------
@@ -647,8 +650,14 @@ def evaluate_dataset(
         opts = opts.resolved(net.depth, net.nucleus_diameter)
         channels = list(net.channels)
         params = net.postprocess
-        tuned_on = (net.metadata.get("tuning") or {}).get("split")
-        tuned_on_split = tuned_on is not None and tuned_on in (split, "all")
+        tuning = net.metadata.get("tuning") or {}
+        tuned_on_split = tuning.get("split") is not None and tuning.get("split") in (split, "all")
+        stored = tuning.get("honest_estimate") or {}
+        if honest is None and tuned_on_split and stored.get("overall", {}).get("n_images") == len(ids):
+            # tune's own estimate on these images (accurate mode): printed at no cost; --honest recomputes it
+            about["honest"] = {**stored, "source": "stored by tune (accurate mode)"}
+            about["tuned_on_split"] = True
+            honest = False
         honest = tuned_on_split if honest is None else honest
         evaluator = Evaluator(channels=channels, params=params)
         grid_rows = []

@@ -375,8 +375,11 @@ def format_estimate(summary: Mapping[str, Any], title: str = "honest estimate") 
     all                   4  0.450         (0.200-0.600)  0.000     0.500 | 0.600
     not reported on their own (under 3 images; in 'all'): b (1 image)
     """
-    head = (f"{title} ({summary.get('folds')}-fold CV by mosaic group and kind, {summary.get('repeats')} repeats; "
-            "thresholds chosen without the image)")
+    if "folds" not in summary:  # as tune stores it: the method in words
+        head = f"{title} ({summary.get('method', 'cross-validated')})"
+    else:
+        head = (f"{title} ({summary.get('folds')}-fold CV by mosaic group and kind, {summary.get('repeats')} repeats; "
+                "thresholds chosen without the image)")
     lines = [head, f"{'kind':<17}{'images':<8}{'DSB held-out':<14}{'(95% CI)':<15}{'±repeats':<10}{'AP50':<6}"
                    "| DSB validation"]
     for name, b in [("all", summary["overall"]), *summary.get("per_kind", {}).items()]:

@@ -527,7 +527,8 @@ def tune_model(
         "fast_tolerance": tolerance,
         "grid_size": len(results),
         "kinds": kind_record,
-        "honest_estimate": {k: honest[k] for k in ("method", "overall", "per_kind", "not_reported") if k in honest},
+        "honest_estimate": {k: honest[k] for k in ("method", "folds", "repeats", "overall", "per_kind", "not_reported")
+                            if k in honest},
     }
     updates = {"postprocess": params.to_dict(), "fast_prune_level": level, "tuning": record,
                "postprocess_by_kind": {kind: p.to_dict() for kind, p in by_kind.items()}}
