@@ -297,7 +297,11 @@ def _json_ready(value):
 
 # ------------------------------------------------------------------ reporting
 def format_summary(summary: dict[str, Any]) -> str:
-    """A short fixed-width table of the summary: one line overall, one per kind."""
+    """A short fixed-width table of the summary: one line overall, one per kind.
+
+    A kind with fewer than :data:`nucleiseg.honest.MIN_REPORT_IMAGES` images is listed without scores
+    (``summary.json`` keeps them).
+    """
     blocks = summary.get("per_kind") or {}
     if "overall" not in summary:
         return "no images were scored"
@@ -319,7 +323,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         return "     n/a" if x is None else f"{x:8.3f}"
 
     lines = [*first, head]
+    from .honest import MIN_REPORT_IMAGES
+
     for name, block in [("all", summary["overall"]), *blocks.items()]:
+        if name != "all" and block["n_images"] < MIN_REPORT_IMAGES:  # one or two images are a draw, not a figure
+            lines.append(f"{name:<14}{block['n_images']:>7}  (under {MIN_REPORT_IMAGES} images: no figure of its "
+                         "own; counted in 'all')")
+            continue
         line = f"{name:<14}{block['n_images']:>7}" + "".join(fmt(block.get(k)) for k in ("dsb", "ap50", "f1", "iou"))
         line += fmt(block.get("auc")) if with_auc else ""
         line += " " + fmt(block.get("dsb_cc")) if with_cc else ""

@@ -16,7 +16,9 @@ over the repeated fold assignments (how much the number depends on the luck of t
 the larger of the two uncertainties.
 
 What it cannot remove: the bias of anything else chosen on the same images, e.g. a training run's
-checkpoint picked by its validation score. It estimates the thresholds' choice honestly, not that.
+checkpoint picked by its validation score. It estimates the thresholds' choice honestly, not that. (One
+detail of ``tune`` is not repeated per fold: keeping the model's previous thresholds when they lie off the
+grid and score higher; the folds choose on the grid alone.)
 
 Per kind, a figure is reported only for kinds with at least :data:`MIN_REPORT_IMAGES` images; smaller
 kinds are pooled as ``"other kinds"`` when together they reach that number, else they count in the
