@@ -404,8 +404,12 @@ def tune_model(
     smallest level within ``tolerance`` DSB of the accurate mode becomes
     ``"fast_prune_level"``. An image kind with at least ``min_kind_images``
     images whose own best thresholds beat the shared ones by
-    :data:`MIN_KIND_GAIN` DSB keeps them (``"postprocess_by_kind"``; prediction
-    picks them by the image's kind). The model file is rewritten with the same tensors
+    :data:`MIN_KIND_GAIN` DSB, and still gain on held-out mosaics in a
+    cross-validation (:func:`nucleiseg.honest.choose_thresholds` with
+    ``per_kind="cv"``), keeps them (``"postprocess_by_kind"``; prediction
+    picks them by the image's kind). The choice's honest estimate
+    (:func:`nucleiseg.honest.nested_cv_estimate`) is stored in the
+    ``"tuning"`` record and returned. The model file is rewritten with the same tensors
     and the updated metadata (``"postprocess"``, ``"fast_prune_level"`` and a
     ``"tuning"`` record of the scores).
 
