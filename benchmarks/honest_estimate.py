@@ -4,8 +4,8 @@
         [--tissue-variants grey haematoxylin tta] [--folds 5] [--repeats 10]
 
 Predicts every validation image of a prepared cache once per mode (accurate, fast; bf16 where the CPU has it,
-as ``predict`` does) and keeps the probabilities in ``--work`` (outside git; reused by later runs of the same
-model file), scores each image under ``tune``'s whole threshold grid once
+as ``predict`` does) and keeps the probabilities in ``--work`` (outside git, as float16, so figures can differ
+from ``tune``'s in the third decimal; reused by later runs of the same model file), scores each image under ``tune``'s whole threshold grid once
 (:func:`nucleiseg.tuning.score_grid`, also kept), then prints:
 
 - validation: the model's stored thresholds (what ``evaluate`` reports; chosen on these very images);
