@@ -141,6 +141,10 @@ def test_format_summary_lists_kinds():
     _, summary = evaluate_labels({"a": squares()}, {"a": squares()}, kinds={"a": "tissue"})
     text = format_summary(summary)
     assert text.splitlines()[1].startswith("all") and "tissue" in text
+    assert "under 3 images: no figure" in text  # one tissue image: no score of its own
+    truth = {k: squares() for k in "abc"}
+    _, summary = evaluate_labels(truth, truth, kinds=dict.fromkeys("abc", "tissue"))
+    assert "no figure" not in format_summary(summary) and "tissue" in format_summary(summary)
 
 
 # ------------------------------------------------------------------ the command

@@ -202,6 +202,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto = bf16 where the processor runs it natively")
     p.add_argument("--augment", type=float, default=d.augment_strength, dest="augment_strength",
                    help="photometric augmentation strength, 0 = flips/rotations/crops only")
+    p.add_argument("--stain-augment", type=float, default=d.stain_augment, metavar="P",
+                   help="probability of an H&E stain jitter (colour deconvolution) on stained-tissue crops")
     p.add_argument("--kind-weights", metavar="KIND=W,...", default=_TrainDefault("kind_weights", _weights_text),
                    help="how often each image kind is drawn relative to the others")
     p.add_argument("--channel-weights", metavar="CHANNEL=W,...",
@@ -264,7 +266,7 @@ def _train(args: argparse.Namespace) -> int:
             if args.channel_weights else dict(d.channel_weights),
             widths=widths, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
             warmup_epochs=args.warmup_epochs, precision=args.precision, workers=args.workers, seed=args.seed,
-            augment_strength=args.augment_strength, init=args.init, val_every=args.val_every, threads=args.threads,
+            augment_strength=args.augment_strength, stain_augment=args.stain_augment, init=args.init, val_every=args.val_every, threads=args.threads,
         )
         best = train(_as_cache(Path(args.data)), out, config, max_steps=args.max_steps, progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":
@@ -512,6 +514,11 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
                    help="predict large images in tiles of this side (default: the inference default)")
     p.add_argument("--overlap", type=int, default=None, metavar="PX",
                    help="overlap of neighbouring tiles (default: the inference default)")
+    p.add_argument("--honest", action=argparse.BooleanOptionalAction, default=None,
+                   help="also estimate the score of thresholds chosen without the scored image (tune's choice "
+                        "cross-validated by mosaic group and kind) and print it first; default: when the "
+                        "model's thresholds were tuned on the split scored, the estimate tune stored (free), else "
+                        "computed (costs tune's grid search)")
     _add_scale_options(p)
     p.set_defaults(func=_run_evaluate)
 
@@ -545,9 +552,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_dataset, format_summary
 
     if args.labels is not None and (args.tta or args.mode != "accurate" or args.precision or args.tile or args.overlap
-                                    or hasattr(args, "scale") or hasattr(args, "diameter")):
-        raise NucleisegError("--mode, --tta, --precision, --tile, --overlap, --scale and --diameter go with --model, "
-                             "not --labels")
+                                    or hasattr(args, "scale") or hasattr(args, "diameter") or args.honest):
+        raise NucleisegError("--mode, --tta, --precision, --tile, --overlap, --scale, --diameter and --honest go "
+                             "with --model, not --labels")
     _, summary, paths = evaluate_dataset(
         args.data,
         args.out,
@@ -556,6 +563,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         split=args.split,
         options=None if args.labels is not None else _predict_options(args),
         progress=not args.quiet,
+        honest=args.honest,
     )
     print(format_summary(summary))
     log.info("wrote %s, %s and %s", paths["per_image"], paths["summary"], paths["report"])
@@ -573,10 +581,13 @@ def _add_tune_parser(sub: argparse._SubParsersAction) -> None:
             "thresholds (foreground, seed, minimum seed size, minimum object size) for the best mean\n"
             "DSB score, and pick the fast mode's prune level (the smallest within 0.03 DSB of the\n"
             "accurate mode). An image kind (fluorescence, tissue, brightfield: read from the pixels)\n"
-            "with 5 or more images whose own best thresholds score 0.01 DSB higher keeps them, and\n"
+            "with 5 or more images whose own best thresholds score 0.01 DSB higher, and still gain on\n"
+            "held-out mosaics (cross-validated by mosaic group), keeps them, and\n"
             "prediction uses them for images of that kind. All are stored in the model file's\n"
             "metadata ('postprocess', 'postprocess_by_kind', 'fast_prune_level'); the weights are\n"
-            "not changed (--float16 only rounds them). Prints the DSB before and after, per kind.\n\n"
+            "not changed (--float16 only rounds them). Prints first the honest estimate (the same choice\n"
+            "cross-validated by mosaic group and kind: thresholds chosen on other images than those\n"
+            "scored), then the validation DSB before and after, per kind.\n\n"
             "Example:\n"
             "  nucleiseg tune cache/dsb2018 --model runs/dsb/best.safetensors"
         ),
@@ -594,6 +605,7 @@ def _add_tune_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_tune(args: argparse.Namespace) -> int:
+    from .honest import format_estimate
     from .tuning import tune_model
 
     if args.out is None and str(args.model) == "default":
@@ -601,7 +613,9 @@ def _run_tune(args: argparse.Namespace) -> int:
     result = tune_model(args.cache, args.model, args.out, split=args.split, progress=not args.quiet,
                         float16=args.float16)
     p = result.params
-    print(f"validation DSB ({result.n_images} images, accurate mode): "
+    if result.honest:
+        print(format_estimate(result.honest, "honest estimate of the tuned thresholds, accurate mode"))
+    print(f"validation DSB ({result.n_images} images, accurate mode; thresholds chosen on these images): "
           f"{result.dsb_before:.4f} before, {result.dsb_after:.4f} after tuning")
     print(f"postprocess: foreground_threshold={p.foreground_threshold} seed_threshold={p.seed_threshold} "
           f"min_seed_size={p.min_seed_size} min_size={p.min_size}")
@@ -612,7 +626,9 @@ def _run_tune(args: argparse.Namespace) -> int:
             line += " (too few images for thresholds of its own)"
         else:
             line += f", {own:.4f} with its own best" + (" -> kept: " + " ".join(
-                f"{k}={v}" for k, v in result.by_kind[kind].to_dict().items()) if kind in result.by_kind else " (not kept)")
+                f"{k}={v}" for k, v in result.by_kind[kind].to_dict().items()) if kind in result.by_kind else
+                " (not kept: no gain on held-out mosaics)" if entry.get("confirmed_by_cross_validation") is False
+                else " (not kept)")
         print(line)
     levels = ", ".join(f"{k}: {v:.4f}" for k, v in result.fast_dsb.items())
     print(f"fast mode: prune level {result.fast_prune_level} (DSB per level {levels})")

@@ -297,10 +297,22 @@ def _json_ready(value):
 
 # ------------------------------------------------------------------ reporting
 def format_summary(summary: dict[str, Any]) -> str:
-    """A short fixed-width table of the summary: one line overall, one per kind."""
+    """A short fixed-width table of the summary: one line overall, one per kind.
+
+    A kind with fewer than :data:`nucleiseg.honest.MIN_REPORT_IMAGES` images is listed without scores
+    (``summary.json`` keeps them).
+    """
     blocks = summary.get("per_kind") or {}
     if "overall" not in summary:
         return "no images were scored"
+    first = []
+    if summary.get("honest"):  # the figure to quote first; the table below is the validation figure
+        from .honest import format_estimate
+
+        source = summary["honest"].get("source")
+        first = [format_estimate(summary["honest"], "honest estimate" + (f", {source}" if source else "")), "",
+                 "validation: the model's stored thresholds, chosen on these same images (optimistic; quote the "
+                 "honest estimate above)" if summary.get("tuned_on_split") else "with the model's stored thresholds"]
     with_auc = "auc" in summary["overall"]
     with_cc = "dsb_cc" in summary["overall"]
     head = f"{'kind':<14}{'images':>7}{'DSB':>8}{'AP50':>8}{'F1':>8}{'IoU':>8}"
@@ -310,8 +322,14 @@ def format_summary(summary: dict[str, Any]) -> str:
     def fmt(x) -> str:
         return "     n/a" if x is None else f"{x:8.3f}"
 
-    lines = [head]
+    lines = [*first, head]
+    from .honest import MIN_REPORT_IMAGES
+
     for name, block in [("all", summary["overall"]), *blocks.items()]:
+        if name != "all" and block["n_images"] < MIN_REPORT_IMAGES:  # one or two images are a draw, not a figure
+            lines.append(f"{name:<14}{block['n_images']:>7}  (under {MIN_REPORT_IMAGES} images: no figure of its "
+                         "own; counted in 'all')")
+            continue
         line = f"{name:<14}{block['n_images']:>7}" + "".join(fmt(block.get(k)) for k in ("dsb", "ap50", "f1", "iou"))
         line += fmt(block.get("auc")) if with_auc else ""
         line += " " + fmt(block.get("dsb_cc")) if with_cc else ""
@@ -548,6 +566,7 @@ def evaluate_dataset(
     split: str | None = None,
     options: PredictOptions | Mapping[str, Any] | None = None,
     progress: bool = True,
+    honest: bool | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Path]]:
     """Score a model (or a folder of predicted labels) on a prepared cache; write the report.
 
@@ -575,6 +594,16 @@ def evaluate_dataset(
         defaults are ``nucleiseg predict``'s.
     progress : bool
         Progress bar on stderr.
+    honest : bool, optional
+        Also score every image under ``tune``'s whole threshold grid and
+        cross-validate the choice by mosaic group and kind
+        (:func:`nucleiseg.honest.nested_cv_estimate`): ``summary["honest"]``,
+        the score of thresholds chosen without the image. Default (None): when
+        a model is scored on the split its thresholds were tuned on (its
+        ``"tuning"`` record), where the plain figure is optimistic: the
+        estimate ``tune`` stored (accurate mode) when it has one for as many
+        images, else computed here. Computing it costs the 100 watersheds per
+        image of ``tune``.
 
     Returns
     -------
@@ -631,7 +660,17 @@ def evaluate_dataset(
         opts = opts.resolved(net.depth, net.nucleus_diameter)
         channels = list(net.channels)
         params = net.postprocess
+        tuning = net.metadata.get("tuning") or {}
+        tuned_on_split = tuning.get("split") is not None and tuning.get("split") in (split, "all")
+        stored = tuning.get("honest_estimate") or {}
+        if honest is None and tuned_on_split and stored.get("overall", {}).get("n_images") == len(ids):
+            # tune's own estimate on these images (accurate mode): printed at no cost; --honest recomputes it
+            about["honest"] = {**stored, "source": "stored by tune (accurate mode)"}
+            about["tuned_on_split"] = True
+            honest = False
+        honest = tuned_on_split if honest is None else honest
         evaluator = Evaluator(channels=channels, params=params)
+        grid_rows = []
         for image_id in tqdm(ids, **bar):
             rgb = images[image_id]
             # the thresholds of the image's kind, as segment() / predict use them
@@ -639,12 +678,28 @@ def evaluate_dataset(
             pred = _compact(pred)
             preds[image_id] = pred
             evaluator.add(image_id, truth[image_id], pred, kinds[image_id], probs)
+            if honest:
+                from .tuning import score_grid
+
+                combos, image_scores = score_grid([probs], [truth[image_id]], channels)
+                grid_rows.append(image_scores[0])
+        if honest:
+            from .honest import nested_cv_estimate
+
+            try:
+                about["honest"] = nested_cv_estimate(
+                    combos, np.stack(grid_rows), [kinds[i] for i in ids], table["group"].tolist(), ids
+                ).summary
+                about["tuned_on_split"] = tuned_on_split
+            except ValueError as exc:  # a single image or mosaic: nothing to hold out
+                log.warning("no honest estimate: %s", exc)
         if net.postprocess_by_kind:
             about["postprocess_by_kind"] = {kind: p.to_dict() for kind, p in net.postprocess_by_kind.items()}
         about.update(model=str(model or "default"), mode=opts.mode, postprocess=params.to_dict(),
                      **{k: v for k, v in dataclasses.asdict(opts).items()
                         if k != "mode" and v != getattr(_DEFAULTS, k) and isinstance(v, (bool, int, float, str))})
     per_image, summary = evaluator.result()
-    summary = {"evaluated": about, **summary}
+    extra = {k: about.pop(k) for k in ("honest", "tuned_on_split") if k in about}
+    summary = {**extra, "evaluated": about, **summary}
     paths = write_report(out_dir, per_image, summary, images, truth, preds)
     return per_image, summary, paths

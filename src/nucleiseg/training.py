@@ -104,6 +104,9 @@ class TrainConfig:
         Seeds weights, crop sampling and augmentation.
     augment_strength : float
         Scales the photometric augmentations' probabilities (0 = geometric only).
+    stain_augment : float
+        Probability of the H&E stain jitter on a stained crop (:class:`~nucleiseg.data.augment.StainJitter`);
+        0 leaves it out.
     kind_weights : dict
         How much more often each image kind is drawn.
     channel_weights : dict
@@ -135,6 +138,7 @@ class TrainConfig:
     workers: int | None = None
     seed: int = 0
     augment_strength: float = 1.0
+    stain_augment: float = 0.0
     kind_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_KIND_WEIGHTS))
     channel_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CHANNELS, 1.0))
     init: str | None = None
@@ -533,7 +537,8 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
     workers = config.workers if config.workers is not None else (0 if (os.cpu_count() or 1) <= 2 else 2)
     # without loader processes, the batch's crops are still prepared side by side, between network steps
     crop_threads = min(4, torch.get_num_threads()) if workers == 0 else 1
-    dataset = CropDataset(train_split.images, train_split.labels, config.crop, config.augment_strength, threads=crop_threads)
+    dataset = CropDataset(train_split.images, train_split.labels, config.crop, config.augment_strength, threads=crop_threads,
+                          stain=config.stain_augment)
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers,
                         drop_last=len(sampler) >= config.batch_size, persistent_workers=workers > 0)
     steps_per_epoch = max(1, len(loader))

@@ -51,9 +51,11 @@ __all__ = [
     "TuneResult",
     "best_of_grid",
     "choose_prune_level",
+    "grid_key",
     "mean_dsb",
     "score_grid",
     "tune_model",
+    "tune_by_kind",
     "tune_postprocess",
     "update_model_metadata",
 ]
@@ -347,6 +349,9 @@ class TuneResult:
         The image kinds given thresholds of their own (``"postprocess_by_kind"``).
     kinds : dict str -> dict
         Per kind: images, DSB with the shared and with its own best thresholds.
+    honest : dict
+        The nested cross-validation estimate of these thresholds' DSB on images they were not chosen on
+        (:func:`nucleiseg.honest.nested_cv_estimate`'s summary; also stored in the ``"tuning"`` record).
     """
 
     params: PostprocessParams
@@ -361,6 +366,7 @@ class TuneResult:
     by_kind: dict[str, PostprocessParams] = field(default_factory=dict)
     kinds: dict[str, dict] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    honest: dict[str, Any] = field(default_factory=dict)
 
 
 def _predict(model, rgb: np.ndarray, prune_level: int | None, options: PredictOptions) -> np.ndarray:
@@ -393,8 +399,12 @@ def tune_model(
     smallest level within ``tolerance`` DSB of the accurate mode becomes
     ``"fast_prune_level"``. An image kind with at least ``min_kind_images``
     images whose own best thresholds beat the shared ones by
-    :data:`MIN_KIND_GAIN` DSB keeps them (``"postprocess_by_kind"``; prediction
-    picks them by the image's kind). The model file is rewritten with the same tensors
+    :data:`MIN_KIND_GAIN` DSB, and still gain on held-out mosaics in a
+    cross-validation (:func:`nucleiseg.honest.choose_thresholds` with
+    ``per_kind="cv"``), keeps them (``"postprocess_by_kind"``; prediction
+    picks them by the image's kind). The choice's honest estimate
+    (:func:`nucleiseg.honest.nested_cv_estimate`) is stored in the
+    ``"tuning"`` record and returned. The model file is rewritten with the same tensors
     and the updated metadata (``"postprocess"``, ``"fast_prune_level"`` and a
     ``"tuning"`` record of the scores).
 
@@ -466,12 +476,31 @@ def tune_model(
                            for p, t in zip(probs, truths)])
     del probs
 
-    # Image kinds with enough validation images and a clear gain get thresholds of their own.
+    # Image kinds with enough validation images and a clear gain get thresholds of their own, when a
+    # cross-validation by mosaic group confirms the gain on images they were not chosen on.
+    from .honest import choose_thresholds, nested_cv_estimate
+
     kinds = [image_kind(rgb) for rgb in images]
+    groups = table["group"].tolist()
     by_kind, kind_record = _tune_by_kind(kinds, combos, scores, shared, params, min_images=min_kind_images)
+    if by_kind:
+        _, confirmed = choose_thresholds(combos, scores, kinds, per_kind="cv", groups=groups,
+                                         min_kind_images=min_kind_images)
+        for kind in by_kind:
+            kind_record[kind]["confirmed_by_cross_validation"] = kind in confirmed
+            kind_record[kind]["uses_own_thresholds"] = kind in confirmed
+        by_kind = {kind: p for kind, p in by_kind.items() if kind in confirmed}
     chosen = [by_kind.get(kind, params) for kind in kinds]
     dsb_after = float(np.mean([scores[i, combos.index(_key(by_kind[k])), 0] if k in by_kind else shared[i]
                                for i, k in enumerate(kinds)]))
+
+    # The same choice cross-validated by mosaic group and kind: the score of thresholds chosen without the image.
+    try:
+        honest = nested_cv_estimate(combos, scores, kinds, groups, ids,
+                                    min_kind_images=min_kind_images).summary
+    except ValueError as exc:  # a single image or mosaic: nothing to hold out
+        log.warning("no honest estimate: %s", exc)
+        honest = {}
 
     depth = net.depth
     fast_dsb: dict[int, float] = {}
@@ -497,13 +526,15 @@ def tune_model(
         "fast_tolerance": tolerance,
         "grid_size": len(results),
         "kinds": kind_record,
+        "honest_estimate": {k: honest[k] for k in ("method", "folds", "repeats", "overall", "per_kind", "not_reported")
+                            if k in honest},
     }
     updates = {"postprocess": params.to_dict(), "fast_prune_level": level, "tuning": record,
                "postprocess_by_kind": {kind: p.to_dict() for kind, p in by_kind.items()}}
     update_model_metadata(path, updates, out=out, float16=float16)
     _, metadata = load_model_file(out)  # the file written must load again
     return TuneResult(params, previous, dsb_before, dsb_after, level, fast_dsb, len(ids), results, out, by_kind,
-                      kind_record, metadata)
+                      kind_record, metadata, honest)
 
 
 def _key(params: PostprocessParams) -> tuple:
@@ -531,3 +562,8 @@ def _tune_by_kind(
         entry["uses_own_thresholds"] = kind in by_kind
         record[kind] = entry
     return by_kind, record
+
+
+#: Public names of the two steps above, for :mod:`nucleiseg.honest` (which repeats ``tune``'s choice per fold).
+grid_key = _key
+tune_by_kind = _tune_by_kind

@@ -46,18 +46,20 @@ class CropDataset(Dataset):
         Crop side.
     strength : float
         Photometric augmentation strength (see :func:`train_transform`).
+    stain : float
+        Probability of the H&E stain jitter on stained images (see :func:`train_transform`).
     threads : int
         Threads that prepare the crops of one batch together (``__getitems__``);
         the crops are the same whatever the number.
     """
 
     def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], crop: int = 256, strength: float = 1.0,
-                 threads: int = 1):
+                 threads: int = 1, stain: float = 0.0):
         if len(images) != len(labels):
             raise ValueError("images and labels differ in length")
         self.images = list(images)
         self.labels = list(labels)
-        self.crop, self.strength = crop, strength
+        self.crop, self.strength, self.stain = crop, strength, stain
         self.threads = max(1, int(threads))
         self._local = threading.local()  # one transform per thread: each reseeds its own generators
         self._pool: ThreadPoolExecutor | None = None
@@ -65,7 +67,7 @@ class CropDataset(Dataset):
     @property
     def transform(self):
         if not hasattr(self._local, "transform"):
-            self._local.transform = train_transform(self.crop, self.strength)
+            self._local.transform = train_transform(self.crop, self.strength, self.stain)
         return self._local.transform
 
     def __len__(self) -> int:
