@@ -58,7 +58,8 @@ def test_a_valid_file_loads_with_typed_metadata(tiny):
 
 def test_the_shipped_model_is_valid():
     meta = ModelMetadata.read(load_model(None).path)
-    assert meta.depth == 4 and set(meta.postprocess_by_kind) == {"tissue"}
+    # no kind keeps thresholds of its own: tissue's did not hold up on held-out images (docs/model-card.md)
+    assert meta.depth == 4 and meta.postprocess_by_kind == {} and 0 < meta.postprocess["foreground_threshold"] < 1
 
 
 @pytest.mark.parametrize(
