@@ -302,8 +302,7 @@ def test_pipelined_run_equals_one_image_at_a_time(tmp_path: Path, images: Path, 
     write_png(images / "third.png", _fixture(FLUO, 96)[16:, 8:, :3])
     sequential = tmp_path / "sequential"
     _run(images, sequential, model, workers=0)
-    monkeypatch.setattr(pipeline, "PROCESS_MIN_IMAGES", 1)  # processes even for three images, on two cores
-    monkeypatch.setattr(pipeline, "PROCESS_MIN_WORKERS", 2)
+    monkeypatch.setattr(pipeline, "PROCESS_MIN_IMAGES", 1)  # processes even for three images
     assert pipeline.use_processes(2, 3)
     pipelined = tmp_path / "pipelined"
     summary = _run(images, pipelined, model, workers=2)
