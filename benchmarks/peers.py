@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             probs = [np.where(lab > 0, 5.0, -5.0).astype(np.float32) for lab in labels]
             dynamics.compute_masks(flows[0] * 5, probs[0])  # warm-up
             t0 = time.perf_counter()
-            found = [dynamics.compute_masks(f * 5, p)[0].max() for f, p in zip(flows, probs)]
+            masks = [dynamics.compute_masks(f * 5, p) for f, p in zip(flows, probs)]
+            found = [(m[0] if isinstance(m, tuple) else m).max() for m in masks]  # Cellpose 4: the masks alone
             seconds = (time.perf_counter() - t0) / len(labels)
             agree = np.mean([int(n) for n in found]) / max(1.0, np.mean([lab.max() for lab in labels]))
             add(f"Cellpose {version} mask reconstruction (compute_masks)", 1 / seconds,
