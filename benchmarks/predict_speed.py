@@ -68,6 +68,40 @@ def timed_predict(folder: Path, model: Any, mode: str, workers: int | None, repe
     return best, best_load
 
 
+def stage_cpu_seconds(folder: Path, model: Any, mode: str) -> dict[str, float]:
+    """CPU seconds (all threads of this process) per image of each stage of predict_files, run one after the other.
+
+    CPU time is far less disturbed than wall time by other processes on a shared machine. With C cores, a
+    pipeline that keeps the network busy reaches at best ``network / (network + read + finish)`` of the
+    network-only throughput when every stage competes for the same cores (the network itself using them all).
+    """
+    from nucleiseg.batch import ImageJob, OutputFolder, _finish, _infer, _read, plan_outputs
+    from nucleiseg.options import PredictOptions
+
+    opts = PredictOptions(mode=mode).resolved(model.depth, model.nucleus_diameter)
+    out = Path(tempfile.mkdtemp(prefix="nucleiseg-predict-speed-"))
+    try:
+        target = OutputFolder(out).open()
+        jobs = [ImageJob(p, p.stem, plan_outputs(out, p.stem)) for p in sorted(folder.glob("*.png"))]
+        cpu = {"read": 0.0, "network": 0.0, "finish": 0.0}
+        _finish(_infer(jobs[0], *_read(jobs[0], opts), model, opts, None), target)  # warm-up
+        for job in jobs:
+            t0 = time.process_time()
+            read = _read(job, opts)
+            t1 = time.process_time()
+            predicted = _infer(job, *read, model, opts, None)
+            t2 = time.process_time()
+            _finish(predicted, target)
+            t3 = time.process_time()
+            cpu["read"] += t1 - t0
+            cpu["network"] += t2 - t1
+            cpu["finish"] += t3 - t2
+        target.close()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return {k: v / len(jobs) for k, v in cpu.items()}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
@@ -133,6 +167,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                               if k[0] == mode) + f" (best so far); load {load():.1f}")
         for mode in args.modes:
             row: dict[str, Any] = {k[1]: {"images_per_s": v[0], "load": v[1]} for k, v in best.items() if k[0] == mode}
+            cpu = stage_cpu_seconds(folder, model, mode)
+            row["cpu_seconds_per_image"] = cpu
+            row["bound_from_cpu"] = cpu["network"] / sum(cpu.values())
+            say(f"\n{mode}: CPU seconds per image, stages run in turn: read {cpu['read']:.3f}, "
+                f"network (incl. normalising) {cpu['network']:.3f}, labels + measurements + writing {cpu['finish']:.3f}; "
+                f"a pipeline sharing the cores reaches at best {row['bound_from_cpu']:.0%} of network-only")
             net8, net1 = row["network_batch8"]["images_per_s"], row["network_batch1"]["images_per_s"]
             for name in ("sequential", "pipelined", "threads"):
                 row[name]["of_network_batch8"] = row[name]["images_per_s"] / net8
