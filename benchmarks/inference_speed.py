@@ -124,7 +124,7 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    from nucleiseg.training import bf16_supported
+    from nucleiseg.device import bf16_supported
 
     return {
         "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,

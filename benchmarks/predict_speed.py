@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from nucleiseg import pipeline
     from nucleiseg.inference import load_model, resolve_prune_level
     from nucleiseg.io import write_png
-    from nucleiseg.precision import resolve_precision
+    from nucleiseg.device import resolve_precision
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=32, help="256x256 images in the folder")
@@ -187,7 +187,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"of network-only batch 8, {100 * r['of_network_batch1']:.0f}% of batch 1 (load {r['load']:.1f}"
                     f"{', UNDER LOAD' if r['load'] > cores else ''})")
         if args.large:
-            from nucleiseg.batch import predict_files
 
             big = folder.parent / "large"
             big.mkdir()

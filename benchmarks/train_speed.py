@@ -24,7 +24,8 @@ import torch
 
 from nucleiseg.losses import DeepSupervisionLoss
 from nucleiseg.models import UNetPlusPlus
-from nucleiseg.training import accumulate_gradients, bf16_supported
+from nucleiseg.device import bf16_supported
+from nucleiseg.training import accumulate_gradients
 
 
 def step_times(widths, batch: int, crop: int, steps: int, bf16: bool, channels_last: bool, micro_batch: int,

@@ -67,3 +67,33 @@ def _make_synthetic_cache(tmp_path: Path, n: int = 4, shape=(40, 48)):
 def synthetic_cache():
     """Factory: ``synthetic_cache(tmp_path, n=4, shape=(40, 48)) -> (cache_dir, labels by id)``."""
     return _make_synthetic_cache
+
+
+@pytest.fixture(scope="session")
+def blob_model_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny model file (widths 4-16) with BatchNorm statistics from real images, so that it finds blobs:
+    about a quarter of the pixels foreground, as a trained model would give. Fast enough for batch tests."""
+    import numpy as np
+
+    from nucleiseg.io import read_image
+    from nucleiseg.models import UNetPlusPlus, save_model
+    from nucleiseg.preprocess import normalize, to_rgb_uint8
+
+    train = DSB_FIXTURE / "stage1_train"
+    ids = ("0b2e702f90aee4fff2bc6e4326308d50cf04701082e718d4f831c8959fbcda93",  # fluorescence
+           "af576e8ec3a8d0b57eb6a311299e9e4fd2047970d3dd9d6f52e54ea6a91109da")  # stained tissue
+    images = [read_image(train / i / "images" / f"{i}.png")[:256, :256] for i in ids]
+    torch.manual_seed(0)
+    net = UNetPlusPlus(widths=(4, 8, 16))
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # running statistics = those of the one batch below
+    x = torch.from_numpy(np.stack([normalize(to_rgb_uint8(image)) for image in images]))
+    with torch.no_grad():
+        net.train()(x)
+        net.eval()
+        for head, logits in zip(net.heads, net(x)):
+            head.bias[0] -= torch.quantile(logits[:, 0].flatten(), 0.75)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_model(path, net, {"postprocess": {"min_size": 5}})
+    return str(path)

@@ -129,3 +129,39 @@ def test_exported_graph_has_one_convolution_per_layer(model_file, tmp_path, expo
     n_conv_layers = sum(isinstance(m, torch.nn.Conv2d) for m in net.modules())
     assert ops.count("Conv") == n_conv_layers
     assert ops.count("Concat") >= sum(range(1, net.depth + 1))  # one per dense node X(i, j), j >= 1
+
+
+@pytest.mark.slow
+def test_bioimageio_package_passes_bioimageio_test_and_reproduces_predict(model_file, tmp_path):
+    """`nucleiseg export --format bioimageio`: bioimageio.core's own test passes (all three weight formats,
+    the test tensors, several input sizes and batch sizes), and the package's expected output is what
+    nucleiseg itself predicts on its test input."""
+    pytest.importorskip("bioimageio.core")
+    import zipfile
+
+    import yaml
+    from bioimageio.core import test_model
+
+    from nucleiseg.export import BIOIMAGEIO_HALO
+    from nucleiseg.inference import load_model, predict_probabilities
+
+    out = tmp_path / "nucleiseg.zip"
+    assert main(["export", "--format", "bioimageio", str(model_file), "-o", str(out)]) == 0
+    summary = test_model(str(out))
+    assert summary.status == "passed", summary.format()
+    assert {"onnx", "pytorch_state_dict", "torchscript"} <= {
+        fmt for d in summary.details for fmt in ("onnx", "pytorch_state_dict", "torchscript") if fmt in d.name}
+
+    with zipfile.ZipFile(out) as package:
+        rdf = yaml.safe_load(package.read("rdf.yaml"))
+        test_input = np.load(package.open(rdf["inputs"][0]["test_tensor"]["source"]))
+        test_output = np.load(package.open(rdf["outputs"][0]["test_tensor"]["source"]))
+    assert rdf["format_version"].startswith("0.5")
+    assert {c["doi"] for c in rdf["cite"]} == {"10.1007/978-3-030-00889-5_1", "10.1038/s41592-019-0612-7"}
+    assert [p["id"] for p in rdf["inputs"][0]["preprocessing"] if p["id"] != "ensure_dtype"] == ["scale_range", "clip"]
+    assert rdf["inputs"][0]["axes"][2]["size"]["step"] == 8  # 2**depth of the depth-3 test model
+    assert [a.get("halo") for a in rdf["outputs"][0]["axes"][2:]] == [BIOIMAGEIO_HALO] * 2
+    assert rdf["outputs"][0]["axes"][1]["channel_names"] == ["body", "contour", "touch"]
+    rgb = test_input[0].transpose(1, 2, 0).astype(np.uint8)
+    expected = predict_probabilities(load_model(model_file), rgb, tile=None, precision="fp32")
+    np.testing.assert_allclose(test_output[0], expected, atol=1e-4)

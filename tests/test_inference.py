@@ -408,9 +408,10 @@ def test_scale_refuses_to_enlarge_past_the_pixel_cap(model: Model, monkeypatch) 
     assert predict_probabilities(model, small, scale=factor).shape == (3, 23, 20)
 
 
-def test_scale_undoes_a_magnification_with_the_shipped_model(fixture_cache: Path) -> None:
-    """A fluorescence fixture enlarged 2x (a 2x stronger objective): its nuclei are larger than any the model
-    trained on, and scale 0.5 (or diameter 36) gives back close to the score at the original size."""
+@pytest.fixture(scope="module")
+def magnified(fixture_cache: Path):
+    """A fluorescence fixture enlarged 4x (a 4x stronger objective), its labels, and the shipped model's result
+    on it as it is (computed once: the two tests below share this, the slowest pass)."""
     import cv2
 
     from nucleiseg.io import read_image, read_labels
@@ -420,37 +421,37 @@ def test_scale_undoes_a_magnification_with_the_shipped_model(fixture_cache: Path
     truth = read_labels(fixture_cache / "labels" / f"{image_id}.tif")
     big = cv2.resize(image, None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC)
     big_truth = cv2.resize(truth.astype(np.uint16), None, fx=4, fy=4, interpolation=cv2.INTER_NEAREST)
+    return image, truth, big, big_truth, segment(big, precision="bf16")
+
+
+def test_scale_undoes_a_magnification_with_the_shipped_model(magnified) -> None:
+    """Its nuclei are larger than any the model trained on, and scale 1/4 (or diameter 72) gives back close to
+    the score at the original size."""
+    from nucleiseg.options import PredictOptions
+
+    image, truth, big, big_truth, as_is = magnified
     native = dsb_score(truth, segment(image, precision="bf16").labels)
-    magnified = dsb_score(big_truth, segment(big, precision="bf16").labels)
     rescaled = segment(big, precision="bf16", scale=0.25)
-    assert rescaled.labels.shape == big.shape[:2]
-    assert dsb_score(big_truth, rescaled.labels) > magnified + 0.15  # measured: 0.67 -> 0.91
+    assert rescaled.labels.shape == big.shape[:2] and rescaled.scale == 0.25
+    assert dsb_score(big_truth, rescaled.labels) > dsb_score(big_truth, as_is.labels) + 0.15  # measured: 0.67 -> 0.91
     assert dsb_score(big_truth, rescaled.labels) > native - 0.1  # native: 0.93
-    by_diameter = segment(big, precision="bf16", scale=inference.scale_for_diameter(4 * 18.0))
-    np.testing.assert_array_equal(by_diameter.labels, rescaled.labels)
+    # a nucleus diameter of 72 px is that scale for a model trained on 18-px nuclei
+    assert PredictOptions(diameter=4 * 18.0).resolved(4, inference.DEFAULT_NUCLEUS_DIAMETER).scale == 0.25
+    assert inference.scale_for_diameter(4 * 18.0) == 0.25
 
 
-def test_auto_scale_finds_the_magnification_from_a_first_pass(fixture_cache: Path) -> None:
+def test_auto_scale_finds_the_magnification_from_a_first_pass(magnified) -> None:
     """scale="auto" measures the nuclei of a first pass: an image enlarged 4x is predicted again at about 1/4
     (the shipped model's 18-px nuclei over the ~62 px found), one at its own size is left alone."""
-    import cv2
-
-    from nucleiseg.io import read_image, read_labels
-
-    image_id = "0b2e702f90aee4fff2bc6e4326308d50cf04701082e718d4f831c8959fbcda93"
-    image = read_image(fixture_cache / "images" / f"{image_id}.png")
-    truth = read_labels(fixture_cache / "labels" / f"{image_id}.tif")
-    as_is = segment(image, precision="bf16")
+    image, truth, big, big_truth, as_is = magnified
     auto = segment(image, precision="bf16", scale="auto")
     assert auto.scale == 1.0
-    np.testing.assert_array_equal(auto.labels, as_is.labels)
+    np.testing.assert_array_equal(auto.labels, segment(image, precision="bf16").labels)
 
-    big = cv2.resize(image, None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC)
-    big_truth = cv2.resize(truth.astype(np.uint16), None, fx=4, fy=4, interpolation=cv2.INTER_NEAREST)
     auto = segment(big, precision="bf16", scale="auto")
     assert 0.2 < auto.scale < 0.4  # measured: 0.29
     assert auto.labels.shape == big.shape[:2]
-    assert dsb_score(big_truth, auto.labels) > dsb_score(big_truth, segment(big, precision="bf16").labels) + 0.15
+    assert dsb_score(big_truth, auto.labels) > dsb_score(big_truth, as_is.labels) + 0.15
     with pytest.raises(ValueError, match="'auto'"):
         segment(image, precision="bf16", scale="automatic")
 

@@ -13,7 +13,6 @@ import torch
 from nucleiseg.cli import main
 from nucleiseg.io import read_image, read_labels, write_png
 from nucleiseg.models import UNetPlusPlus, save_model
-from nucleiseg.preprocess import normalize, to_rgb_uint8
 
 DSB_TRAIN = Path(__file__).resolve().parent / "fixtures" / "dsb" / "stage1_train"
 FLUO = "0b2e702f90aee4fff2bc6e4326308d50cf04701082e718d4f831c8959fbcda93"
@@ -25,22 +24,9 @@ def _fixture(image_id: str, size: int = 96) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny model with BatchNorm statistics from real images, so that it finds blobs."""
-    torch.manual_seed(0)
-    net = UNetPlusPlus(widths=(4, 8, 16))
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None
-    x = torch.from_numpy(np.stack([normalize(to_rgb_uint8(_fixture(i, 256))) for i in (FLUO, TISSUE)]))
-    with torch.no_grad():
-        net.train()(x)
-        net.eval()
-        for head, logits in zip(net.heads, net(x)):
-            head.bias[0] -= torch.quantile(logits[:, 0].flatten(), 0.75)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_model(path, net, {"postprocess": {"min_size": 5}})
-    return str(path)
+def model(blob_model_file: str) -> str:
+    """A tiny model that finds blobs (tests/conftest.py)."""
+    return blob_model_file
 
 
 @pytest.fixture(scope="module")
@@ -351,7 +337,7 @@ def test_channel_picks_the_nuclear_stain(tmp_path: Path, capsys, model: str) -> 
                          model, "--channel", "3", "--overwrite")
     errors = [line for line in lines if ": error: " in line]
     assert status == 1 and len(errors) == 1
-    assert "dapi.tif: channel 3: the image has 1 channel, so there is no channel 3" in errors[0]
+    assert "dapi.tif: has 1 channel, so there is no channel 3" in errors[0]
     assert (tmp_path / "bad" / "stack_labels.tif").is_file()  # the other image is still done
 
     status, lines = _run(capsys, inputs / "dapi.tif", "-o", tmp_path / "zero", "--model", model, "--channel", "0")
@@ -364,6 +350,15 @@ def test_channel_picks_the_nuclear_stain(tmp_path: Path, capsys, model: str) -> 
     status, lines = _run(capsys, inputs / "two.tif", "-o", tmp_path / "two-1", "--model", model, "--channel", "1")
     assert status == 0 and not any("grey + alpha" in line for line in lines)
     assert np.array_equal(read_labels(tmp_path / "two-1" / "two_labels.tif"), alone)
+
+    # An ImageJ hyperstack of 5 channels (more than any colour image has): --channel reaches every one.
+    stack5 = np.stack([other, other[::-1], other.T, dapi, other[:, ::-1]])
+    tifffile.imwrite(inputs / "five.tif", stack5, imagej=True, metadata={"axes": "CYX"})
+    status, lines = _run(capsys, inputs / "five.tif", "-o", tmp_path / "five", "--model", model, "--channel", "4")
+    assert status == 0, lines
+    assert np.array_equal(read_labels(tmp_path / "five" / "five_labels.tif"), alone)
+    status, lines = _run(capsys, inputs / "five.tif", "-o", tmp_path / "five-6", "--model", model, "--channel", "6")
+    assert status == 1 and any("has 5 channels (axes CYX), so there is no channel 6" in line for line in lines)
 
 
 def test_cli_defaults_are_the_library_defaults() -> None:

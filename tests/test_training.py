@@ -213,5 +213,5 @@ def test_channel_weights_errors_are_one_line(tmp_path, capsys):
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "run"),
                  "--channel-weights", "body=0,contour=0,touch=0"]) == 2
     assert "at least one channel needs a weight above 0" in capsys.readouterr().err
-    with pytest.raises(NucleisegError, match="channel weights must name body, contour, touch"):
+    with pytest.raises(NucleisegError, match="channel_weights must name each of the channels body, contour, touch"):
         TrainConfig(channel_weights={"body": 1.0})

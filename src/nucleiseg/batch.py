@@ -403,8 +403,9 @@ class _Predicted:
 
 
 def _read(job: ImageJob, options: PredictOptions) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """The image of ``job`` as stored, and notes about it."""
-    image = _io.read_image(job.path)
+    """The image of ``job`` as stored (only its channel ``options.channel``: picked while reading, since a
+    hyperstack's channel axis may hold any number of channels), and notes about it."""
+    image = _io.read_image(job.path, channel=options.channel)
     notes = []
     if (options.channel is None and image.ndim == 3 and image.shape[-1] == 2
             and job.path.suffix.lower() in _io.TIFF_SUFFIXES):
@@ -418,13 +419,8 @@ def _infer(job: ImageJob, image: np.ndarray, notes: list[tuple[str, str]], model
            progress: Callable[[int, int], None] | None) -> _Predicted:
     """The network's part of :func:`nucleiseg.segment` (with ``scale="auto"``, its labelling too)."""
     from .inference import label_params, postprocess_params, predict_labels, predict_probabilities
-    from .preprocess import select_channel
 
-    if options.channel is not None:
-        try:
-            image = select_channel(image, options.channel)
-        except ValueError as exc:
-            raise NucleisegError(f"channel {options.channel}: the image {exc}") from None
+    options = options.replace(channel=None)  # _read picked it
     params = postprocess_params(model, image, options)
     labels = None
     if options.scale == "auto":
@@ -564,6 +560,7 @@ def predict_files(
     progress: bool | Callable[[int, int], None] | None = None,
     say: Say | None = None,
     workers: int | None = None,
+    cluster: Any = None,
 ) -> Any:
     """Segment image files and write their outputs, ``summary.csv`` and (format ``rle``) ``submission.csv``.
 
@@ -603,6 +600,11 @@ def predict_files(
         more, else threads (see :mod:`nucleiseg.pipeline`). Default: one per
         core. 0: each image read, predicted and written in turn in this
         thread (:func:`predict_one`); the outputs are the same.
+    cluster : str, distributed.Client or None
+        Run the images on a Dask cluster (:func:`nucleiseg.distributed.predict_on_cluster`):
+        ``"local:N"`` (N worker processes here) or a scheduler's address. Same outputs; images over
+        :data:`~nucleiseg.distributed.LARGE_IMAGE_PIXELS` and Zarr folders are segmented in blocks
+        (:func:`~nucleiseg.distributed.segment_large`). None: this machine, as always.
 
     Returns
     -------
@@ -647,7 +649,12 @@ def predict_files(
         for note in notes:
             say("note", note)
         with _progress_bars(progress, len(jobs)) as (bar, tiles):
-            rows = _run_all(jobs, model, opts, folder, overwrite, say, tiles, bar, workers)
+            if cluster is not None:
+                from .distributed import predict_on_cluster
+
+                rows = predict_on_cluster(cluster, jobs, model, opts, folder, overwrite, say, bar, formats)
+            else:
+                rows = _run_all(jobs, model, opts, folder, overwrite, say, tiles, bar, workers)
         if "rle" in formats:
             _write_submission(out_dir / "submission.csv", rows, jobs, say)
         summary = pd.DataFrame(
@@ -679,7 +686,7 @@ def _run_all(jobs: Sequence[ImageJob], model: Any, opts: PredictOptions, folder:
 
     todo = []
     for k, job in enumerate(jobs):
-        row = _skip_or_forget(job, folder, overwrite, say)
+        row = skipped_row(job, folder, overwrite, say)
         if row is not None:
             put(k, row)
         else:
@@ -745,7 +752,7 @@ def _run_all(jobs: Sequence[ImageJob], model: Any, opts: PredictOptions, folder:
     return rows  # type: ignore[return-value]
 
 
-def _skip_or_forget(job: ImageJob, folder: OutputFolder, overwrite: bool, say: Say) -> dict[str, Any] | None:
+def skipped_row(job: ImageJob, folder: OutputFolder, overwrite: bool, say: Say) -> dict[str, Any] | None:
     """The row of an image done earlier (unless overwrite), else None, with what an unfinished run left removed."""
     state, record = folder.status(job)
     if state in ("done", "earlier") and not overwrite:

@@ -93,24 +93,37 @@ def _add_prepare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--force", action="store_true", help="process every image again, even when up to date (keeps the split)"
     )
+    p.add_argument(
+        "--binary-masks",
+        choices=("refuse", "split"),
+        default="refuse",
+        help="a label file that is a binary mask (one value, e.g. 255, over several separate blobs) rather than "
+        "instance labels: refuse stops with an error naming it; split numbers each blob as one nucleus, with a "
+        "warning (touching nuclei stay merged)",
+    )
     p.set_defaults(func=_run_prepare)
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
     from .data.cache import prepare_dataset
+    from .data.paired import BinaryMaskError
 
-    result = prepare_dataset(
-        args.data_dir,
-        args.out,
-        layout=args.layout,
-        rle_csv=args.rle_csv,
-        groups=None if args.groups == "auto" else args.groups,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        workers=args.workers,
-        force=args.force,
-        progress=not args.quiet,
-    )
+    try:
+        result = prepare_dataset(
+            args.data_dir,
+            args.out,
+            layout=args.layout,
+            rle_csv=args.rle_csv,
+            groups=None if args.groups == "auto" else args.groups,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            workers=args.workers,
+            force=args.force,
+            progress=not args.quiet,
+            binary_masks=args.binary_masks,
+        )
+    except BinaryMaskError as exc:  # the library's words for the choice -> this option
+        raise NucleisegError(str(exc).replace("choose to split binary masks", "use --binary-masks split")) from None
     if not args.quiet:
         print(
             f"{result.cache_dir}: {len(result.table)} images "
@@ -202,7 +215,20 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_train)
 
 
+# TrainConfig fields whose option is not "--" + the field with dashes
+_TRAIN_OPTIONS = {"augment_strength": "--augment", "lr": "--lr"}
+
+
 def _run_train(args: argparse.Namespace) -> int:
+    from .training import TrainConfigError
+
+    try:
+        return _train(args)
+    except TrainConfigError as exc:  # the library names its field; say the option instead
+        raise NucleisegError(exc.reworded(_TRAIN_OPTIONS.get(exc.field, "--" + exc.field.replace("_", "-")))) from None
+
+
+def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .training import TrainConfig, train
@@ -217,7 +243,7 @@ def _run_train(args: argparse.Namespace) -> int:
             raise NucleisegError("not a training run folder (no train_config.json)", run_dir)
         data = args.data or _cache_of_run(run_dir)
         config = TrainConfig(epochs=args.epochs) if args.epochs != TrainConfig().epochs else None
-        best = train(data, run_dir, config, resume=True, max_steps=args.max_steps)
+        best = train(data, run_dir, config, resume=True, max_steps=args.max_steps, progress=not args.quiet)
     else:
         if not args.data or not args.out:
             raise NucleisegError("train needs DATA and --out RUN_DIR (or --resume RUN_DIR)")
@@ -240,7 +266,7 @@ def _run_train(args: argparse.Namespace) -> int:
             warmup_epochs=args.warmup_epochs, precision=args.precision, workers=args.workers, seed=args.seed,
             augment_strength=args.augment_strength, init=args.init, val_every=args.val_every, threads=args.threads,
         )
-        best = train(_as_cache(Path(args.data)), out, config, max_steps=args.max_steps)
+        best = train(_as_cache(Path(args.data)), out, config, max_steps=args.max_steps, progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":
         log.info("best model: %s", best)
     return 0
@@ -280,11 +306,11 @@ def _as_cache(data: Path) -> Path:
 
 
 def _cache_of_run(run_dir: Path) -> Path:
-    import json
     from pathlib import Path
 
-    config = json.loads((run_dir / "train_config.json").read_text())
-    cache = config.get("cache")
+    from .training import TrainConfig
+
+    cache = TrainConfig.from_json(run_dir / "train_config.json").cache
     if not cache:
         raise NucleisegError("give the data folder: the run does not record its cache", run_dir)
     return Path(cache)
@@ -384,6 +410,14 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                    help="also write <name>_probabilities.tif (float32, channels x height x width)")
     p.add_argument("--overwrite", action="store_true",
                    help="redo images already done, replacing their whole output set, instead of skipping them")
+    p.add_argument("--cluster", default=None, metavar="local:N|ADDRESS",
+                   help="run on a Dask cluster (pip install 'nucleiseg[cluster]'): local:N starts N worker "
+                   "processes here, each with its share of the cores; ADDRESS (tcp://host:8786) uses a running "
+                   "scheduler, e.g. one started by dask-jobqueue on SLURM (workers must see the same files). "
+                   "Same outputs as without it. Images over 64 Mpixel (8000x8000) and .zarr folders (OME-Zarr) "
+                   "are cut into overlapping blocks spread over the workers, and write <name>_labels.ome.zarr "
+                   "(NGFF labels) and <name>_nuclei.csv (and <name>.geojson with --formats geojson) instead; "
+                   "a re-run resumes from their finished blocks")
     p.set_defaults(func=_run_predict)
 
 
@@ -434,7 +468,8 @@ def _predict_files(args: argparse.Namespace, options, say):
 
     return predict_files(args.inputs, args.out, model=args.model, options=options, formats=args.formats,
                          save_probabilities=args.save_probabilities, overwrite=args.overwrite,
-                         progress=False if args.quiet else None, say=say, workers=args.workers)
+                         progress=False if args.quiet else None, say=say, cluster=args.cluster,
+                         workers=args.workers)
 
 
 # -------------------------------------------------------------------- evaluate
@@ -589,7 +624,7 @@ def _run_tune(args: argparse.Namespace) -> int:
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="write a model as ONNX for other runtimes",
+        help="write a model as ONNX, or as a bioimage.io model package, for other runtimes",
         formatter_class=_Formatter,
         description=(
             "Write a model file as an ONNX graph from the normalised image to the probabilities, with\n"
@@ -602,16 +637,22 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
             "The model's metadata (channels, postprocess thresholds, preprocess, config) and the export's\n"
             "settings (mode, prune_level, input_multiple) are stored as JSON in the ONNX metadata_props.\n\n"
             "Needs the optional packages onnx and onnxscript: pip install 'nucleiseg[onnx]'.\n\n"
+            "--format bioimageio writes a bioimage.io model package (spec 0.5 zip) for deepImageJ, ilastik,\n"
+            "QuPath, BiaPy or bioimageio.core: the same probabilities, with the percentile pre-processing,\n"
+            "test tensors, the model card, and weights as pytorch_state_dict, torchscript and onnx.\n"
+            "`bioimageio test nucleiseg.zip` checks it. Needs bioimageio.spec: pip install 'nucleiseg[bioimageio]'.\n\n"
             "Examples:\n"
             "  nucleiseg export --format onnx default -o nuclei.onnx\n"
-            "  nucleiseg export --format onnx runs/my-model --mode fast -o nuclei-fast.onnx"
+            "  nucleiseg export --format onnx runs/my-model --mode fast -o nuclei-fast.onnx\n"
+            "  nucleiseg export --format bioimageio -o nucleiseg.zip"
         ),
     )
-    p.add_argument("model", metavar="MODEL_IN",
+    p.add_argument("model", metavar="MODEL_IN", nargs="?", default="default",
                    help="model file, training run folder (its best.safetensors) or 'default' (the shipped model)")
     p.add_argument("--out", "-o", metavar="OUT", required=True, default=argparse.SUPPRESS,
-                   help="file to write, e.g. nuclei.onnx (required)")
-    p.add_argument("--format", choices=("onnx",), default="onnx", help="output format")
+                   help="file to write, e.g. nuclei.onnx or nucleiseg.zip (required)")
+    p.add_argument("--format", choices=("onnx", "bioimageio"), default="onnx",
+                   help="onnx: an ONNX graph; bioimageio: a bioimage.io model package (.zip)")
     p.add_argument("--mode", choices=("accurate", "fast"), default="accurate",
                    help="accurate: mean of all UNet++ heads; fast: only the pruned network stored with the model")
     p.add_argument("--prune-level", type=int, default=None, metavar="K",
@@ -621,7 +662,13 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx, read_onnx_metadata
+    from .export import export_bioimageio, export_onnx, read_onnx_metadata
+
+    if args.format == "bioimageio":
+        path = export_bioimageio(args.model, args.out, mode=args.mode, prune_level=args.prune_level)
+        print(f"wrote {path}: bioimage.io model package (spec 0.5), weights pytorch_state_dict, torchscript, onnx; "
+              f"check it with: bioimageio test {path}")
+        return 0
 
     path = export_onnx(args.model, args.out, mode=args.mode, prune_level=args.prune_level, opset=args.opset)
     meta = read_onnx_metadata(path)

@@ -52,11 +52,14 @@ import torch
 from torch import nn
 
 from .errors import NucleisegError, OptionError
-from .models import DEFAULT_CHANNELS, UNetPlusPlus, load_model_file, resolve_model_path
-from .models.fuse import fuse_batchnorm
+from .models import DEFAULT_CHANNELS, UNetPlusPlus, load_model_file, resolve_model_path, resolve_prune_level
+from .models.fuse import fuse_batchnorm, is_fused
 from .models.unetplusplus import heads_to_probabilities
 
-__all__ = ["ONNX_INPUT", "ONNX_OUTPUT", "ProbabilityNetwork", "export_onnx", "read_onnx_metadata"]
+__all__ = [
+    "BIOIMAGEIO_HALO", "ONNX_INPUT", "ONNX_OUTPUT", "ProbabilityNetwork", "export_bioimageio", "export_onnx",
+    "read_onnx_metadata",
+]
 
 log = logging.getLogger("nucleiseg.export")
 
@@ -86,9 +89,7 @@ def _require(module: str, what: str) -> None:
 
 
 def _resolve_level(depth: int, metadata: dict[str, Any], mode: str, prune_level: int | None) -> int | None:
-    """Prediction's rule (:func:`nucleiseg.inference.resolve_prune_level`), a bad level reported in one line."""
-    from .inference import resolve_prune_level
-
+    """Prediction's rule (:func:`nucleiseg.models.metadata.resolve_prune_level`), a bad level reported in one line."""
     if prune_level is not None and not 1 <= int(prune_level) <= depth:
         raise OptionError("prune_level", f"must be in 1..{depth} for this model, got {prune_level}")
     return resolve_prune_level(depth, metadata, mode, prune_level)
@@ -274,3 +275,253 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[entry.key] = entry.value
     return out
+
+
+# ----------------------------------------------------------------------------- bioimage.io
+#: Pixels each side of a bioimage.io output tile that a consumer tiling an image should crop
+#: (the spec's ``halo``): the default network's output still changed by ~4e-4 at 80 px from a tile's
+#: edge and not at all from 96 px (``nucleiseg.tiling.DEFAULT_OVERLAP``).
+BIOIMAGEIO_HALO = 96
+
+#: The bioimage.io package's test image: the fluorescence example (the napari sample).
+BIOIMAGEIO_TEST_IMAGE = Path(__file__).resolve().parent / "napari" / "samples" / "fluorescence.png"
+
+# Appended to models/unetplusplus.py to make the package's architecture file: a module of torch alone
+# whose callable rebuilds ``image -> probabilities`` (ProbabilityNetwork) from keyword arguments.
+_BIOIMAGEIO_ARCHITECTURE = '''
+
+class NucleisegProbabilities(nn.Module):
+    """bioimage.io entry point: normalised image -> body/contour/touch probabilities.
+
+    Accurate mode (prune_level None): the mean of all heads' sigmoids; fast mode: head
+    ``prune_level``'s sigmoid, computing only its sub-network. Height and width must be
+    multiples of 2**depth.
+    """
+
+    def __init__(self, in_channels=3, out_channels=3, widths=(16, 32, 64, 128, 256), prune_level=None):
+        super().__init__()
+        self.network = UNetPlusPlus(in_channels, out_channels, tuple(widths))
+        self.prune_level = prune_level
+
+    def forward(self, image):
+        heads = self.network(image, prune_level=self.prune_level)
+        return heads_to_probabilities(heads, pruned=self.prune_level is not None)
+'''
+
+_BIOIMAGEIO_README = """# nucleiseg UNet++
+
+A UNet++ trained on the DSB2018 nuclei (fluorescence, stained tissue, brightfield). Its output is three
+probability maps (body, contour, touch); nucleiseg's post-processing
+(`nucleiseg.postprocess.instances_from_probabilities`) turns them into one label per nucleus. The full
+model card is docs/model-card.md in nucleiseg's source.
+"""
+
+_CITATIONS = (
+    ("Zhou Z, Rahman Siddiquee MM, Tajbakhsh N, Liang J. UNet++: A Nested U-Net Architecture for Medical "
+     "Image Segmentation. DLMIA 2018, LNCS 11045.", "10.1007/978-3-030-00889-5_1"),
+    ("Caicedo JC, Goodman A, Karhohs KW, et al. Nucleus segmentation across imaging experiments: the 2018 "
+     "Data Science Bowl. Nature Methods 16, 1247-1253 (2019).", "10.1038/s41592-019-0612-7"),
+)
+
+
+def _bioimageio_cover(rgb: Any, probabilities: Any, path: Path) -> None:
+    """The cover: the test image beside its probabilities (body green, contour magenta)."""
+    import numpy as np
+
+    from .io import write_png
+
+    body, contour = probabilities[0], probabilities[1]
+    colour = np.zeros(rgb.shape, np.float32)
+    colour[..., 1] = body
+    colour[..., 0] = colour[..., 2] = contour
+    right = (255 * np.clip(colour, 0, 1)).astype(np.uint8)
+    write_png(path, np.concatenate([rgb, np.full((rgb.shape[0], 8, 3), 255, np.uint8), right], axis=1))
+
+
+def export_bioimageio(
+    model: Any,
+    path: str | Path,
+    mode: Literal["accurate", "fast"] = "accurate",
+    prune_level: int | None = None,
+    weight_formats: tuple[str, ...] = ("pytorch_state_dict", "torchscript", "onnx"),
+    test_image: str | Path | None = None,
+    test_size: int = 256,
+) -> Path:
+    """Write a model as a bioimage.io model package (spec 0.5 zip), ``image -> probabilities``.
+
+    The package holds: the RDF (name, description, authors, citations of UNet++ and DSB2018, licence,
+    tags, the model card as documentation, a cover), the input ``image`` (batch, channel: RGB, y, x;
+    sizes a multiple of ``2**depth``) with the pre-processing of :func:`nucleiseg.preprocess.normalize`
+    as the spec writes it (``scale_range`` over channel, y and x between the 1st and 99.8th percentiles,
+    then ``clip`` to [-0.5, 1.5]), the output ``probabilities`` (body, contour, touch; a halo of
+    :data:`BIOIMAGEIO_HALO` px for tiling consumers), a test input (an 8-bit RGB image as float32) and
+    its expected output, and the weights: ``pytorch_state_dict`` (architecture: the package's
+    ``models/unetplusplus.py`` with a ``NucleisegProbabilities`` wrapper), and, derived from it,
+    ``torchscript`` (traced) and ``onnx`` (:func:`export_onnx`).
+
+    Where the spec's pre-processing differs from ``normalize``: images that are not 8-bit are first
+    brought to 8 bits by :func:`~nucleiseg.preprocess.to_rgb_uint8` (0.1-99.9 percentile stretch),
+    which the spec cannot say (give such a consumer the 8-bit RGB image); grey images must be given
+    as three equal channels; ``normalize`` divides by ``max(p99.8 - p1, 0.01 * 255)`` where the spec
+    divides by ``p99.8 - p1 + 1e-6``, so only nearly flat images differ; on images over a million
+    pixels ``normalize`` takes the percentiles on a strided subsample.
+
+    Parameters
+    ----------
+    model : str, Path, None, inference.Model or UNetPlusPlus
+        As for :func:`export_onnx`.
+    path : str or Path
+        The ``.zip`` package to write (atomically).
+    mode, prune_level
+        As for :func:`export_onnx`.
+    weight_formats : tuple of str
+        Any of ``pytorch_state_dict`` (always included: the others derive from it), ``torchscript``, ``onnx``.
+    test_image : str or Path, optional
+        Image for the test tensors and the cover (default: the fluorescence example), cropped to
+        ``test_size`` (rounded down to a multiple of ``2**depth``).
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    NucleisegError
+        ``bioimageio.spec`` (or, for ONNX weights, ``onnx``) missing; a bad model file or prune level.
+    """
+    _require("bioimageio.spec", "bioimage.io export")
+    import tempfile
+
+    import numpy as np
+    from bioimageio.spec import save_bioimageio_package
+    from bioimageio.spec.model import v0_5 as bio
+
+    from . import __version__
+    from .io import atomic_path, read_image
+    from .models import unetplusplus
+    from .preprocess import normalize, to_rgb_uint8
+
+    unknown = set(weight_formats) - {"pytorch_state_dict", "torchscript", "onnx"}
+    if unknown:
+        raise NucleisegError(f"unknown bioimage.io weight formats: {', '.join(sorted(unknown))}")
+    network, metadata, source = _load(model)
+    if is_fused(network):  # a loaded inference.Model: its BatchNorms are folded, the state dict must keep them
+        if getattr(model, "path", None) is None:
+            raise NucleisegError("bioimage.io export needs the model file, not a loaded model without one")
+        network, metadata, source = _load(model.path)
+    network = network.to("cpu", torch.float32).eval()
+    depth = network.depth
+    level = _resolve_level(depth, metadata, mode, prune_level)
+    multiple = 2**depth
+    channels = list(metadata.get("channels") or DEFAULT_CHANNELS[: network.config.out_channels])
+    min_size = multiple * (2 * BIOIMAGEIO_HALO // multiple + 1)  # leaves output after cropping the halo
+    side = max(min_size, int(test_size) // multiple * multiple)
+
+    rgb = to_rgb_uint8(read_image(test_image or BIOIMAGEIO_TEST_IMAGE))
+    if min(rgb.shape[:2]) < side:
+        rgb = np.pad(rgb, ((0, max(0, side - rgb.shape[0])), (0, max(0, side - rgb.shape[1])), (0, 0)), mode="reflect")
+    rgb = np.ascontiguousarray(rgb[:side, :side])
+    module = ProbabilityNetwork(network, level).eval()
+    with torch.no_grad():
+        expected = module(torch.from_numpy(normalize(rgb))[None]).numpy()
+
+    input_id, output_id = bio.TensorId(ONNX_INPUT), bio.TensorId(ONNX_OUTPUT)
+    config = network.config.to_dict()
+    kwargs = {"in_channels": config["in_channels"], "out_channels": config["out_channels"],
+              "widths": list(config["widths"]), "prune_level": level}
+    with tempfile.TemporaryDirectory(prefix="nucleiseg-bioimageio-") as tmp:
+        tmp = Path(tmp)
+        test_input = tmp / "test_input.npy"
+        np.save(test_input, rgb.transpose(2, 0, 1)[None].astype(np.float32))
+        np.save(tmp / "test_output.npy", expected.astype(np.float32))
+        import tifffile  # the sample tensors (for people and viewers): the same arrays as TIFF
+
+        tifffile.imwrite(tmp / "sample_input.tif", rgb.transpose(2, 0, 1)[None].astype(np.float32))
+        tifffile.imwrite(tmp / "sample_output.tif", expected.astype(np.float32))
+        _bioimageio_cover(rgb, expected[0], tmp / "cover.png")
+        architecture = tmp / "nucleiseg_unetplusplus.py"
+        architecture.write_text(Path(unetplusplus.__file__).read_text() + _BIOIMAGEIO_ARCHITECTURE)
+        torch.save(module.state_dict(), tmp / "weights.pt")
+        documentation = tmp / "README.md"
+        card = Path(__file__).resolve().parents[2] / "docs" / "model-card.md"  # in a source checkout
+        documentation.write_text(card.read_text() if card.is_file() else _BIOIMAGEIO_README)
+        pytorch_version = bio.Version(torch.__version__.split("+")[0])
+        weights: dict[str, Any] = {"pytorch_state_dict": bio.PytorchStateDictWeightsDescr(
+            source=tmp / "weights.pt",
+            architecture=bio.ArchitectureFromFileDescr(source=architecture, callable=bio.Identifier(
+                "NucleisegProbabilities"), kwargs=kwargs),
+            pytorch_version=pytorch_version)}
+        fused = ProbabilityNetwork(fuse_batchnorm(network), level).eval()
+        if "torchscript" in weight_formats:
+            example = torch.rand(1, 3, 2 * multiple, 3 * multiple)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                traced = torch.jit.trace(fused, example, check_trace=False)
+            traced.save(str(tmp / "weights.torchscript"))
+            weights["torchscript"] = bio.TorchscriptWeightsDescr(
+                source=tmp / "weights.torchscript", pytorch_version=pytorch_version, parent="pytorch_state_dict")
+        if "onnx" in weight_formats:
+            import onnx
+
+            onnx_path = export_onnx(model if not isinstance(model, UNetPlusPlus) else network, tmp / "weights.onnx",
+                                    mode=mode, prune_level=prune_level)
+            opset = max(o.version for o in onnx.load_model(str(onnx_path), load_external_data=False).opset_import
+                        if o.domain in ("", "ai.onnx"))
+            weights["onnx"] = bio.OnnxWeightsDescr(source=onnx_path, opset_version=opset, parent="pytorch_state_dict")
+
+        space = bio.ParameterizedSize(min=min_size, step=multiple)
+        inputs = bio.InputTensorDescr(
+            id=input_id,
+            description="RGB image, 8-bit values as float32 (grey: the same plane three times)",
+            axes=[bio.BatchAxis(), bio.ChannelAxis(channel_names=[bio.Identifier(c) for c in ("r", "g", "b")]),
+                  bio.SpaceInputAxis(id=bio.AxisId("y"), size=space), bio.SpaceInputAxis(id=bio.AxisId("x"), size=space)],
+            test_tensor=bio.FileDescr(source=test_input),
+            sample_tensor=bio.FileDescr(source=tmp / "sample_input.tif"),
+            data=bio.IntervalOrRatioDataDescr(type="float32"),
+            preprocessing=[
+                bio.ScaleRangeDescr(kwargs=bio.ScaleRangeKwargs(
+                    axes=[bio.AxisId("channel"), bio.AxisId("y"), bio.AxisId("x")], min_percentile=1.0,
+                    max_percentile=99.8)),
+                bio.ClipDescr(kwargs=bio.ClipKwargs(min=-0.5, max=1.5)),
+            ],
+        )
+        outputs = bio.OutputTensorDescr(
+            id=output_id,
+            description="probabilities: body (nucleus), contour (its inner edge), touch (where nuclei meet)",
+            axes=[bio.BatchAxis(), bio.ChannelAxis(channel_names=[bio.Identifier(c) for c in channels]),
+                  *(bio.SpaceOutputAxisWithHalo(id=bio.AxisId(a), halo=BIOIMAGEIO_HALO,
+                                                size=bio.SizeReference(tensor_id=input_id, axis_id=bio.AxisId(a)))
+                    for a in ("y", "x"))],
+            test_tensor=bio.FileDescr(source=tmp / "test_output.npy"),
+            sample_tensor=bio.FileDescr(source=tmp / "sample_output.tif"),
+            data=bio.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
+        )
+        how = "accurate mode: the mean of all UNet++ heads" if level is None else f"fast mode: head {level} alone"
+        descr = bio.ModelDescr(
+            name="nucleiseg UNet++ nuclei" + ("" if level is None else " (fast)"),
+            description=("Finds cell nuclei in fluorescence, stained-tissue and brightfield 2-D images: per-pixel "
+                         f"probabilities of nucleus body, contour and touching borders ({how}); nucleiseg's watershed "
+                         "turns them into one label per nucleus."),
+            authors=[bio.Author(name="nucleiseg developers")],
+            cite=[bio.CiteEntry(text=text, doi=bio.Doi(doi)) for text, doi in _CITATIONS],
+            license=bio.LicenseId("BSD-3-Clause"),
+            tags=["nuclei", "instance-segmentation", "semantic-segmentation", "unet++", "2d", "fluorescence-light-microscopy",
+                  "brightfield", "histology", "pytorch", "nucleiseg", "dsb2018"],
+            documentation=bio.FileDescr(source=documentation),
+            covers=[bio.FileDescr(source=tmp / "cover.png")],
+            inputs=[inputs],
+            outputs=[outputs],
+            weights=bio.WeightsDescr(**weights),
+            version=bio.Version(__version__),
+            # (bioimageio's default reproducibility tolerance, 1e-3, leaves room for a GPU's TF32 convolutions)
+            config=bio.Config(**{"nucleiseg": {"source_model": source, "nucleiseg_version": __version__,
+                                 "postprocess": metadata.get("postprocess"),
+                                 "postprocess_by_kind": metadata.get("postprocess_by_kind"),
+                                 "nucleus_diameter": metadata.get("nucleus_diameter"),
+                                 "mode": "accurate" if level is None else "fast", "prune_level": level}}),
+        )
+        path = Path(path)
+        with atomic_path(path) as tmp_zip:  # a temporary name ending in .zip, as the packager wants
+            save_bioimageio_package(descr, output_path=tmp_zip)
+    return path

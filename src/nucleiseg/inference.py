@@ -33,9 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .device import resolve_device, resolve_precision
 from .errors import NucleisegError
-from .models import DEFAULT_CHANNELS, UNetPlusPlus, load_model_file, resolve_model_path
+from .models import UNetPlusPlus, load_model_file, resolve_model_path
 from .models.fuse import fuse_batchnorm
+from .models.metadata import DEFAULT_CHANNELS, DEFAULT_FAST_PRUNE_LEVEL, ModelMetadata, resolve_prune_level  # noqa: F401
 from .options import PredictOptions
 from .postprocess import PostprocessParams, label_nuclei
 from .preprocess import normalize, to_rgb_uint8
@@ -77,8 +79,6 @@ __all__ = [
 
 log = logging.getLogger("nucleiseg.inference")
 
-#: Prune level of fast mode when the model file does not name one (``fast_prune_level``).
-DEFAULT_FAST_PRUNE_LEVEL = 2
 
 # Pixels per forward pass when batch_size is None: ~2 GB (fp32) of activations for the shipped model's widths
 # (32-512), ~1.2 GB for widths 16-256.
@@ -109,8 +109,8 @@ class Model:
         whose validation images did better with their own; see :meth:`postprocess_for`.
     config : dict
         The network configuration stored in the file.
-    metadata : dict
-        All decoded metadata of the file.
+    metadata : ModelMetadata or dict
+        All decoded metadata of the file (validated: :class:`nucleiseg.models.metadata.ModelMetadata`).
     path : Path or None
         The file it was read from.
     """
@@ -120,7 +120,7 @@ class Model:
     postprocess: PostprocessParams = field(default_factory=PostprocessParams)
     postprocess_by_kind: dict[str, PostprocessParams] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
-    metadata: dict[str, Any] = field(default_factory=dict)
+    metadata: ModelMetadata | dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
     @property
@@ -164,7 +164,8 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
         A ``.safetensors`` model file, a training run folder (its
         ``best.safetensors``), or None / ``"default"`` for the shipped model.
     device : str or torch.device
-        Where to run the network (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
+        Where to run the network (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``;
+        :func:`nucleiseg.device.resolve_device`).
 
     Returns
     -------
@@ -173,7 +174,9 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
     Raises
     ------
     NucleisegError
-        The file is missing or not a nucleiseg model; the device is not available.
+        The file is missing, not a nucleiseg model, or its metadata does not
+        describe its weights (:class:`~nucleiseg.models.metadata.ModelMetadata`);
+        the device is unknown or not available.
 
     Examples
     --------
@@ -181,25 +184,19 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
     >>> model.channels                                                # doctest: +SKIP
     ('body', 'contour', 'touch')
     """
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise NucleisegError(f"device {device} requested but CUDA is not available")
+    device = resolve_device(device)
     resolved = resolve_model_path(path)
-    network, metadata = load_model_file(resolved)
+    network, metadata = load_model_file(resolved)  # metadata validated against the weights
     # Prediction only: fold each BatchNorm into its convolution (same outputs to ~1e-6, ~10% faster on a CPU).
     network = fuse_batchnorm(network, inplace=True)
     network = network.to(device=device, memory_format=torch.channels_last).eval()
-    out_channels = network.config.out_channels
-    channels = tuple(metadata.get("channels") or DEFAULT_CHANNELS[:out_channels])
-    if len(channels) != out_channels:
-        raise NucleisegError(f"metadata names {len(channels)} channels, the network has {out_channels}", resolved)
     return Model(
         network=network,
-        channels=channels,
-        postprocess=PostprocessParams.from_dict(metadata.get("postprocess")),
+        channels=metadata.channels,
+        postprocess=PostprocessParams.from_dict(metadata.postprocess),
         postprocess_by_kind={kind: PostprocessParams.from_dict(values)
-                             for kind, values in (metadata.get("postprocess_by_kind") or {}).items()},
-        config=dict(metadata.get("config", {})),
+                             for kind, values in metadata.postprocess_by_kind.items()},
+        config=metadata.config,
         metadata=metadata,
         path=resolved,
     )
@@ -222,8 +219,11 @@ def _as_model(model: Model | str | Path | None, device: str | torch.device = "cp
 
 
 # ----------------------------------------------------------------------------- probabilities
-def prepare_image(image: np.ndarray) -> np.ndarray:
+def prepare_image(image: np.ndarray, levels=None) -> np.ndarray:
     """The network input for ``image``: ``(3, H, W)`` float32, normalised over the whole image.
+
+    ``levels`` (:class:`~nucleiseg.preprocess.IntensityLevels`): normalise with
+    those of a larger image that ``image`` is a block of instead.
 
     Raises
     ------
@@ -240,60 +240,15 @@ def prepare_image(image: np.ndarray) -> np.ndarray:
         raise NucleisegError(
             f"image is {height}x{width} pixels, too small: the minimum is {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}"
         )
-    return normalize(to_rgb_uint8(image))
-
-
-def resolve_prune_level(depth: int, metadata: dict[str, Any], mode: str, prune_level: int | None = None) -> int | None:
-    """The head to compute: ``prune_level`` if given, else the model's fast head in fast mode, else None (all).
-
-    The fast head is the metadata's ``fast_prune_level`` (chosen by ``nucleiseg tune``;
-    :data:`DEFAULT_FAST_PRUNE_LEVEL` when absent), kept within 1..depth.
-
-    Examples
-    --------
-    >>> resolve_prune_level(4, {"fast_prune_level": 3}, "fast"), resolve_prune_level(4, {}, "accurate")
-    (3, None)
-    """
-    if mode not in ("accurate", "fast"):
-        raise ValueError(f"mode must be 'accurate' or 'fast', got {mode!r}")
-    if prune_level is not None:
-        level = int(prune_level)
-        if not 1 <= level <= depth:
-            raise ValueError(f"prune_level must be in 1..{depth}, got {prune_level}")
-        return level
-    if mode == "fast":
-        return min(max(int(metadata.get("fast_prune_level", DEFAULT_FAST_PRUNE_LEVEL)), 1), depth)
-    return None
+    if levels is None:
+        return normalize(to_rgb_uint8(image))
+    return normalize(to_rgb_uint8(image, levels.rescale), levels=levels.normalize)
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
-    if precision == "fp32":
-        return None
-    from .precision import resolve_precision  # one rule for training and prediction
-
-    return resolve_precision(precision, device)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """The device an option names: ``"auto"`` is CUDA when available, else the CPU.
-
-    Raises
-    ------
-    NucleisegError
-        The device is not available here.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise NucleisegError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise NucleisegError(f"device {name} requested, but this PyTorch sees no CUDA GPU "
-                             f"(PyTorch {torch.__version__}); choose the device cpu")
-    return device
+    return resolve_precision(precision, device)  # one rule for training and prediction (nucleiseg.device)
 
 
 def _options(options: PredictOptions | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> PredictOptions:
@@ -307,6 +262,7 @@ def predict_probabilities(
     options: PredictOptions | Mapping[str, Any] | None = None,
     *,
     progress: Progress | None = None,
+    levels=None,
     **overrides: Any,
 ) -> np.ndarray:
     """Per-pixel probabilities of each model channel, at the image's own resolution.
@@ -331,6 +287,9 @@ def predict_probabilities(
         back; 0.5 for nuclei twice as wide as in the training data).
     progress : callable, optional
         ``progress(done, total)`` after each batch of tiles.
+    levels : IntensityLevels, optional
+        Normalise with these (:func:`~nucleiseg.preprocess.intensity_levels` of
+        a larger image that ``image`` is a block of) instead of the image's own.
     **overrides
         Any option of :class:`~nucleiseg.options.PredictOptions` as a keyword.
 
@@ -360,7 +319,7 @@ def predict_probabilities(
     level = resolve_prune_level(model.depth, model.metadata, opts.mode, opts.prune_level)
     autocast = _autocast_dtype(opts.precision, model.device)
     scale = opts.scale
-    x = prepare_image(image)  # normalised at the image's own size: the same intensities at every scale
+    x = prepare_image(image, levels)  # normalised at the image's own size: the same intensities at every scale
     native = x.shape[1:]
     if scale != 1.0:
         x = resize_channels(x, scaled_size(native, scale))

@@ -1,18 +1,24 @@
 """Reading images robustly and writing outputs atomically.
 
-Every reader here turns a user mistake (missing file, empty file, not an image)
-into :class:`~nucleiseg.errors.ImageReadError` naming the file, so the command
-line can report it in one line and go on with the other images.
+Every reader here turns a user mistake (missing file, empty file, not an image,
+an image whose header claims more than :data:`MAX_IMAGE_BYTES`) into
+:class:`~nucleiseg.errors.ImageReadError` naming the file, so the command line
+can report it in one line and go on with the other images. Every writer goes
+through :func:`atomic_path`: a reader never sees a half-written file, and a full
+disk is one line too (docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
+import logging
 import os
 import tempfile
+import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,25 +31,156 @@ os.umask(_UMASK)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff")
 
+#: Largest image :func:`read_image` decodes, in bytes of the decoded array (all pages and channels):
+#: 2 GiB, e.g. a 46,000 x 46,000 8-bit grey image, 26,000 x 26,000 RGB, 32,000 x 32,000 16-bit.
+#: Checked from the file's header before anything is decoded, so a small file claiming a huge
+#: image (a "decompression bomb": 2.4 MB of TIFF claiming 50,000 x 50,000 grew to 10 GB before
+#: failing) costs one error line. Predicting an image needs several times its decoded size
+#: (3.62 GiB peak for an 8000 x 8000 RGB image, docs/benchmarks.md). Override per call
+#: (``max_bytes=``) or per process with the environment variable ``NUCLEISEG_MAX_IMAGE_BYTES``
+#: (bytes, or with a K/M/G/T suffix, powers of 1024; 0 = no limit).
+MAX_IMAGE_BYTES = 2 * 1024**3
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read a 2-D image (grey, RGB or RGBA; 8/16-bit or float) as stored.
+#: The environment variable that overrides :data:`MAX_IMAGE_BYTES`.
+MAX_IMAGE_BYTES_ENV = "NUCLEISEG_MAX_IMAGE_BYTES"
+
+_PIL_LIMIT_LOCK = threading.Lock()
+_reading = threading.local()
+
+
+class _QuietWhileReading(logging.Filter):
+    """Drop tifffile's log records (a damaged file's "incorrect StripByteCounts", ...) while
+    :func:`read_image` reads in this thread: its one error line says what is wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_reading, "active", False)
+
+
+logging.getLogger("tifffile").addFilter(_QuietWhileReading())
+
+
+def max_image_bytes(max_bytes: int | None = None) -> int | None:
+    """The decoded-size limit in force: ``max_bytes`` if given, else the environment's, else the default.
+
+    Returns None for no limit (a value of 0).
+
+    Raises
+    ------
+    NucleisegError
+        ``NUCLEISEG_MAX_IMAGE_BYTES`` is set to something that is not a size.
+
+    Examples
+    --------
+    >>> max_image_bytes(), max_image_bytes(0), max_image_bytes(10**9)
+    (2147483648, None, 1000000000)
+    """
+    if max_bytes is None:
+        text = os.environ.get(MAX_IMAGE_BYTES_ENV, "").strip()
+        if not text:
+            return MAX_IMAGE_BYTES
+        units = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+        number, unit = text.upper().removesuffix("B").removesuffix("I"), ""
+        if number and number[-1] in units:
+            number, unit = number[:-1], number[-1]
+        try:
+            max_bytes = int(float(number) * units[unit])
+            if not float(number) >= 0:
+                raise ValueError
+        except (ValueError, OverflowError):
+            raise NucleisegError(f"environment variable {MAX_IMAGE_BYTES_ENV}={text!r} is not a size "
+                                 "(bytes, or a number with K, M, G or T; 0 for no limit)") from None
+    max_bytes = int(max_bytes)
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0 (0 = no limit), got {max_bytes}")
+    return max_bytes or None
+
+
+def _refuse_if_too_large(path: Path, shape: Sequence[int], itemsize: int, limit: int | None) -> None:
+    """Raise ImageReadError when an image of ``shape`` would decode to more than ``limit`` bytes."""
+    shape = tuple(int(n) for n in shape)
+    nbytes = int(np.prod(shape, dtype=object)) * int(itemsize)
+    if limit is None or nbytes <= limit:
+        return
+    size = " x ".join(f"{n:,}" for n in shape if n != 1)
+    raise ImageReadError(
+        f"image claims {size} pixels ({nbytes / 1024**3:.1f} GiB decoded), above the {limit / 1024**3:.1f} GiB "
+        f"limit on a decoded image; if it is genuine, raise the limit with {MAX_IMAGE_BYTES_ENV} "
+        "(e.g. 16G) or read_image(max_bytes=...)", path)
+
+
+def _pil_header(path: Path) -> tuple[tuple[int, ...], int]:
+    """``(shape, bytes per value)`` of the array imageio will decode, from the header (Pillow, lazily)."""
+    from PIL import Image
+
+    def read() -> tuple[tuple[int, ...], int]:
+        with Image.open(path) as im:
+            width, height = im.size
+            frames = int(getattr(im, "n_frames", 1) or 1)
+            mode = im.mode
+            bands = 4 if mode in ("P", "PA") else len(im.getbands())  # a palette is expanded to RGB(A)
+        itemsize = 4 if mode in ("I", "F") or mode.startswith(("I;32", "F;")) else 2 if "16" in mode else 1
+        return ((frames,) if frames > 1 else ()) + (height, width, bands), itemsize
+
+    try:
+        return read()
+    except Image.DecompressionBombError:  # Pillow's own, lower limit: our limit decides
+        with _PIL_LIMIT_LOCK:
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                return read()
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+
+
+def _read_pil_format(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """Decode with imageio (Pillow); an image already checked against our limit may exceed Pillow's."""
+    import imageio.v3 as iio
+    from PIL import Image
+
+    with warnings.catch_warnings():  # imageio's plugin probing announces its own deprecations
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # sized against our own limit
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is None or shape[-3] * shape[-2] <= 2 * limit:
+            return iio.imread(path)
+        with _PIL_LIMIT_LOCK:
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                return iio.imread(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+
+
+def read_image(path: str | Path, *, max_bytes: int | None = None, channel: int | None = None) -> np.ndarray:
+    """Read a 2-D image (grey, RGB or RGBA; 8/16-bit or float) as stored, or one channel of it.
 
     Parameters
     ----------
     path : str or Path
         PNG, JPEG, TIFF or BMP file.
+    channel : int, optional
+        Read only this channel (1 = the first, as in Fiji), as a grey image: of
+        the channel axis of a TIFF hyperstack, however many channels it has
+        (ImageJ ``C``, RGB samples, or a leading axis of a planar
+        multi-channel TIFF), else of the colour channels.
+    max_bytes : int, optional
+        Refuse an image whose decoded array would exceed this many bytes (0:
+        no limit); default :data:`MAX_IMAGE_BYTES` (2 GiB) or the environment
+        variable ``NUCLEISEG_MAX_IMAGE_BYTES``. Checked from the header,
+        before decoding.
 
     Returns
     -------
     image : ndarray
-        ``(H, W)`` or ``(H, W, C)`` with C in 1..4, in the file's own dtype.
-        Channel-first TIFFs ``(C, H, W)`` are moved to channel-last.
+        ``(H, W)`` or ``(H, W, C)`` with C in 1..4, in the file's own dtype
+        (``(H, W)`` with ``channel``). Channel-first TIFFs ``(C, H, W)`` are
+        moved to channel-last.
 
     Raises
     ------
     ImageReadError
-        The file does not exist, is empty, cannot be decoded, or is not 2-D.
+        The file does not exist, is empty, cannot be decoded, is not 2-D, has
+        no channel ``channel``, or would decode to more than ``max_bytes``.
 
     Examples
     --------
@@ -58,17 +195,25 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageReadError("is a folder, expected an image file", path)
     if path.stat().st_size == 0:
         raise ImageReadError("empty file (0 bytes)", path)
+    limit = max_image_bytes(max_bytes)
+    _reading.active = True
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
             import tifffile
 
-            image = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tif:  # what tifffile.imread does, with a look at the header first
+                series = tif.series[0]  # all pages of a multi-page file; level 0 of a pyramid
+                _refuse_if_too_large(path, series.shape, series.dtype.itemsize, limit)
+                image = tif.asarray()
+                axes = series.axes
         else:
-            import imageio.v3 as iio
-
-            with warnings.catch_warnings():  # imageio's plugin probing announces its own deprecations
-                warnings.simplefilter("ignore", DeprecationWarning)
-                image = iio.imread(path)
+            shape, itemsize = _pil_header(path)
+            _refuse_if_too_large(path, shape, itemsize, limit)
+            image = _read_pil_format(path, shape)
+    except ImageReadError:
+        raise
+    except MemoryError:
+        raise ImageReadError("not enough memory to decode this image", path) from None
     except Exception as exc:  # decoders raise many types; all mean "not a readable image"
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             formats = ", ".join(sorted({s.lstrip(".").upper() for s in IMAGE_SUFFIXES} - {"JPEG", "TIFF"}))
@@ -77,8 +222,49 @@ def read_image(path: str | Path) -> np.ndarray:
                 f"({formats}); convert it first, e.g. with Fiji (Bio-Formats) to TIFF", path) from None
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageReadError(f"cannot be read as an image ({reason})", path) from None
+    finally:
+        _reading.active = False
     image = np.asarray(image)
-    return _as_2d_image(image, path)
+    if channel is not None and path.suffix.lower() in TIFF_SUFFIXES:
+        picked = _tiff_channel(image, axes, channel, path)
+        if picked is not None:
+            return _as_2d_image(picked, path)
+    image = _as_2d_image(image, path)
+    if channel is None:
+        return image
+    n_channels = image.shape[-1] if image.ndim == 3 else 1
+    if not 1 <= channel <= n_channels:
+        raise ImageReadError(f"has {n_channels} channel{'s' if n_channels > 1 else ''}, "
+                             f"so there is no channel {channel} (channels count from 1)", path)
+    return image if image.ndim == 2 else image[..., channel - 1]
+
+
+def _tiff_channel(image: np.ndarray, axes: str, channel: int, path: Path) -> np.ndarray | None:
+    """Channel ``channel`` (from 1) of a TIFF series with ``axes`` (tifffile's: ``CYX``, ``ZCYX``, ``YXS``...).
+
+    None when the series names no channel axis (a plain grey or colour image: the caller picks from
+    its colour channels). A leading axis of a planar multi-channel TIFF (``QYX``) counts as the channels.
+    """
+    axes = axes.upper()
+    if "C" in axes:
+        axis = axes.index("C")
+    elif "S" in axes and image.shape[axes.index("S")] > 1:
+        axis = axes.index("S")
+    elif image.ndim == 3 and axes[0] in "QI":
+        axis = 0
+    else:
+        return None
+    n_channels = image.shape[axis]
+    if not 1 <= channel <= n_channels:
+        raise ImageReadError(f"has {n_channels} channel{'s' if n_channels > 1 else ''} (axes {axes}), "
+                             f"so there is no channel {channel} (channels count from 1)", path)
+    rest = [(name, size) for name, size in zip(axes[:axis] + axes[axis + 1 :], image.shape[:axis] + image.shape[axis + 1 :])
+            if name not in "YX" and size > 1]
+    if rest:
+        what = ", ".join(f"{name} ({size})" for name, size in rest)
+        raise ImageReadError(f"channel {channel} of this stack still has the axes {what} besides Y and X: a z-stack "
+                             "or time series? Segment one 2-D plane or a projection, saved as its own image", path)
+    return np.take(image, channel - 1, axis=axis)
 
 
 def _as_2d_image(image: np.ndarray, path: Path) -> np.ndarray:
@@ -98,8 +284,8 @@ def _as_2d_image(image: np.ndarray, path: Path) -> np.ndarray:
         return image
     hint = ""
     if image.ndim >= 3:  # what a microscope's multi-plane file usually is
-        hint = ("; a z-stack, time series or multi-channel stack? Segment one 2-D plane or a projection "
-                "(Fiji: Image > Stacks > Z Project), saved as its own image")
+        hint = ("; a z-stack, time series or multi-channel stack? Segment one channel of it (the channel option) "
+                "or one 2-D plane or a projection (Fiji: Image > Stacks > Z Project), saved as its own image")
     raise ImageReadError(f"expected a 2-D grey, RGB or RGBA image, got an array of shape {image.shape}{hint}", path)
 
 
@@ -138,12 +324,62 @@ def list_images(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+#: Errors of writing that are the machine's state, not a bug: reported as one line naming the file.
+_WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for this file system or process limit",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def _write_error(exc: BaseException, path: Path, tmp: Path | None = None) -> NucleisegError | None:
+    """The one-line error for a write that failed for want of space, quota or permission; None for anything else.
+
+    Writers report a full disk in their own ways: an ``OSError`` with its errno (Pillow, Python's
+    files), one without (tifffile: "... requested and ... written"), "(os error 28)" in a message
+    (safetensors), a bare ``RuntimeError`` (torch.save). So the errno is taken where given, else
+    read from the message, else the device's free space and the process' file size limit decide.
+    """
+    import re
+
+    code = exc.errno if isinstance(exc, OSError) and exc.errno in _WRITE_ERRORS else None
+    if code is None:
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found and int(found.group(1)) in _WRITE_ERRORS else None
+    if code is None and isinstance(exc, (OSError, RuntimeError)):
+        try:
+            stats = os.statvfs(path.parent)
+            if stats.f_bavail * stats.f_frsize < 1 << 20:
+                code = errno.ENOSPC
+        except (OSError, AttributeError):
+            pass
+        try:
+            import resource
+
+            limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            if code is None and tmp is not None and limit != resource.RLIM_INFINITY and tmp.exists() \
+                    and tmp.stat().st_size >= limit - (1 << 16):
+                code = errno.EFBIG
+        except (ImportError, OSError):
+            pass
+    if code is None:
+        return None
+    return NucleisegError(f"cannot be written: {_WRITE_ERRORS[code]} ({errno.errorcode.get(code, code)}); "
+                          "nothing half-written was left", path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
 
     A reader never sees a half-written file, and an interrupted write leaves the
-    previous file (if any) untouched.
+    previous file (if any) untouched. A write that fails for want of space,
+    quota or permission (``ENOSPC``, ``EDQUOT``, ``EFBIG``, ``EROFS``, ``EACCES``,
+    ``EPERM``) removes the temporary file and raises
+    :class:`~nucleiseg.errors.NucleisegError` naming ``path``, in one line.
 
     Examples
     --------
@@ -151,9 +387,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     ...     table.to_csv(tmp)
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        error = _write_error(exc, path)
+        if error is None:
+            raise
+        raise error from None
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -161,6 +403,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         # given: set the usual permissions on what was written, just before it takes the name.
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+    except Exception as exc:  # a failed write: is it the machine's state (full disk...) or a bug?
+        error = _write_error(exc, path, tmp)
+        if error is None:
+            raise
+        raise error from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -195,9 +442,9 @@ def write_labels_tiff(path: str | Path, labels: np.ndarray) -> None:
         tifffile.imwrite(tmp, labels.astype(dtype), imagej=imagej, compression=None if imagej else "zlib")
 
 
-def read_labels(path: str | Path) -> np.ndarray:
-    """Read an instance label image (TIFF or PNG) as a 2-D integer array."""
-    labels = read_image(path)
+def read_labels(path: str | Path, *, max_bytes: int | None = None) -> np.ndarray:
+    """Read an instance label image (TIFF or PNG) as a 2-D integer array (``max_bytes``: see :func:`read_image`)."""
+    labels = read_image(path, max_bytes=max_bytes)
     if labels.ndim == 3:
         if labels.shape[-1] in (3, 4) and np.all(labels[..., 0:1] == labels[..., :3]):
             labels = labels[..., 0]
@@ -301,6 +548,66 @@ def write_overlay(path: str | Path, rgb: np.ndarray, labels: np.ndarray) -> None
     write_png(path, draw_overlay(rgb, labels))
 
 
+def nucleus_polygons(labels: np.ndarray) -> Iterator[tuple[int, list[list[np.ndarray]]]]:
+    """Every nucleus as polygons with holes, in image (x, y) coordinates.
+
+    Parameters
+    ----------
+    labels : ndarray, shape (H, W), integer
+        Instance labels, 0 for background.
+
+    Yields
+    ------
+    label : int
+        The nucleus' label, in increasing order.
+    polygons : list of list of ndarray
+        One polygon per piece of the nucleus (4-connected pixels), the largest
+        first; each is ``[exterior, hole, hole, ...]``, closed rings (first
+        point repeated last) of ``(x, y)`` vertices where pixel ``(row, col)``
+        spans ``[col, col + 1) x [row, row + 1)`` (the ImageJ and QuPath
+        convention). Rings follow :func:`skimage.measure.find_contours` at 0.5,
+        holes wound opposite to their exterior, so even-odd and non-zero
+        filling agree; filled, they cover exactly the nucleus' pixel centres.
+
+    Examples
+    --------
+    >>> labels = np.zeros((5, 9), np.int32); labels[1:4, 1:4] = 3; labels[2, 2] = 0; labels[1:3, 6:8] = 3
+    >>> [(k, [len(p) for p in polygons]) for k, polygons in nucleus_polygons(labels)]  # a ring and a square
+    [(3, [2, 1])]
+    """
+    from scipy import ndimage as ndi
+    from skimage.measure import find_contours
+
+    labels = _check_labels(labels)
+    if not labels.size or labels.max() == 0:
+        return
+    for index, box in enumerate(ndi.find_objects(labels)):
+        if box is None:
+            continue
+        label = index + 1
+        mask = np.pad(labels[box] == label, 1)
+        pieces, n = ndi.label(mask)  # 4-connected: find_contours' own connectivity of the foreground
+        masks = [mask] if n == 1 else [pieces == k for k in range(1, n + 1)]
+        polygons = []
+        for piece in masks:
+            rings = find_contours(piece.astype(np.float32), 0.5)
+            outer = max(range(len(rings)), key=lambda i: _ring_area(rings[i]))
+            exterior = rings[outer]
+            holes = [r if np.sign(_signed_area(r)) != np.sign(_signed_area(exterior)) else r[::-1]
+                     for i, r in enumerate(rings) if i != outer]
+            # (row, col) of the padded crop -> (x, y) with pixel centres at +0.5
+            polygons.append([_to_xy(r, box) for r in [exterior, *holes]])
+        polygons.sort(key=lambda rings: -_ring_area(rings[0]))  # stable: equal pieces keep raster order
+        yield label, polygons
+
+
+def _to_xy(ring: np.ndarray, box: tuple[slice, slice]) -> np.ndarray:
+    xy = np.empty_like(ring)
+    xy[:, 0] = ring[:, 1] + (box[1].start - 1 + 0.5)
+    xy[:, 1] = ring[:, 0] + (box[0].start - 1 + 0.5)
+    return xy
+
+
 def nucleus_outlines(labels: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """The outline polygon of every nucleus, in image (x, y) coordinates.
 
@@ -318,7 +625,8 @@ def nucleus_outlines(labels: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         pixel ``(row, col)`` spans ``[col, col + 1) x [row, row + 1)`` (the
         ImageJ and QuPath convention): the ring's bounding box is the nucleus'
         bounding box. The outer boundary (from
-        :func:`skimage.measure.find_contours` at 0.5) of the largest piece.
+        :func:`skimage.measure.find_contours` at 0.5) of the largest piece;
+        :func:`nucleus_polygons` gives every piece and hole.
 
     Examples
     --------
@@ -326,37 +634,49 @@ def nucleus_outlines(labels: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     >>> [(k, p.min(axis=0).tolist(), p.max(axis=0).tolist()) for k, p in nucleus_outlines(labels)]
     [(7, [2.0, 1.0], [3.0, 2.0])]
     """
-    from scipy import ndimage as ndi
-    from skimage.measure import find_contours
-
-    labels = _check_labels(labels)
-    if not labels.size or labels.max() == 0:
-        return
-    for index, box in enumerate(ndi.find_objects(labels)):
-        if box is None:
-            continue
-        label = index + 1
-        mask = np.pad(labels[box] == label, 1).astype(np.float32)
-        rings = find_contours(mask, 0.5)
-        ring = max(rings, key=_ring_area)
-        # (row, col) of the padded crop -> (x, y) with pixel centres at +0.5
-        xy = np.empty_like(ring)
-        xy[:, 0] = ring[:, 1] + (box[1].start - 1 + 0.5)
-        xy[:, 1] = ring[:, 0] + (box[0].start - 1 + 0.5)
-        yield label, xy
+    for label, polygons in nucleus_polygons(labels):
+        yield label, polygons[0][0]
 
 
 def _ring_area(ring: np.ndarray) -> float:
     """Absolute shoelace area of a polygon."""
+    return abs(_signed_area(ring))
+
+
+def _signed_area(ring: np.ndarray) -> float:
+    """Shoelace area of a polygon, its sign the winding direction."""
     y, x = ring[:, 0], ring[:, 1]
-    return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
+    return float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2
+
+
+def _composite_roi(polygons: list[list[np.ndarray]], name: str):
+    """An ImageJ composite ROI (a ShapeRoi: path of MOVETO/LINETO/CLOSE in image coordinates, even-odd filled)."""
+    import roifile
+
+    path: list[float] = []
+    for rings in polygons:
+        for ring in rings:
+            points = ring[:-1]  # CLOSE returns to the first point
+            path += [0.0, float(points[0, 0]), float(points[0, 1])]
+            for x, y in points[1:]:
+                path += [1.0, float(x), float(y)]
+            path.append(4.0)
+    every = np.concatenate([ring for rings in polygons for ring in rings])
+    left, top = np.floor(every.min(axis=0)).astype(int)
+    right, bottom = np.ceil(every.max(axis=0)).astype(int)
+    return roifile.ImagejRoi(roitype=roifile.ROI_TYPE.RECT, name=name, left=int(left), top=int(top),
+                             right=int(right), bottom=int(bottom), shape_roi_size=len(path),
+                             multi_coordinates=np.asarray(path, np.float32))
 
 
 def write_imagej_rois(path: str | Path, labels: np.ndarray) -> None:
-    """Write every nucleus as an ImageJ polygon ROI into a zip, atomically.
+    """Write every nucleus as an ImageJ ROI into a zip, atomically.
 
     Open the zip in Fiji's ROI Manager (drag and drop, or *More > Open*). Each
-    ROI is named by its label; coordinates are sub-pixel, in pixels.
+    ROI is named by its label; coordinates are sub-pixel, in pixels. A nucleus
+    of one piece without holes is a polygon ROI; one with a hole or in several
+    pieces a composite ROI (ImageJ's ``ShapeRoi``, even-odd filled), so that
+    its area and outline hold every piece and leave the holes out.
 
     Parameters
     ----------
@@ -375,21 +695,85 @@ def write_imagej_rois(path: str | Path, labels: np.ndarray) -> None:
     import roifile
 
     rois = []
-    for label, xy in nucleus_outlines(labels):
-        roi = roifile.ImagejRoi.frompoints(xy[:-1], name=str(label))  # ImageJ closes polygons itself
-        roi.roitype = roifile.ROI_TYPE.POLYGON
+    for label, polygons in nucleus_polygons(labels):
+        if len(polygons) == 1 and len(polygons[0]) == 1:
+            roi = roifile.ImagejRoi.frompoints(polygons[0][0][:-1], name=str(label))  # ImageJ closes polygons itself
+            roi.roitype = roifile.ROI_TYPE.POLYGON
+        else:
+            roi = _composite_roi(polygons, str(label))
         rois.append(roi)
     with atomic_path(path) as tmp:
         roifile.roiwrite(tmp, rois, mode="w")
+
+
+def nucleus_features(labels: np.ndarray, origin: tuple[int, int] = (0, 0),
+                     ids: np.ndarray | None = None) -> Iterator[dict]:
+    """Every nucleus as a QuPath detection: a GeoJSON Feature (see :func:`write_geojson`).
+
+    Parameters
+    ----------
+    labels : ndarray, shape (H, W), integer
+        Instance labels, 0 for background.
+    origin : (int, int)
+        Image row and column of ``labels[0, 0]``, when ``labels`` is a block of
+        a larger image: the polygons are in the larger image's pixels.
+    ids : ndarray, optional
+        ``ids[k]`` is the ``label`` property of nucleus ``k`` (default: ``k``).
+
+    Examples
+    --------
+    >>> labels = np.zeros((4, 5), np.int32); labels[1, 2] = 1
+    >>> feature = next(nucleus_features(labels, origin=(100, 10)))
+    >>> feature["geometry"]["coordinates"][0][0], feature["properties"]["label"]
+    ([12.5, 102.0], 1)
+    """
+    for label, polygons in nucleus_polygons(labels):
+        if origin != (0, 0):
+            for rings in polygons:
+                for ring in rings:
+                    ring += (origin[1], origin[0])
+        if len(polygons) == 1:
+            geometry = {"type": "Polygon", "coordinates": [ring.tolist() for ring in polygons[0]]}
+        else:
+            geometry = {"type": "MultiPolygon", "coordinates": [[ring.tolist() for ring in rings] for rings in polygons]}
+        yield {
+            "type": "Feature",
+            "geometry": geometry,
+            "properties": {"objectType": "detection", "classification": {"name": "Nucleus"},
+                           "label": label if ids is None else int(ids[label])},
+        }
+
+
+def write_feature_collection(path: str | Path, features: Iterable[dict | str]) -> None:
+    """Write a GeoJSON FeatureCollection one feature at a time, atomically.
+
+    ``features`` holds Feature dicts, or Features already serialised by
+    ``json.dumps`` (strings, e.g. read back from per-block files): a collection
+    of millions of nuclei never sits in memory. The bytes are those of
+    ``json.dump({"type": "FeatureCollection", "features": [...]})``.
+    """
+    import json
+
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        handle.write('{"type": "FeatureCollection", "features": [')
+        for k, feature in enumerate(features):
+            if k:
+                handle.write(", ")
+            if isinstance(feature, str):
+                handle.write(feature)
+            else:
+                json.dump(feature, handle)
+        handle.write("]}")
 
 
 def write_geojson(path: str | Path, labels: np.ndarray) -> None:
     """Write every nucleus as a QuPath detection in a GeoJSON FeatureCollection, atomically.
 
     Coordinates are in pixels, (0, 0) the top-left corner of the image. Each
-    Feature is a Polygon (closed ring) with ``properties`` ``{"objectType":
-    "detection", "classification": {"name": "Nucleus"}, "label": k}``, which
-    QuPath (*File > Import objects*) reads as nucleus detections.
+    Feature is a Polygon (exterior ring, then a ring per hole) or, for a
+    nucleus in several pieces, a MultiPolygon of them, with ``properties``
+    ``{"objectType": "detection", "classification": {"name": "Nucleus"}, "label": k}``,
+    which QuPath (*File > Import objects*) reads as nucleus detections.
 
     Parameters
     ----------
@@ -403,18 +787,7 @@ def write_geojson(path: str | Path, labels: np.ndarray) -> None:
     >>> labels = np.zeros((32, 32), np.int32); labels[8:20, 8:20] = 1
     >>> write_geojson("nuclei.geojson", labels)  # doctest: +SKIP
     """
-    import json
-
-    features = [
-        {
-            "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [xy.tolist()]},
-            "properties": {"objectType": "detection", "classification": {"name": "Nucleus"}, "label": label},
-        }
-        for label, xy in nucleus_outlines(labels)
-    ]
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        json.dump({"type": "FeatureCollection", "features": features}, handle)
+    write_feature_collection(path, nucleus_features(labels))
 
 
 def write_probabilities_tiff(path: str | Path, probabilities: np.ndarray, channels: Sequence[str] | None = None) -> None:

@@ -13,17 +13,20 @@ validation images before the shipped model it lowers the DSB score from
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 
-def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
+def to_rgb_uint8(image: np.ndarray, levels: tuple[float, float] | None = None) -> np.ndarray:
     """Convert a grey/RGB/RGBA image of any bit depth to ``(H, W, 3)`` uint8.
 
     8-bit data is kept as is; other depths are rescaled between their 0.1 and
     99.9 percentiles, so a 12-bit camera image in a 16-bit file is not crushed
     into the bottom of the range. Alpha is dropped; grey is repeated thrice.
     Float NaN (no data) becomes the image's lowest value and stays out of the
-    percentiles.
+    percentiles. ``levels``: those two percentiles, given (see
+    :func:`intensity_levels`; NaN then becomes the lower one).
 
     Examples
     --------
@@ -44,7 +47,7 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     elif image.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {image.shape}")
     if image.dtype != np.uint8:
-        image = _rescale_to_uint8(image)
+        image = _rescale_to_uint8(image, levels)
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
     return np.ascontiguousarray(image)
@@ -75,8 +78,12 @@ def select_channel(image: np.ndarray, channel: int) -> np.ndarray:
     return image if image.ndim == 2 else image[..., channel - 1]
 
 
-def _rescale_to_uint8(image: np.ndarray) -> np.ndarray:
+def _rescale_to_uint8(image: np.ndarray, levels: tuple[float, float] | None = None) -> np.ndarray:
     values = image.astype(np.float32)
+    if levels is not None:
+        lo, hi = (np.float64(v) for v in levels)  # float64 scalars, as np.percentile's: the same rounding
+        values = np.nan_to_num(values, nan=lo, posinf=hi, neginf=lo)
+        return np.clip((values - lo) / (hi - lo) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     sample = _subsample(values)
     finite = np.isfinite(values) if np.issubdtype(image.dtype, np.floating) else None  # integers are all finite
     if finite is not None and not finite.all():
@@ -96,18 +103,75 @@ def _rescale_to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
 
 
+def sample_step(shape: tuple[int, ...], max_pixels: int = 1_000_000) -> int:
+    """The stride of the pixels the intensity percentiles are taken from: at most ~max_pixels of them.
+
+    Examples
+    --------
+    >>> sample_step((512, 512)), sample_step((20_000, 20_000))
+    (1, 20)
+    """
+    return max(1, int(np.sqrt(shape[0] * shape[1] / max_pixels)))
+
+
 def _subsample(values: np.ndarray, max_pixels: int = 1_000_000) -> np.ndarray:
     """A strided view of at most ~max_pixels pixels: percentiles of huge images stay cheap."""
-    step = max(1, int(np.sqrt(values.shape[0] * values.shape[1] / max_pixels)))
+    step = sample_step(values.shape, max_pixels)
     return values[::step, ::step]
 
 
-def normalize(rgb: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
+class IntensityLevels(NamedTuple):
+    """The intensity levels preparing an image for the network uses (see :func:`intensity_levels`)."""
+
+    #: 0.1 and 99.9 percentiles that :func:`to_rgb_uint8` maps to 0 and 255 (None: 8-bit, kept as is)
+    rescale: tuple[float, float] | None
+    #: 1 and 99.8 percentiles (0..1) of the 8-bit image that :func:`normalize` maps to 0 and 1
+    normalize: tuple[float, float]
+
+
+def intensity_levels(sample: np.ndarray) -> IntensityLevels:
+    """The levels ``normalize(to_rgb_uint8(image))`` takes from a whole image, from its sample alone.
+
+    Parameters
+    ----------
+    sample : ndarray
+        ``image[::step, ::step]`` with ``step = sample_step(image.shape)``: the
+        pixels those percentiles are computed from. An image read block by
+        block (:mod:`nucleiseg.distributed`) then gets exactly the intensity
+        scale of the whole image held in memory.
+
+    Examples
+    --------
+    >>> image = np.arange(40_000, dtype=np.uint16).reshape(200, 200)
+    >>> levels = intensity_levels(image[::sample_step(image.shape), ::sample_step(image.shape)])
+    >>> block = image[50:80, 100:140]
+    >>> bool(np.array_equal(normalize(to_rgb_uint8(block, levels.rescale), levels=levels.normalize),
+    ...                     normalize(to_rgb_uint8(image))[:, 50:80, 100:140]))
+    True
+    """
+    sample = np.asarray(sample)
+    rgb = to_rgb_uint8(sample)  # the sample is within max_pixels: its own subsample is itself
+    rescale = None
+    if sample.dtype != np.uint8:
+        values = sample.astype(np.float32)
+        values = values[np.isfinite(values)] if np.issubdtype(sample.dtype, np.floating) else values
+        if values.size:
+            lo, hi = np.percentile(values, (0.1, 99.9))
+            rescale = (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
+        else:
+            rescale = (0.0, 1.0)
+    lo, hi = (float(v) for v in np.percentile(rgb.astype(np.float32) / 255.0, (1.0, 99.8)))
+    return IntensityLevels(rescale, (lo, hi))
+
+
+def normalize(rgb: np.ndarray, low: float = 1.0, high: float = 99.8,
+              levels: tuple[float, float] | None = None) -> np.ndarray:
     """Stretch an 8-bit RGB image to float32 ``(3, H, W)`` for the network.
 
     The ``low`` and ``high`` percentiles of all channels map to 0 and 1 (values
     outside are clipped to [-0.5, 1.5]): a dim fluorescence image and a bright
-    brightfield image then span the same range.
+    brightfield image then span the same range. ``levels``: those percentiles
+    (in 0..1), given instead (a block of a larger image, see :func:`intensity_levels`).
 
     Examples
     --------
@@ -118,7 +182,10 @@ def normalize(rgb: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarr
     if rgb.ndim != 3 or rgb.shape[-1] != 3:
         raise ValueError(f"expected (H, W, 3), got shape {rgb.shape}")
     values = rgb.astype(np.float32) / 255.0
-    lo, hi = (float(v) for v in np.percentile(_subsample(values), (low, high)))
+    if levels is None:
+        lo, hi = (float(v) for v in np.percentile(_subsample(values), (low, high)))
+    else:
+        lo, hi = levels
     scale = 1.0 / max(hi - lo, 1e-2)  # a flat image stays flat instead of blowing up noise
     out = np.clip((values - lo) * scale, -0.5, 1.5)
     return np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32)

@@ -26,7 +26,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +44,16 @@ from .data.dataset import (
     load_cached_image,
     sampling_weights,
 )
+from .data.kinds import KINDS
 from .data.targets import CHANNELS, make_targets
-from .errors import NucleisegError
+from .device import bf16_supported, resolve_precision  # noqa: F401  (bf16_supported: kept importable from here)
+from .errors import NucleisegError, OptionError
 from .io import atomic_path
 from .losses import DeepSupervisionLoss
 from .measure import typical_diameter
 from .metrics import PixelScoreAccumulator, instance_scores
 from .models import UNetPlusPlus, load_model_file, resolve_model_path, save_model
+from .models.metadata import MAX_DEPTH
 from .postprocess import PostprocessParams, instances_from_probabilities
 from .preprocess import normalize
 
@@ -78,7 +82,7 @@ class TrainConfig:
         ``benchmarks/train_speed.py``, +6-9% in a real run; BatchNorm then
         normalises over 4 crops), and the whole batch on a GPU.
     crop : int
-        Side of the square training crops.
+        Side of the square training crops: a multiple of ``2**depth`` (16 for 5 widths).
     samples_per_epoch : int or None
         Crops per epoch; None = the number of training images.
     widths : tuple of int
@@ -139,28 +143,114 @@ class TrainConfig:
     cache: str | None = None
 
     def __post_init__(self) -> None:
+        """Check every setting, so that a bad one costs one line here, not a traceback mid-run."""
+        if not isinstance(self.widths, (list, tuple)) or not all(_is_int(w) for w in self.widths):
+            raise TrainConfigError("widths", f"must be a list of integers, got {self.widths!r}")
         self.widths = tuple(int(w) for w in self.widths)
+        if not 2 <= len(self.widths) <= MAX_DEPTH + 1 or not all(1 <= w <= 4096 for w in self.widths):
+            raise TrainConfigError("widths", f"must be 2 to {MAX_DEPTH + 1} channel counts in 1..4096, one per level "
+                                             f"(depth = count - 1), got {','.join(map(str, self.widths))}")
+        _check_int(self, "epochs", 1)
+        _check_int(self, "batch_size", 1)
+        _check_int(self, "micro_batch", 1, optional=True)
+        _check_int(self, "samples_per_epoch", 1, optional=True)
+        _check_int(self, "workers", 0, optional=True)
+        _check_int(self, "threads", 1, optional=True)
+        _check_int(self, "val_every", 1)
+        _check_int(self, "seed", 0)
+        if self.seed >= 2**63:
+            raise TrainConfigError("seed", f"must be below 2**63, got {self.seed}")
+        _check_int(self, "crop", 16)
+        check_crop(self.crop, len(self.widths) - 1)
+        if not (_is_number(self.lr) and 0 < self.lr < math.inf):
+            raise TrainConfigError("lr", f"(learning rate) must be a number > 0, got {self.lr!r}")
+        for name, top in (("weight_decay", math.inf), ("warmup_epochs", math.inf), ("augment_strength", 1.0)):
+            value = getattr(self, name)
+            if not (_is_number(value) and 0 <= value <= top and math.isfinite(value)):
+                limit = ">= 0" if top == math.inf else f"in [0, {top:g}]"
+                raise TrainConfigError(name, f"must be a number {limit}, got {value!r}")
         if self.schedule not in ("cosine", "plateau"):
-            raise NucleisegError(f"schedule must be 'cosine' or 'plateau', got {self.schedule!r}")
+            raise TrainConfigError("schedule", f"must be 'cosine' or 'plateau', got {self.schedule!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
-            raise NucleisegError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.crop < 16:
-            raise NucleisegError("epochs and batch size must be >= 1 and the crop >= 16")
-        if self.micro_batch is not None and self.micro_batch < 1:
-            raise NucleisegError(f"micro batch must be >= 1, got {self.micro_batch}")
-        if set(self.channel_weights) != set(CHANNELS) or not sum(self.channel_weights.values()) > 0:
-            raise NucleisegError(f"channel weights must name {', '.join(CHANNELS)} and not all be 0, "
-                                 f"got {self.channel_weights}")
+            raise TrainConfigError("precision", f"must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        for name, known in (("kind_weights", KINDS), ("channel_weights", CHANNELS)):
+            weights = getattr(self, name)
+            what = name.removesuffix("_weights")
+            if not isinstance(weights, dict) or set(weights) - set(known) or (
+                    name == "channel_weights" and set(weights) != set(known)):
+                raise TrainConfigError(name, f"must name {'' if name == 'kind_weights' else 'each of '}the {what}s "
+                                             f"{', '.join(known)}, got {weights!r}")
+            if not all(_is_number(w) and 0 <= w < math.inf for w in weights.values()) or not sum(weights.values()) > 0:
+                raise TrainConfigError(name, f"must be finite numbers >= 0, not all 0, got {weights!r}")
+        for name in ("init", "cache"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise TrainConfigError(name, f"must be a path or None, got {getattr(self, name)!r}")
 
     @classmethod
     def from_json(cls, path: Path) -> TrainConfig:
-        return cls(**json.loads(path.read_text()))
+        """The settings saved in a run's ``train_config.json``."""
+        try:
+            values = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise NucleisegError(f"cannot be read as training settings ({str(exc).splitlines()[0]})", path) from None
+        known = {f.name for f in fields(cls)}
+        if not isinstance(values, dict) or set(values) - known:
+            unknown = sorted(set(values) - known) if isinstance(values, dict) else type(values).__name__
+            raise NucleisegError(f"not training settings of this version (unknown: {unknown})", path)
+        try:
+            return cls(**values)
+        except TrainConfigError as exc:
+            raise NucleisegError(f"saved setting {exc}", path) from None
+
+
+class TrainConfigError(OptionError):
+    """A training setting out of range; ``field`` (= ``option``) names the :class:`TrainConfig` field, which a
+    front end rewords as its own option (:meth:`~nucleiseg.errors.OptionError.reworded`)."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(field, problem)
+        self.field = field
+        self.problem = problem
+
+    def __reduce__(self):  # picklable across processes, like its parent
+        return (type(self), (self.field, self.problem))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(config: TrainConfig, name: str, low: int, optional: bool = False) -> None:
+    value = getattr(config, name)
+    if optional and value is None:
+        return
+    if not (_is_int(value) and value >= low):
+        raise TrainConfigError(name, f"must be an integer >= {low}, got {value!r}")
+
+
+def check_crop(crop: int, depth: int) -> None:
+    """Training crops pool ``depth`` times: their side must be a multiple of ``2**depth``.
+
+    Examples
+    --------
+    >>> check_crop(256, 4)
+    >>> check_crop(17, 4)
+    Traceback (most recent call last):
+    ...
+    nucleiseg.training.TrainConfigError: crop must be a multiple of 16 (2**depth for a network of depth 4), got 17; e.g. 16 or 32
+    """
+    multiple = 2**depth
+    if crop % multiple:
+        below = max(multiple, crop // multiple * multiple)
+        raise TrainConfigError("crop", f"must be a multiple of {multiple} (2**depth for a network of depth {depth}), "
+                                       f"got {crop}; e.g. {below} or {below + multiple}")
 
 
 # ----------------------------------------------------------------------------- environment
-from .precision import bf16_supported, resolve_precision  # noqa: E402,F401  (one rule for training and prediction)
-
-
 @dataclass
 class _Distributed:
     rank: int = 0
@@ -273,6 +363,33 @@ def _save_state(path: Path, model: torch.nn.Module, optimizer, scheduler, epoch:
         torch.save(state, tmp)
 
 
+def _load_state(path: Path, device: torch.device) -> dict[str, Any]:
+    """``last_state.pt``, or one line saying it is damaged (a run killed while the disk was full, a bad copy)."""
+    import pickle
+    import warnings
+    import zipfile
+
+    try:
+        with warnings.catch_warnings():  # torch's remarks on pickle protocols: the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:  # never unpickled beyond tensors and plain containers
+        raise NucleisegError("training state holds objects other than tensors and numbers; not loaded "
+                             "(not written by nucleiseg?); last.safetensors holds the weights of its last complete "
+                             "epoch", path) from None
+    except (OSError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        raise NucleisegError(f"training state cannot be read, truncated or damaged ({_first_line(exc)}); "
+                             "last.safetensors holds the weights of its last complete epoch", path) from None
+    if not isinstance(state, dict):
+        raise NucleisegError("training state is not a nucleiseg checkpoint", path)
+    return state
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 def _append_metrics(path: Path, row: dict[str, Any]) -> None:
     rows = _read_metrics(path)
     rows = [r for r in rows if int(r["epoch"]) < int(row["epoch"])] + [row]
@@ -325,7 +442,8 @@ def plot_curves(metrics_csv: Path, out_png: Path) -> None:
 
 # ----------------------------------------------------------------------------- main loop
 def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None = None, resume: bool = False,
-          max_steps: int | None = None) -> Path:
+          max_steps: int | None = None, progress: bool = True,
+          on_step: Callable[[int, float], Any] | None = None) -> Path:
     """Train (or resume training) a UNet++ on a prepared cache.
 
     Parameters
@@ -341,6 +459,20 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
         Continue from ``run_dir/last_state.pt``.
     max_steps : int, optional
         Stop after this many optimisation steps in total (tests, quick checks).
+    progress : bool
+        Show a progress bar per epoch on stderr (on a terminal every half second, else
+        at most twice a minute); False: none.
+    on_step : callable, optional
+        Called after every optimisation step with the number of steps done and
+        the step's mean loss per crop (a progress display, e.g. napari's
+        fine-tuning); a true return value ends the training there, as
+        ``max_steps`` does, and an exception it raises aborts it.
+
+    Raises
+    ------
+    NucleisegError
+        Unusable cache, settings (:class:`TrainConfigError`), model to start from,
+        or a damaged ``last_state.pt`` to resume from.
 
     Returns
     -------
@@ -385,6 +517,7 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
         init_model, meta = load_model_file(resolve_model_path(config.init))
         model = init_model.train()
         config.widths = tuple(init_model.config.widths)
+        check_crop(config.crop, len(config.widths) - 1)  # the parent's depth decides
         postprocess_meta = meta.get("postprocess", {})
         if meta.get("postprocess_by_kind"):
             inherited["postprocess_by_kind"] = meta["postprocess_by_kind"]
@@ -409,14 +542,19 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
 
     start_epoch, best_score = 1, -math.inf
     if resume:
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        start_epoch, best_score = int(state["epoch"]) + 1, float(state["best_score"])
+        state = _load_state(state_path, device)
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+            start_epoch, best_score = int(state["epoch"]) + 1, float(state["best_score"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise NucleisegError(f"training state does not fit this run ({_first_line(exc)}); "
+                                 "last.safetensors holds the weights of its last complete epoch", state_path) from None
         if start_epoch > config.epochs:
-            raise NucleisegError(f"already trained {start_epoch - 1} epochs; ask for more with --epochs", run_dir)
+            raise NucleisegError(f"already trained {start_epoch - 1} epochs of {config.epochs}; "
+                                 "ask for more epochs to continue", run_dir)
         log.info("resuming %s at epoch %d", run_dir, start_epoch)
 
     net = model
@@ -431,13 +569,14 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
     if diameter is not None:
         meta["nucleus_diameter"] = round(diameter, 2)
     steps_done = (start_epoch - 1) * steps_per_epoch
+    stop = False  # set by on_step
     for epoch in range(start_epoch, config.epochs + 1):
         sampler.set_epoch(epoch)
         net.train()
         started = time.perf_counter()
         running, seen = 0.0, 0
         # redirected to a log file, the bar updates twice a minute instead of flooding it
-        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not ddp.is_main, leave=False,
+        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not (ddp.is_main and progress), leave=False,
                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
         for x, y in bar:
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -450,15 +589,18 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
             running += loss_sum
             seen += len(x)
             steps_done += 1
-            bar.set_postfix(loss=f"{running / seen:.4f}", img_s=f"{seen * ddp.world_size / (time.perf_counter() - started):.2f}")
-            if max_steps is not None and steps_done >= max_steps:
+            # refresh=False: the bar redraws at its own pace (mininterval), not at every step
+            bar.set_postfix(loss=f"{running / seen:.4f}", img_s=f"{seen * ddp.world_size / (time.perf_counter() - started):.2f}",
+                            refresh=False)
+            stop = on_step is not None and bool(on_step(steps_done, loss_sum / len(x)))
+            if stop or (max_steps is not None and steps_done >= max_steps):
                 break
         if ddp.world_size > 1:
             _average_buffers(model, ddp)
         elapsed = time.perf_counter() - started
         row: dict[str, Any] = {"epoch": epoch, "train_loss": running / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
                                "seconds": round(elapsed, 1), "images_per_s": round(seen * ddp.world_size / elapsed, 2)}
-        last_epoch = epoch == config.epochs or (max_steps is not None and steps_done >= max_steps)
+        last_epoch = epoch == config.epochs or stop or (max_steps is not None and steps_done >= max_steps)
         if ddp.is_main and val_split.ids and (epoch % config.val_every == 0 or last_epoch):
             row.update(validate(model, val_split, loss_fn, autocast_dtype, val_params))
             if config.schedule == "plateau":
@@ -482,7 +624,7 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
             log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
         if ddp.world_size > 1:
             dist.barrier()
-        if max_steps is not None and steps_done >= max_steps:
+        if stop or (max_steps is not None and steps_done >= max_steps):
             break
     if ddp.world_size > 1:
         _check_replicas_identical(model, ddp)

@@ -17,7 +17,6 @@ and store them in the model file's metadata (``"postprocess"``,
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import sys
 from collections.abc import Mapping, Sequence
@@ -29,7 +28,6 @@ import numpy as np
 import pandas as pd
 
 from .errors import NucleisegError
-from .io import atomic_path
 from .metrics import instance_scores
 from .options import PredictOptions
 from .postprocess import (
@@ -304,13 +302,11 @@ def update_model_metadata(path: str | Path, updates: Mapping[str, Any], out: str
     Path
         The file written.
     """
-    from safetensors.torch import save_file
-
-    from .models import read_raw_model_file
+    from .models.metadata import read_model_file, tensor_shapes, write_model_file
 
     path = Path(path)
     out = path if out is None else Path(out)
-    tensors, metadata = read_raw_model_file(path)
+    tensors, metadata = read_model_file(path)  # validated against its tensors
     if float16:
         import torch
 
@@ -319,9 +315,8 @@ def update_model_metadata(path: str | Path, updates: Mapping[str, Any], out: str
                 if float(tensor.abs().max()) > torch.finfo(torch.float16).max:
                     raise NucleisegError(f"tensor {name} holds values beyond float16's range; keep it float32", path)
                 tensors[name] = tensor.half()
-    metadata.update({str(k): json.dumps(v) for k, v in updates.items()})
-    with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    metadata = metadata.updated(updates, tensor_shapes(tensors))  # the updates are checked too
+    write_model_file(out, tensors, metadata)
     return out
 
 

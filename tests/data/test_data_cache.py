@@ -177,7 +177,7 @@ def test_errors(tmp_path, dsb_cache):
     (busy / "notes.txt").write_text("mine")
     with pytest.raises(NucleisegError, match="holds no nucleiseg cache"):
         prepare_dataset(DSB_TRAIN, busy)
-    with pytest.raises(NucleisegError, match="val-fraction"):
+    with pytest.raises(NucleisegError, match="val_fraction must be at least 0 and below 1"):
         prepare_dataset(DSB_TRAIN, tmp_path / "out", val_fraction=1.5)
     with pytest.raises(NucleisegError, match="not a prepared cache") as err:
         read_cache(busy)

@@ -61,9 +61,9 @@ def test_forced_layout_that_does_not_fit(tmp_path, capsys):
 
 def test_option_errors(tmp_path, capsys):
     assert main(["prepare", str(DSB), "--out", str(tmp_path / "c"), "--rle-csv", "x.csv", "--layout", "kaggle"]) != 0
-    assert "--rle-csv goes with --layout kaggle-rle" in _error_line(capsys)
+    assert "--rle-csv goes with the layout kaggle-rle" in _error_line(capsys)
     assert main(["prepare", str(DSB), "--out", str(tmp_path / "c"), "--layout", "kaggle-rle"]) != 0
-    assert "needs --rle-csv" in _error_line(capsys)
+    assert "--layout kaggle-rle needs a run-length CSV" in _error_line(capsys)
     missing_csv = tmp_path / "labels.csv"
     assert main(["prepare", str(DSB), "--out", str(tmp_path / "c"), "--rle-csv", str(missing_csv)]) != 0
     assert str(missing_csv) in _error_line(capsys)

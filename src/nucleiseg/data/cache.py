@@ -34,12 +34,12 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from ..errors import ImageReadError, NucleisegError
+from ..errors import ImageReadError, NucleisegError, OptionError
 from ..io import atomic_path, list_images, read_image, write_labels_tiff, write_png
 from ..preprocess import to_rgb_uint8
 from .dsb import find_kaggle_root, list_kaggle_images, read_kaggle_labels
 from .kinds import KINDS, image_kind
-from .paired import is_paired_layout, list_paired_images, read_paired_labels
+from .paired import BINARY_MASK_CHOICES, check_binary_mask, is_paired_layout, list_paired_images, read_paired_labels
 from .rle import read_rle_csv, rle_to_labels
 from .split import read_groups, split_train_val
 
@@ -143,7 +143,7 @@ def detect_layout(
     if not data_dir.is_dir():
         raise NucleisegError("is a file; expected the data folder", data_dir)
     if rle_csv is not None and layout not in ("auto", "kaggle-rle"):
-        raise NucleisegError(f"--rle-csv goes with --layout kaggle-rle, not --layout {layout}")
+        raise OptionError("rle_csv", f"goes with the layout kaggle-rle, not {layout}")
     if layout == "auto":
         layout = "kaggle-rle" if rle_csv is not None else "paired" if is_paired_layout(data_dir) else "kaggle"
         strict = False
@@ -156,7 +156,7 @@ def detect_layout(
         root = find_kaggle_root(data_dir)
     else:
         if rle_csv is None:
-            raise NucleisegError("--layout kaggle-rle needs --rle-csv FILE (the ImageId,EncodedPixels table)")
+            raise OptionError("layout", "kaggle-rle needs a run-length CSV (rle_csv: the ImageId,EncodedPixels table)")
         root = find_kaggle_root(data_dir)
         if root is None:
             for folder in (data_dir, data_dir / "images"):
@@ -245,7 +245,7 @@ def _init_worker() -> None:
         pass
 
 
-def _process_sample(sample: _Sample, out_dir: Path, source: str) -> dict:
+def _process_sample(sample: _Sample, out_dir: Path, source: str, binary_masks: str = "refuse") -> dict:
     """Read one source, write its three cache files; return its index row or why it was skipped."""
     result: dict = {"image_id": sample.image_id, "source": source, "warnings": []}
     try:
@@ -267,6 +267,9 @@ def _process_sample(sample: _Sample, out_dir: Path, source: str) -> dict:
         except ImageReadError as exc:
             result["skip"] = f"unusable label file {sample.labels} ({exc.message})"
             return result
+        labels, note = check_binary_mask(labels, sample.labels, binary_masks)  # refusing stops the run
+        if note:
+            warnings.append(note)
     else:
         assert sample.rles is not None
         labels, problems = rle_to_labels(sample.rles, (height, width))
@@ -290,12 +293,17 @@ def _write_png(path: Path, image: np.ndarray) -> None:
     import cv2
 
     data = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
+    # encoded in memory, written by Python: a full disk is then an OSError that atomic_path reports
+    # in one line (cv2.imwrite would print libpng's own error and return False)
+    ok, encoded = cv2.imencode(".png", data, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:  # cv2 declined (unusual build): the plain writer
+        write_png(path, image)
+        return
     with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), data, [cv2.IMWRITE_PNG_COMPRESSION, 3]):
-            write_png(tmp, image)  # cv2 declined (unusual path or build): the plain writer
+        tmp.write_bytes(encoded.tobytes())
 
 
-def _run_all(tasks: list[tuple[_Sample, str]], out_dir: Path, workers: int, progress: bool):
+def _run_all(tasks: list[tuple[_Sample, str]], out_dir: Path, workers: int, progress: bool, binary_masks: str = "refuse"):
     """Yield results of :func:`_process_sample`, in a process pool when workers > 1."""
     from tqdm import tqdm
 
@@ -305,13 +313,18 @@ def _run_all(tasks: list[tuple[_Sample, str]], out_dir: Path, workers: int, prog
     try:
         if workers <= 1 or len(tasks) <= 1:
             for sample, source in tasks:
-                yield _process_sample(sample, out_dir, source)
+                yield _process_sample(sample, out_dir, source, binary_masks)
                 bar.update()
             return
+        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(max_workers=workers, initializer=_init_pool_worker) as pool:
-            futures = [pool.submit(_process_sample, sample, out_dir, source) for sample, source in tasks]
+        # Not fork: a process that has run torch (train on a raw folder, a test session) has OpenMP and other
+        # threads, and a child forked from it can deadlock (seen: prepare hanging after a session's torch tests).
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        with ProcessPoolExecutor(max_workers=workers, initializer=_init_pool_worker,
+                                 mp_context=multiprocessing.get_context(method)) as pool:
+            futures = [pool.submit(_process_sample, sample, out_dir, source, binary_masks) for sample, source in tasks]
             try:
                 for future in as_completed(futures):
                     yield future.result()
@@ -411,6 +424,7 @@ def prepare_dataset(
     workers: int | None = None,
     force: bool = False,
     progress: bool = True,
+    binary_masks: str = "refuse",
 ) -> PrepareResult:
     """Ingest an annotated data set into a prepared cache, doing only what changed.
 
@@ -440,6 +454,12 @@ def prepare_dataset(
         Process every image again even when up to date (the split is kept).
     progress : bool, optional
         Show a progress bar on stderr.
+    binary_masks : {"refuse", "split"}, optional
+        A paired-layout label file that is a binary mask (one value over
+        several separate blobs, e.g. 0/255) stops the run with
+        :class:`~nucleiseg.data.paired.BinaryMaskError` (``"refuse"``), or has each
+        blob numbered as one nucleus, with a warning (``"split"``; see
+        :func:`~nucleiseg.data.paired.check_binary_mask`).
 
     Returns
     -------
@@ -449,8 +469,8 @@ def prepare_dataset(
     Raises
     ------
     NucleisegError
-        Missing data folder, unknown layout, unusable options, or no usable
-        image at all.
+        Missing data folder, unknown layout, unusable options, a refused
+        binary mask, or no usable image at all.
 
     Examples
     --------
@@ -461,25 +481,10 @@ def prepare_dataset(
     ['00071198d059ba7f5914a526d124d28e6d010c92466da21d4a04cd5413362552']
     """
     started = time.perf_counter()
-    data_dir = Path(data_dir).expanduser().resolve()
-    out_dir = Path(out_dir).expanduser().resolve()
-    if not 0.0 <= float(val_fraction) < 1.0:
-        raise NucleisegError(f"--val-fraction must be at least 0 and below 1, got {val_fraction}")
-    workers = min(2, os.cpu_count() or 1) if workers is None else int(workers)
-    if workers < 1:
-        raise NucleisegError(f"--workers must be at least 1, got {workers}")
-    rle_path = None if rle_csv is None else Path(rle_csv).expanduser().resolve()
+    data_dir, out_dir, rle_path, workers = _check_arguments(data_dir, out_dir, rle_csv, val_fraction, workers,
+                                                            binary_masks)
     layout, root = detect_layout(data_dir, layout, rle_path)
-    if out_dir == data_dir or out_dir == root or root in out_dir.parents:
-        raise NucleisegError("the cache cannot be written into the data folder itself; choose another --out", out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NucleisegError("exists and is not a folder", out_dir)
-    manifest_path = out_dir / "manifest.json"
-    if out_dir.is_dir() and not manifest_path.is_file() and not _only_cache_files(out_dir):
-        raise NucleisegError(
-            "folder is not empty and holds no nucleiseg cache (manifest.json); choose another --out", out_dir
-        )
-
+    _check_out_dir(out_dir, data_dir, root)
     group_file = Path(groups).expanduser().resolve() if groups is not None else _find_groups_file(data_dir, root)
     group_of = read_groups(group_file) if group_file is not None else {}
     if groups is None and group_file is not None:
@@ -487,127 +492,25 @@ def prepare_dataset(
 
     samples, problems = _list_samples(layout, root, rle_path)
     log.info("%s layout at %s: %d images found", layout, root, len(samples))
+    old = _previous_cache(out_dir, force)
+    plan = _plan(samples, problems, old, data_dir, root, layout, out_dir)
+    processed, n_warned, interrupted = _process(plan, out_dir, workers, progress, binary_masks)
+    pending = [sample.image_id for sample, _ in plan.todo if sample.image_id not in set(plan.rows)
+               | {s["image_id"] for s in plan.skipped}]
 
-    old_manifest = _read_manifest(out_dir)
-    old_index = _read_table(out_dir / "index.csv", INDEX_COLUMNS) if old_manifest is not None else None
-    old_rows = {} if old_index is None else {r["image_id"]: r for r in old_index.to_dict("records")}
-    # with force, nothing counts as up to date (old rows are still known, to drop what is gone)
-    old_images: dict = {} if force or old_manifest is None else old_manifest.get("images", {})
-    old_skipped = {
-        s["image_id"]: s
-        for s in ([] if force or old_manifest is None else old_manifest.get("skipped", []))
-        if isinstance(s, dict) and s.get("fingerprint")
-    }
-
-    entries: dict[str, dict] = {}
-    skipped: list[dict] = [
-        {"image_id": i, "source": _relative(p, data_dir), "reason": reason} for i, p, reason in problems
-    ]
-    rows: dict[str, dict] = {}
-    reused: list[str] = []
-    todo: list[tuple[_Sample, str]] = []
-    fingerprints: dict[str, str | None] = {}
-    for sample in samples:
-        fingerprint = _fingerprint(sample, root, layout)
-        fingerprints[sample.image_id] = fingerprint
-        source = _relative(sample.image, data_dir)
-        before = old_images.get(sample.image_id)
-        if (
-            fingerprint is not None
-            and before is not None
-            and before.get("fingerprint") == fingerprint
-            and sample.image_id in old_rows
-            and all(p.is_file() for p in _outputs(out_dir, sample.image_id))
-        ):
-            rows[sample.image_id] = {c: old_rows[sample.image_id][c] for c in INDEX_COLUMNS if c != "group"}
-            rows[sample.image_id]["source"] = source
-            entries[sample.image_id] = before
-            reused.append(sample.image_id)
-        elif fingerprint is not None and old_skipped.get(sample.image_id, {}).get("fingerprint") == fingerprint:
-            skipped.append(dict(old_skipped[sample.image_id], source=source))
-        else:
-            todo.append((sample, source))
-
-    # biggest sources first, so no large image is left alone at the end of the pool
-    todo.sort(key=lambda t: -sum(_size(p) for p in t[0].files()))
-    processed: list[str] = []
-    n_warned = 0
-    interrupted = False
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with _redirect_logging(progress):
-            for result in _run_all(todo, out_dir, workers, progress):
-                image_id = result["image_id"]
-                for message in result["warnings"]:
-                    log.warning("%s", message)
-                n_warned += bool(result["warnings"])
-                if "skip" in result:
-                    skipped.append(
-                        {
-                            "image_id": image_id,
-                            "source": result["source"],
-                            "reason": result["skip"],
-                            "fingerprint": fingerprints[image_id],
-                        }
-                    )
-                    continue
-                rows[image_id] = {c: result[c] for c in INDEX_COLUMNS if c != "group"}
-                entries[image_id] = {"fingerprint": fingerprints[image_id]}
-                if result["warnings"]:
-                    entries[image_id]["warnings"] = result["warnings"]
-                processed.append(image_id)
-    except KeyboardInterrupt:
-        # save what is done, so that the next run only does the rest
-        interrupted = True
-    processed.sort()
-    done = set(rows) | {s["image_id"] for s in skipped}
-    pending = [sample.image_id for sample, _ in todo if sample.image_id not in done]
-
-    for entry in skipped:
+    for entry in plan.skipped:
         log.warning("skipped %s (%s): %s", entry["image_id"], entry["source"], entry["reason"])
-    if not rows:
+    if not plan.rows:
         if interrupted:
             raise KeyboardInterrupt
-        raise NucleisegError(f"no usable image found ({len(skipped)} skipped, see the warnings above)", data_dir)
-
-    # images whose source is gone, that became unusable, or (interrupted) are not redone yet: drop their files
-    dropped = sorted(set(old_rows) - set(rows))
-    for image_id in dropped:
-        for path in _outputs(out_dir, image_id):
-            path.unlink(missing_ok=True)
-    dropped = sorted(set(dropped) - set(pending))
-
-    index = pd.DataFrame([rows[i] for i in sorted(rows)], columns=[c for c in INDEX_COLUMNS if c != "group"])
-    index.insert(INDEX_COLUMNS.index("group"), "group", [group_of.get(i, "") for i in index["image_id"]])
-    index = index[list(INDEX_COLUMNS)]
-
-    split_settings = {"seed": int(seed), "val_fraction": float(val_fraction)}
-    previous = old_manifest.get("split") if old_manifest else None
-    old_split = _read_table(out_dir / "split.csv", SPLIT_COLUMNS) if old_manifest else None
-    if interrupted:
-        # the split is drawn once all images are in: leave split.csv (and its settings) as they were
-        split_table = old_split
-        split_settings = previous or split_settings
-    else:
-        kept: dict[str, str] = {}
-        if old_split is not None and previous == split_settings:
-            kept = dict(zip(old_split["image_id"], old_split["split"]))
-        elif old_split is not None:
-            log.info("split settings changed (%s -> %s): drawing a new split", previous, split_settings)
-        split = split_train_val(
-            list(index["kind"]),
-            list(index["group"]),
-            val_fraction=val_fraction,
-            seed=seed,
-            fixed=[kept.get(i) for i in index["image_id"]] if kept else None,
-        )
-        split_table = pd.DataFrame({"image_id": index["image_id"], "split": split})
-        _warn_straddling(index["group"], split)
-
+        raise NucleisegError(f"no usable image found ({len(plan.skipped)} skipped, see the warnings above)", data_dir)
+    dropped = _drop_gone(old, plan, out_dir, pending)
+    index = _index_table(plan.rows, group_of)
+    split_settings, split_table = _split(index, old, out_dir, val_fraction, seed, interrupted)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "nucleiseg_version": (old_manifest or {}).get("nucleiseg_version", __version__),
+        "nucleiseg_version": (old.manifest or {}).get("nucleiseg_version", __version__),
         "complete": not interrupted,
         "source": str(data_dir),
         "root": str(root),
@@ -616,37 +519,205 @@ def prepare_dataset(
         "groups_file": None if group_file is None else str(group_file),
         "split": split_settings,
         "n_images": len(index),
-        "images": {i: entries[i] for i in sorted(entries)},
-        "skipped": sorted(skipped, key=lambda s: (s["image_id"], s["source"])),
+        "images": {i: plan.entries[i] for i in sorted(plan.entries)},
+        "skipped": sorted(plan.skipped, key=lambda s: (s["image_id"], s["source"])),
     }
-    changed = _write_if_changed(out_dir / "index.csv", _csv_text(index))
-    if split_table is not None:
-        changed |= _write_if_changed(out_dir / "split.csv", _csv_text(split_table))
-    comparable = {k: v for k, v in (old_manifest or {}).items() if k not in ("updated", "nucleiseg_version")}
-    if changed or processed or dropped or comparable != {k: v for k, v in manifest.items() if k != "nucleiseg_version"}:
-        manifest["nucleiseg_version"] = __version__
-        manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        _write_if_changed(manifest_path, json.dumps(manifest, indent=1) + "\n")
-
+    _write_cache_files(out_dir, index, split_table, manifest, old.manifest, bool(processed or dropped))
     if interrupted:
         log.warning(
             "interrupted: %d images saved to %s, %d still to do; run the same command again to finish",
             len(index), out_dir, len(pending),
         )
         raise KeyboardInterrupt
+    table = index.assign(split=split_table["split"].to_numpy())
+    _report(out_dir, table, processed, plan, dropped, n_warned, time.perf_counter() - started)
+    return PrepareResult(out_dir, table, processed, plan.reused, plan.skipped, dropped)
 
-    elapsed = time.perf_counter() - started
+
+# ----------------------------------------------------------------------------- prepare_dataset's steps
+def _check_arguments(data_dir, out_dir, rle_csv, val_fraction, workers, binary_masks):
+    """The paths resolved and the settings checked, in the library's words."""
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise OptionError("val_fraction", f"must be at least 0 and below 1, got {val_fraction}")
+    if binary_masks not in BINARY_MASK_CHOICES:
+        raise OptionError("binary_masks", f"must be one of {', '.join(BINARY_MASK_CHOICES)}, got {binary_masks!r}")
+    workers = min(2, os.cpu_count() or 1) if workers is None else int(workers)
+    if workers < 1:
+        raise OptionError("workers", f"must be at least 1, got {workers}")
+    rle_path = None if rle_csv is None else Path(rle_csv).expanduser().resolve()
+    return Path(data_dir).expanduser().resolve(), Path(out_dir).expanduser().resolve(), rle_path, workers
+
+
+def _check_out_dir(out_dir: Path, data_dir: Path, root: Path) -> None:
+    """Refuse a cache folder inside the data, a file, or a folder holding something else."""
+    if out_dir == data_dir or out_dir == root or root in out_dir.parents:
+        raise NucleisegError("the cache cannot be written into the data folder itself; choose another cache folder",
+                             out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NucleisegError("exists and is not a folder", out_dir)
+    if out_dir.is_dir() and not (out_dir / "manifest.json").is_file() and not _only_cache_files(out_dir):
+        raise NucleisegError(
+            "folder is not empty and holds no nucleiseg cache (manifest.json); choose another cache folder", out_dir
+        )
+
+
+@dataclass
+class _Previous:
+    """What an earlier run left in the cache folder."""
+
+    manifest: dict | None
+    rows: dict[str, dict]
+    images: dict  # image_id -> manifest entry of the images counted as up to date (none with force)
+    skipped: dict[str, dict]
+
+
+def _previous_cache(out_dir: Path, force: bool) -> _Previous:
+    manifest = _read_manifest(out_dir)
+    index = _read_table(out_dir / "index.csv", INDEX_COLUMNS) if manifest is not None else None
+    rows = {} if index is None else {r["image_id"]: r for r in index.to_dict("records")}
+    # with force, nothing counts as up to date (old rows are still known, to drop what is gone)
+    images: dict = {} if force or manifest is None else manifest.get("images", {})
+    skipped = {
+        s["image_id"]: s
+        for s in ([] if force or manifest is None else manifest.get("skipped", []))
+        if isinstance(s, dict) and s.get("fingerprint")
+    }
+    return _Previous(manifest, rows, images, skipped)
+
+
+@dataclass
+class _Plan:
+    """Per source: up to date (its row reused), skipped as before, or to do."""
+
+    rows: dict[str, dict] = field(default_factory=dict)
+    entries: dict[str, dict] = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    todo: list[tuple[_Sample, str]] = field(default_factory=list)
+    fingerprints: dict[str, str | None] = field(default_factory=dict)
+
+
+def _plan(samples, problems, old: _Previous, data_dir: Path, root: Path, layout: str, out_dir: Path) -> _Plan:
+    plan = _Plan(skipped=[{"image_id": i, "source": _relative(p, data_dir), "reason": reason}
+                          for i, p, reason in problems])
+    for sample in samples:
+        fingerprint = _fingerprint(sample, root, layout)
+        plan.fingerprints[sample.image_id] = fingerprint
+        source = _relative(sample.image, data_dir)
+        before = old.images.get(sample.image_id)
+        if (
+            fingerprint is not None
+            and before is not None
+            and before.get("fingerprint") == fingerprint
+            and sample.image_id in old.rows
+            and all(p.is_file() for p in _outputs(out_dir, sample.image_id))
+        ):
+            plan.rows[sample.image_id] = {c: old.rows[sample.image_id][c] for c in INDEX_COLUMNS if c != "group"}
+            plan.rows[sample.image_id]["source"] = source
+            plan.entries[sample.image_id] = before
+            plan.reused.append(sample.image_id)
+        elif fingerprint is not None and old.skipped.get(sample.image_id, {}).get("fingerprint") == fingerprint:
+            plan.skipped.append(dict(old.skipped[sample.image_id], source=source))
+        else:
+            plan.todo.append((sample, source))
+    # biggest sources first, so no large image is left alone at the end of the pool
+    plan.todo.sort(key=lambda t: -sum(_size(p) for p in t[0].files()))
+    return plan
+
+
+def _process(plan: _Plan, out_dir: Path, workers: int, progress: bool, binary_masks: str) -> tuple[list[str], int, bool]:
+    """Process the sources to do, adding their rows to the plan: (processed ids, images warned about, interrupted)."""
+    processed: list[str] = []
+    n_warned = 0
+    interrupted = False
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with _redirect_logging(progress):
+            for result in _run_all(plan.todo, out_dir, workers, progress, binary_masks):
+                image_id = result["image_id"]
+                for message in result["warnings"]:
+                    log.warning("%s", message)
+                n_warned += bool(result["warnings"])
+                if "skip" in result:
+                    plan.skipped.append({"image_id": image_id, "source": result["source"], "reason": result["skip"],
+                                         "fingerprint": plan.fingerprints[image_id]})
+                    continue
+                plan.rows[image_id] = {c: result[c] for c in INDEX_COLUMNS if c != "group"}
+                plan.entries[image_id] = {"fingerprint": plan.fingerprints[image_id]}
+                if result["warnings"]:
+                    plan.entries[image_id]["warnings"] = result["warnings"]
+                processed.append(image_id)
+    except KeyboardInterrupt:
+        # save what is done, so that the next run only does the rest
+        interrupted = True
+    return sorted(processed), n_warned, interrupted
+
+
+def _drop_gone(old: _Previous, plan: _Plan, out_dir: Path, pending: list[str]) -> list[str]:
+    """Remove the files of images whose source is gone, became unusable, or (interrupted) are not redone yet."""
+    dropped = sorted(set(old.rows) - set(plan.rows))
+    for image_id in dropped:
+        for path in _outputs(out_dir, image_id):
+            path.unlink(missing_ok=True)
+    return sorted(set(dropped) - set(pending))
+
+
+def _index_table(rows: dict[str, dict], group_of: dict[str, str]) -> pd.DataFrame:
+    index = pd.DataFrame([rows[i] for i in sorted(rows)], columns=[c for c in INDEX_COLUMNS if c != "group"])
+    index.insert(INDEX_COLUMNS.index("group"), "group", [group_of.get(i, "") for i in index["image_id"]])
+    return index[list(INDEX_COLUMNS)]
+
+
+def _split(index: pd.DataFrame, old: _Previous, out_dir: Path, val_fraction: float, seed: int,
+           interrupted: bool) -> tuple[dict, pd.DataFrame | None]:
+    """The split's settings and table: the earlier split kept where its settings did not change."""
+    split_settings = {"seed": int(seed), "val_fraction": float(val_fraction)}
+    previous = old.manifest.get("split") if old.manifest else None
+    old_split = _read_table(out_dir / "split.csv", SPLIT_COLUMNS) if old.manifest else None
+    if interrupted:
+        # the split is drawn once all images are in: leave split.csv (and its settings) as they were
+        return previous or split_settings, old_split
+    kept: dict[str, str] = {}
+    if old_split is not None and previous == split_settings:
+        kept = dict(zip(old_split["image_id"], old_split["split"]))
+    elif old_split is not None:
+        log.info("split settings changed (%s -> %s): drawing a new split", previous, split_settings)
+    split = split_train_val(
+        list(index["kind"]),
+        list(index["group"]),
+        val_fraction=val_fraction,
+        seed=seed,
+        fixed=[kept.get(i) for i in index["image_id"]] if kept else None,
+    )
+    _warn_straddling(index["group"], split)
+    return split_settings, pd.DataFrame({"image_id": index["image_id"], "split": split})
+
+
+def _write_cache_files(out_dir: Path, index: pd.DataFrame, split_table: pd.DataFrame | None, manifest: dict,
+                       old_manifest: dict | None, work_done: bool) -> None:
+    """index.csv, split.csv and manifest.json, each only when it changed (an up-to-date cache is not touched)."""
+    changed = _write_if_changed(out_dir / "index.csv", _csv_text(index))
+    if split_table is not None:
+        changed |= _write_if_changed(out_dir / "split.csv", _csv_text(split_table))
+    comparable = {k: v for k, v in (old_manifest or {}).items() if k not in ("updated", "nucleiseg_version")}
+    if changed or work_done or comparable != {k: v for k, v in manifest.items() if k != "nucleiseg_version"}:
+        manifest["nucleiseg_version"] = __version__
+        manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        _write_if_changed(out_dir / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+
+
+def _report(out_dir: Path, table: pd.DataFrame, processed: list[str], plan: _Plan, dropped: list[str],
+            n_warned: int, elapsed: float) -> None:
     log.info(
         "cache %s: %d images (%d processed, %d reused as up to date, %d skipped, %d dropped as gone) in %.1f s",
-        out_dir, len(index), len(processed), len(reused), len(skipped), len(dropped), elapsed,
+        out_dir, len(table), len(processed), len(plan.reused), len(plan.skipped), len(dropped), elapsed,
     )
-    n_old_warned = sum(1 for i in reused if entries[i].get("warnings"))
+    n_old_warned = sum(1 for i in plan.reused if plan.entries[i].get("warnings"))
     if n_warned or n_old_warned:
         log.info(
             "%d images had warnings (%d of them in earlier runs); all are listed in %s",
-            n_warned + n_old_warned, n_old_warned, manifest_path,
+            n_warned + n_old_warned, n_old_warned, out_dir / "manifest.json",
         )
-    table = index.assign(split=split_table["split"].to_numpy())
     for kind in KINDS:
         part = table[table["kind"] == kind]
         if len(part):
@@ -654,7 +725,6 @@ def prepare_dataset(
                 "  %-12s %4d images: %d train, %d val",
                 kind, len(part), int((part["split"] == "train").sum()), int((part["split"] == "val").sum()),
             )
-    return PrepareResult(out_dir, table, processed, reused, skipped, dropped)
 
 
 def _warn_straddling(groups: pd.Series, split: np.ndarray) -> None:

@@ -8,6 +8,12 @@
 This is what napari, Fiji (Labkit, the ROI manager's "labels" export),
 StarDist and Cellpose write. Files pair up by name without the extension;
 the label values need not be consecutive and are renumbered ``1..n``.
+
+A binary mask (0/255, or 0/1: every nucleus the same value) is not instance
+labels: read as such, the whole image would be one "nucleus".
+:func:`check_binary_mask` recognises one (a single value covering several
+separate blobs) and refuses it, or numbers each blob as its own nucleus, as
+the caller chooses.
 """
 
 from __future__ import annotations
@@ -16,10 +22,31 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ImageReadError
+from ..errors import ImageReadError, NucleisegError
 from ..io import list_images, read_labels
 
-__all__ = ["is_paired_layout", "list_paired_images", "read_paired_labels", "relabel_consecutive"]
+__all__ = [
+    "BINARY_MASK_CHOICES",
+    "BinaryMaskError",
+    "check_binary_mask",
+    "is_paired_layout",
+    "list_paired_images",
+    "read_paired_labels",
+    "relabel_consecutive",
+]
+
+#: What :func:`check_binary_mask` does with a binary mask: stop, or number its blobs.
+BINARY_MASK_CHOICES = ("refuse", "split")
+
+
+class BinaryMaskError(NucleisegError):
+    """A label file that is a binary mask, refused (``binary_masks="refuse"``)."""
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        super().__init__(message, path)
+
+    def __reduce__(self):  # keeps message and path across a process pool
+        return (type(self), (self.message, self.path))
 
 
 def is_paired_layout(data_dir: str | Path) -> bool:
@@ -154,3 +181,63 @@ def read_paired_labels(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
         return relabel_consecutive(labels)
     except ValueError as exc:
         raise ImageReadError(str(exc), path) from None
+
+
+def check_binary_mask(labels: np.ndarray, path: str | Path, binary_masks: str = "refuse") -> tuple[np.ndarray, str | None]:
+    """Refuse or split a label image that is a binary mask rather than instance labels.
+
+    A binary mask is recognised as a single non-zero value covering two or
+    more separate blobs (8-connected): what a 0/255 or 0/1 mask of several
+    nuclei is. Instance labels, or a mask of one blob, pass unchanged.
+
+    Parameters
+    ----------
+    labels : (H, W) integer array
+        As read (any values; 0 = background).
+    path : str or Path
+        The label file, named in the error or warning.
+    binary_masks : {"refuse", "split"}
+        ``"refuse"``: raise :class:`BinaryMaskError`. ``"split"``: number each
+        blob ``1..n`` as its own nucleus (touching nuclei stay one) and return
+        a warning.
+
+    Returns
+    -------
+    labels : ndarray
+        ``labels`` itself, or the numbered blobs (uint16, uint32 past 65535).
+    warning : str or None
+        What was done to a binary mask.
+
+    Raises
+    ------
+    BinaryMaskError
+        A binary mask, with ``binary_masks="refuse"``.
+
+    Examples
+    --------
+    >>> mask = np.zeros((4, 7), np.uint8); mask[1:3, 1:3] = 255; mask[1:3, 4:6] = 255
+    >>> labels, warning = check_binary_mask(mask, "labels/a.png", "split")
+    >>> int(labels.max()), warning
+    (2, 'labels/a.png: a binary mask (one value over 2 separate blobs), not instance labels: each blob numbered as one nucleus; touching nuclei stay merged')
+    >>> check_binary_mask(mask, "labels/a.png")
+    Traceback (most recent call last):
+    ...
+    nucleiseg.data.paired.BinaryMaskError: labels/a.png: a binary mask (one value over 2 separate blobs), not instance labels: each nucleus needs its own value; to number each blob as one nucleus, choose to split binary masks
+    """
+    from scipy import ndimage as ndi
+
+    if binary_masks not in BINARY_MASK_CHOICES:
+        raise ValueError(f"binary_masks must be one of {BINARY_MASK_CHOICES}, got {binary_masks!r}")
+    labels = np.asarray(labels)
+    top = labels.max(initial=0)
+    if top == 0 or labels.min() not in (0, top) or np.any((labels != 0) & (labels != top)):
+        return labels, None  # empty, or more than one value: instance labels
+    blobs, n = ndi.label(labels != 0, structure=np.ones((3, 3), bool))
+    if n < 2:
+        return labels, None
+    what = f"a binary mask (one value over {n} separate blobs), not instance labels"
+    if binary_masks == "refuse":
+        raise BinaryMaskError(f"{what}: each nucleus needs its own value; to number each blob as one nucleus, "
+                              "choose to split binary masks", path)
+    dtype = np.uint16 if n <= np.iinfo(np.uint16).max else np.uint32
+    return blobs.astype(dtype), f"{path}: {what}: each blob numbered as one nucleus; touching nuclei stay merged"

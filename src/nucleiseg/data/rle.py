@@ -69,12 +69,15 @@ def _parse_runs(rle: str, size: int) -> tuple[np.ndarray, np.ndarray]:
         values = np.array(text.split(), dtype=np.int64)
     except ValueError:
         raise ValueError(f"run-length string holds non-integer values: {text[:40]!r}") from None
+    except OverflowError:  # found by tests/test_properties.py: a number past int64 is no pixel position either
+        raise ValueError(f"run-length string holds a number too large for any image: {text[:40]!r}") from None
     if len(values) % 2:
         raise ValueError("run-length string has an odd number of values (expected start/length pairs)")
     starts, lengths = values[0::2] - 1, values[1::2]
     if len(starts) and (starts.min() < 0 or lengths.min() < 1):
         raise ValueError("run-length starts must be >= 1 and lengths >= 1")
-    if len(starts) and int((starts + lengths).max()) > size:
+    # each bounded first, so that start + length cannot overflow int64 into a small number
+    if len(starts) and (int(starts.max()) >= size or int(lengths.max()) > size or int((starts + lengths).max()) > size):
         raise ValueError(f"run-length runs past the end of the image ({size} pixels)")
     return starts, lengths
 

@@ -4,31 +4,36 @@ Model files are safetensors: tensors only, never pickled objects, so loading a
 file from anywhere cannot run code. Their metadata holds JSON strings: the
 network ``config`` (enough to rebuild it alone), the output ``channels``,
 ``postprocess`` and ``preprocess`` settings, and the ``nucleiseg_version``.
+:mod:`nucleiseg.models.metadata` owns that format: every read and write is
+validated against the tensors (:class:`~nucleiseg.models.metadata.ModelMetadata`).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import NucleisegError
+from .metadata import DEFAULT_CHANNELS, ModelMetadata, read_model_file, resolve_prune_level, write_model_file
 from .unetplusplus import UNetPlusPlus, UNetPlusPlusConfig
 
 __all__ = [
+    "DEFAULT_CHANNELS",
     "DEFAULT_MODEL_PATH",
+    "ModelMetadata",
     "UNetPlusPlus",
     "UNetPlusPlusConfig",
     "build_model",
     "load_model_file",
+    "read_model_file",
     "read_raw_model_file",
     "resolve_model_path",
+    "resolve_prune_level",
     "save_model",
+    "write_model_file",
 ]
-
-DEFAULT_CHANNELS = ("body", "contour", "touch")
 
 #: The trained model shipped inside the package.
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "weights" / "default.safetensors"
@@ -61,64 +66,53 @@ def build_model(config: dict[str, Any]) -> UNetPlusPlus:
 
 
 def save_model(path: str | Path, model: UNetPlusPlus, metadata: dict[str, Any] | None = None) -> None:
-    """Write ``model``'s weights and metadata to a safetensors file, atomically."""
-    from safetensors.torch import save_file
+    """Write ``model``'s weights and metadata to a safetensors file, atomically.
 
+    The metadata (``config`` and ``channels`` from the network, then ``metadata``,
+    then ``nucleiseg_version``) is validated against the weights
+    (:class:`~nucleiseg.models.metadata.ModelMetadata`) before anything is written.
+    """
     from .. import __version__
-    from ..io import atomic_path
 
     meta = {"config": model.config.to_dict(), "channels": list(DEFAULT_CHANNELS[: model.config.out_channels])}
     meta.update(metadata or {})
     meta["nucleiseg_version"] = __version__
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+    write_model_file(path, model.state_dict(), meta)
 
 
 def read_raw_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and the undecoded (JSON string) metadata of a safetensors file.
+    """The tensors and the undecoded (JSON string) metadata of a safetensors file, validated.
 
     Raises
     ------
     NucleisegError
-        Naming the file, when it is missing or not a safetensors file.
+        Naming the file, when it is missing, not a safetensors file, or its
+        metadata does not describe its tensors.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise NucleisegError("no such model file", path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = dict(f.metadata() or {})
-        return load_file(str(path)), raw
-    except Exception as exc:  # safetensors raises several types; all mean "not a model file"
-        raise NucleisegError(f"not a nucleiseg model file ({exc})", path) from None
+    tensors, meta = read_model_file(path)
+    return tensors, meta.to_raw()
 
 
-def load_model_file(path: str | Path) -> tuple[UNetPlusPlus, dict[str, Any]]:
+def load_model_file(path: str | Path) -> tuple[UNetPlusPlus, ModelMetadata]:
     """Rebuild a network from a safetensors model file.
+
+    The metadata is validated against the tensors' shapes, read from the
+    file's header, before the network is built.
 
     Returns
     -------
     model : UNetPlusPlus
         In eval mode, on the CPU.
-    metadata : dict
-        The decoded JSON metadata (``config``, ``channels``, ``postprocess``, ...).
+    metadata : ModelMetadata
+        The decoded, validated metadata (``config``, ``channels``, ``postprocess``, ...);
+        a read-only mapping.
     """
     path = Path(path)
-    state, raw = read_raw_model_file(path)
-    try:
-        metadata = {k: json.loads(v) for k, v in raw.items()}
-    except ValueError as exc:
-        raise NucleisegError(f"not a nucleiseg model file (metadata is not JSON: {exc})", path) from None
-    if "config" not in metadata:
-        raise NucleisegError("model file has no 'config' metadata; was it written by nucleiseg?", path)
-    model = build_model(metadata["config"])
+    state, metadata = read_model_file(path)
+    model = build_model(metadata.config)
     try:
         model.load_state_dict(state)
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # checked above; kept for a torch that adds a buffer
         raise NucleisegError(f"weights do not match the stored config ({str(exc).splitlines()[0]})", path) from None
     model.eval()
     return model, metadata
