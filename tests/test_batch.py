@@ -224,6 +224,7 @@ def test_options_checked_once_with_the_cli_words(tmp_path: Path, images: Path, m
         (["--threads", "0"], "--threads must be at least 1, got 0"),
         (["--batch-size", "0"], "--batch-size must be a whole number >= 1, got 0"),
         (["--channel", "0"], "--channel counts from 1"),
+        (["--workers", "-1"], "--workers must be a whole number >= 0, got -1"),
     ]:
         assert main(["-q", "predict", str(images), "-o", str(tmp_path / "refused"), *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
