@@ -24,14 +24,21 @@ megapixel:
 - Cellpose 4's network (``CPSAM``, a ViT-L encoder, the only model of Cellpose 4;
   random weights), batch 1, from ``--cellpose DIR`` (``pip install --target DIR
   --no-deps cellpose fastremap fill_voids natsort segment-anything
-  opencv-python-headless``; its own dependencies pull torchvision, unused here);
+  opencv-python-headless``; its dependencies pull torchvision, which PyPI
+  builds against a CUDA torch: a stand-in module replaces it for the
+  segment_anything parts CPSAM does not use);
 - Cellpose's mask reconstruction (Cellpose 4's ``dynamics.compute_masks``:
   200 steps of flow following, then the flow-error check) on flow-shaped input:
   the flows Cellpose's ``masks_to_flows`` makes of nucleiseg's labels of the
   same images, and a cell probability of +/-5 inside/outside them; with the
   Cellpose 3 network's time that is a Cellpose end to end on these images.
 
-StarDist is reported as not compared when TensorFlow cannot be imported.
+- StarDist's 2-D network (the ``2D_versatile_fluo`` architecture, 32 rays,
+  grid 2; random weights) under TensorFlow with ``--threads`` intra-op
+  threads, from ``--stardist DIR`` (``pip install --target DIR stardist
+  tensorflow-cpu``; appended to the path, so the venv's NumPy stays in use).
+
+What cannot be compared is printed with the reason.
 """
 
 from __future__ import annotations
@@ -66,6 +73,36 @@ def throughput(net: Callable[[torch.Tensor], Any], x: torch.Tensor, bf16: bool, 
     return x.shape[0] / statistics.median(timed(run, min_time, min_runs=min_runs))
 
 
+def stub_torchvision() -> None:
+    """A stand-in for torchvision when it cannot load: segment_anything and cellpose.transforms import it for
+    parts this benchmark does not use.
+
+    (PyPI's torchvision is built against a CUDA torch; with torch's CPU build its operators fail to register.)
+    """
+    import types
+
+    try:
+        import torchvision  # noqa: F401
+
+        return
+    except (ImportError, RuntimeError):
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("torchvision stand-in of benchmarks/peers.py")
+
+    modules = {name: types.ModuleType(name) for name in (
+        "torchvision", "torchvision.ops", "torchvision.ops.boxes", "torchvision.transforms",
+        "torchvision.transforms.functional", "torchvision.transforms._functional_tensor")}
+    for name, module in modules.items():
+        module.__getattr__ = lambda attr: unavailable  # any function: fails if called
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(modules[parent], child, module)
+        sys.modules[name] = module
+
+
 def load_file_module(name: str, path: Path):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -83,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time", type=float, default=2.0, help="seconds of timing per network configuration")
     parser.add_argument("--cellpose", default=None, help="folder holding Cellpose 4 (pip install --target)")
     parser.add_argument("--cellpose3", default=None, help="folder holding Cellpose 3 (pip install --target)")
+    parser.add_argument("--stardist", default=None, help="folder holding StarDist and TensorFlow (pip install --target)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["cpsam", "monai", "cellpose3", "masks"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -154,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     # Cellpose 4: CPSAM network, and the mask reconstruction
     if args.cellpose:
         sys.path.insert(0, args.cellpose)
+    stub_torchvision()
     try:
         import cellpose
         from cellpose import dynamics
@@ -175,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             probs = [np.where(lab > 0, 5.0, -5.0).astype(np.float32) for lab in labels]
             dynamics.compute_masks(flows[0] * 5, probs[0])  # warm-up
             t0 = time.perf_counter()
-            found = [dynamics.compute_masks(f * 5, p)[0].max() for f, p in zip(flows, probs)]
+            masks = [dynamics.compute_masks(f * 5, p) for f, p in zip(flows, probs)]
+            found = [(m[0] if isinstance(m, tuple) else m).max() for m in masks]  # Cellpose 4: the masks alone
             seconds = (time.perf_counter() - t0) / len(labels)
             agree = np.mean([int(n) for n in found]) / max(1.0, np.mean([lab.max() for lab in labels]))
             add(f"Cellpose {version} mask reconstruction (compute_masks)", 1 / seconds,
@@ -187,14 +227,35 @@ def main(argv: list[str] | None = None) -> int:
         results["not_compared"]["Cellpose 4"] = f"cannot import ({exc.name}); give --cellpose DIR"
 
     # StarDist
+    if args.stardist:
+        sys.path.append(args.stardist)  # after the venv: its own copies of NumPy etc. stay unused
     try:
-        import stardist  # noqa: F401
-        import tensorflow  # noqa: F401
+        import tensorflow as tf
 
-        results["not_compared"]["StarDist"] = "installed, but its 2-D network is not measured by this script yet"
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+        import stardist
+        from stardist.models import Config2D, StarDist2D
+
+        tf.keras.utils.set_random_seed(0)
+        config = Config2D(n_channel_in=1, n_rays=32, grid=(2, 2))  # the architecture of 2D_versatile_fluo
+        star = StarDist2D(config, name=None, basedir=None)
+        x = batch[:, :3].mean(1, keepdim=True).permute(0, 2, 3, 1).contiguous().numpy()
+        star.keras_model(x, training=False)
+
+        def run_star() -> None:
+            star.keras_model(x, training=False)
+
+        ips = x.shape[0] / statistics.median(timed(run_star, args.time))
+        add(f"StarDist {stardist.__version__} 2-D (TensorFlow {tf.__version__}), network, fp32", ips,
+            "random weights; TensorFlow's own threads")
+        results["not_compared"]["StarDist end to end"] = (
+            "its polygon NMS needs trained weights to do representative work (random weights give "
+            "probabilities near 0.5 everywhere), and none can be downloaded")
     except ImportError as exc:
         results["not_compared"]["StarDist"] = (f"cannot import {exc.name}: StarDist's network is a Keras/TensorFlow "
-                                               "model (CSBDeep); see docs/benchmarks.md for why it is not installed")
+                                               "model (CSBDeep); give --stardist DIR (pip install --target DIR "
+                                               "stardist tensorflow-cpu)")
     results["load"].append(os.getloadavg()[0])
     say("\nnot compared: " + "; ".join(f"{k}: {v}" for k, v in results["not_compared"].items()))
     say(f"load average at the start and end: {results['load'][0]:.2f}, {results['load'][1]:.2f}")

@@ -12,7 +12,8 @@ options (precision auto, default outputs: labels, mask, overlay, table):
   ``predict`` runs for an image of one tile);
 - ``predict_files`` on a folder of ``--images`` 256x256 DSB crops (written
   as PNG beforehand), one image
-  at a time (``workers=0``) and pipelined (default workers), and the ratio
+  at a time (``workers=0``), pipelined (default workers: processes) and
+  pipelined with worker threads instead, and the ratio
   of its images/s to network-only's;
 - with ``--large SIDE``: one SIDE x SIDE mosaic of DSB crops, accurate mode,
   as seconds per megapixel against the 256x256 folder's.
@@ -67,9 +68,44 @@ def timed_predict(folder: Path, model: Any, mode: str, workers: int | None, repe
     return best, best_load
 
 
+def stage_cpu_seconds(folder: Path, model: Any, mode: str) -> dict[str, float]:
+    """CPU seconds (all threads of this process) per image of each stage of predict_files, run one after the other.
+
+    CPU time is far less disturbed than wall time by other processes on a shared machine. With C cores, a
+    pipeline that keeps the network busy reaches at best ``network / (network + read + finish)`` of the
+    network-only throughput when every stage competes for the same cores (the network itself using them all).
+    """
+    from nucleiseg.batch import ImageJob, OutputFolder, _finish, _infer, _read, plan_outputs
+    from nucleiseg.options import PredictOptions
+
+    opts = PredictOptions(mode=mode).resolved(model.depth, model.nucleus_diameter)
+    out = Path(tempfile.mkdtemp(prefix="nucleiseg-predict-speed-"))
+    try:
+        target = OutputFolder(out).open()
+        jobs = [ImageJob(p, p.stem, plan_outputs(out, p.stem)) for p in sorted(folder.glob("*.png"))]
+        cpu = {"read": 0.0, "network": 0.0, "finish": 0.0}
+        _finish(_infer(jobs[0], *_read(jobs[0], opts), model, opts, None), target)  # warm-up
+        for job in jobs:
+            t0 = time.process_time()
+            read = _read(job, opts)
+            t1 = time.process_time()
+            predicted = _infer(job, *read, model, opts, None)
+            t2 = time.process_time()
+            _finish(predicted, target)
+            t3 = time.process_time()
+            cpu["read"] += t1 - t0
+            cpu["network"] += t2 - t1
+            cpu["finish"] += t3 - t2
+        target.close()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return {k: v / len(jobs) for k, v in cpu.items()}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
+    from nucleiseg import pipeline
     from nucleiseg.inference import load_model, resolve_prune_level
     from nucleiseg.io import write_png
     from nucleiseg.device import resolve_precision
@@ -118,22 +154,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 l0 = load()
                 keep((mode, "network_batch1"), network_throughput(model.network, level, bf16, True, True,
                                                                   args.net_time, batch=1), max(l0, load()))
-                for name, workers in (("sequential", 0), ("pipelined", args.workers)):
-                    seconds, at = timed_predict(folder, model, mode, workers, 1, device=args.device)
+                for name, workers in (("sequential", 0), ("pipelined", args.workers), ("threads", args.workers)):
+                    if name == "threads":  # the pipeline with worker threads instead of processes
+                        pipeline.PROCESS_MIN_IMAGES, saved = 1 << 30, pipeline.PROCESS_MIN_IMAGES
+                    try:
+                        seconds, at = timed_predict(folder, model, mode, workers, 1, device=args.device)
+                    finally:
+                        if name == "threads":
+                            pipeline.PROCESS_MIN_IMAGES = saved
                     keep((mode, name), args.images / seconds, at)
                 say(f"round {round_ + 1}: {mode} " + ", ".join(f"{k[1]} {v[0]:.2f}" for k, v in best.items()
                                                               if k[0] == mode) + f" (best so far); load {load():.1f}")
         for mode in args.modes:
             row: dict[str, Any] = {k[1]: {"images_per_s": v[0], "load": v[1]} for k, v in best.items() if k[0] == mode}
+            cpu = stage_cpu_seconds(folder, model, mode)
+            row["cpu_seconds_per_image"] = cpu
+            row["bound_from_cpu"] = cpu["network"] / sum(cpu.values())
+            say(f"\n{mode}: CPU seconds per image, stages run in turn: read {cpu['read']:.3f}, "
+                f"network (incl. normalising) {cpu['network']:.3f}, labels + measurements + writing {cpu['finish']:.3f}; "
+                f"a pipeline sharing the cores reaches at best {row['bound_from_cpu']:.0%} of network-only")
             net8, net1 = row["network_batch8"]["images_per_s"], row["network_batch1"]["images_per_s"]
-            for name in ("sequential", "pipelined"):
+            for name in ("sequential", "pipelined", "threads"):
                 row[name]["of_network_batch8"] = row[name]["images_per_s"] / net8
                 row[name]["of_network_batch1"] = row[name]["images_per_s"] / net1
                 row[name]["seconds"] = args.images / row[name]["images_per_s"]
             results["modes"][mode] = row
             say(f"\n{mode}: network only {net8:.2f} images/s (batch 8, load {row['network_batch8']['load']:.1f}), "
                 f"{net1:.2f} (batch 1, load {row['network_batch1']['load']:.1f})")
-            for name in ("sequential", "pipelined"):
+            for name in ("sequential", "pipelined", "threads"):
                 r = row[name]
                 say(f"  predict_files {name:10s}: {r['images_per_s']:.2f} images/s = {100 * r['of_network_batch8']:.0f}% "
                     f"of network-only batch 8, {100 * r['of_network_batch1']:.0f}% of batch 1 (load {r['load']:.1f}"

@@ -224,6 +224,7 @@ def test_options_checked_once_with_the_cli_words(tmp_path: Path, images: Path, m
         (["--threads", "0"], "--threads must be at least 1, got 0"),
         (["--batch-size", "0"], "--batch-size must be a whole number >= 1, got 0"),
         (["--channel", "0"], "--channel counts from 1"),
+        (["--workers", "-1"], "--workers must be a whole number >= 0, got -1"),
     ]:
         assert main(["-q", "predict", str(images), "-o", str(tmp_path / "refused"), *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -286,8 +287,7 @@ def test_pipelined_run_equals_one_image_at_a_time(tmp_path: Path, images: Path, 
     write_png(images / "third.png", _fixture(FLUO, 96)[16:, 8:, :3])
     sequential = tmp_path / "sequential"
     _run(images, sequential, model, workers=0)
-    monkeypatch.setattr(pipeline, "PROCESS_MIN_IMAGES", 1)  # processes even for three images, on two cores
-    monkeypatch.setattr(pipeline, "PROCESS_MIN_WORKERS", 2)
+    monkeypatch.setattr(pipeline, "PROCESS_MIN_IMAGES", 1)  # processes even for three images
     assert pipeline.use_processes(2, 3)
     pipelined = tmp_path / "pipelined"
     summary = _run(images, pipelined, model, workers=2)

@@ -41,15 +41,13 @@ __all__ = ["PROCESS_MIN_IMAGES", "Failed", "default_workers", "read_ahead", "use
 T = TypeVar("T")
 R = TypeVar("R")
 
-#: A batch of at least this many images to predict is finished by worker processes, a shorter one by threads:
-#: starting a worker process (spawn, then NumPy, SciPy, scikit-image, pandas) takes about 1 s of one core on the
-#: 2-core development machine, the CPU stages of a 256x256 image about 0.05-0.1 s.
+#: A batch of at least this many images to predict is finished by worker processes, a shorter one by threads.
+#: Threads share the GIL with the network's thread, which needs it between every two operators: worker threads
+#: running Python code (the measurements, the writers) slowed the network down (fast mode, 32 images of 256x256 on
+#: 2 cores: 1.01 images/s with 2 threads against 1.56 one image at a time, at load 6). Starting a process (spawn,
+#: then NumPy, SciPy, scikit-image, pandas) takes about 1 s of one core; the CPU stages of a 256x256 image take
+#: about 0.1 s.
 PROCESS_MIN_IMAGES = 16
-
-#: Fewer workers than this are threads whatever the batch: on a 2-core machine the network's threads already
-#: occupy both cores, and worker processes only added their start-up (``benchmarks/predict_speed.py``, fast
-#: mode, 32 images: 0.59 images/s with 2 processes against 0.81 one image at a time, taken at load 8-9).
-PROCESS_MIN_WORKERS = 3
 
 #: Niceness added to the workers: the network is the stage the others wait on, so on a busy CPU it comes first
 #: and the workers take the cycles it leaves.
@@ -144,10 +142,10 @@ def use_processes(workers: int, images: int) -> bool:
 
     Examples
     --------
-    >>> use_processes(16, 100), use_processes(16, 3), use_processes(2, 100)
-    (True, False, False)
+    >>> use_processes(2, 100), use_processes(2, 3), use_processes(1, 100)
+    (True, False, True)
     """
-    return workers >= PROCESS_MIN_WORKERS and images >= PROCESS_MIN_IMAGES and _main_is_importable()
+    return images >= PROCESS_MIN_IMAGES and _main_is_importable()
 
 
 def _lower_priority() -> None:
