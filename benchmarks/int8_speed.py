@@ -131,13 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("fp32", "dynamic", "static"):
         try:
             session = ort_session(tmp / f"{name}.onnx", args.threads)
-            session.run(None, {"image": x8})
+            session.run(None, {"image": x8[:1]})
         except Exception as exc:  # an operator ONNX Runtime's CPU provider lacks for this quantisation
             say(f"ONNX Runtime {name}: cannot run ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
             results[f"ort_{name}_error"] = str(exc)[:500]
             continue
-        network[f"ONNX Runtime {name}"] = 8 / statistics.median(
-            timed(lambda: session.run(None, {"image": x8}), args.time))
+        if name == "dynamic":  # ConvInteger: minutes per batch of 8 on 2 cores; one image, one timed call
+            x1 = x8[:1]
+            network[f"ONNX Runtime {name}"] = 1 / min(timed(lambda: session.run(None, {"image": x1}), 0.0,
+                                                            min_runs=1, warmup=0))
+        else:
+            network[f"ONNX Runtime {name}"] = 8 / statistics.median(
+                timed(lambda: session.run(None, {"image": x8}), args.time))
         if name != "dynamic" or args.dynamic_end_to_end:
             variants[f"ONNX Runtime {name}"] = dataclasses.replace(model, network=OrtNetwork(session, model.network))
     for name, ips in network.items():
