@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import resource
 import subprocess
@@ -96,19 +95,14 @@ def write_mosaic(path: Path, size: int, root: Path) -> None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """tiling_memory's description of the machine, with the memory and Dask's version."""
     import dask
-    import torch
 
-    return (f"{cpu}, {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} "
-            f"GiB, Python {platform.python_version()}, torch {torch.__version__}, dask {dask.__version__}")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tiling_memory import machine as described
+
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    return f"{described()}, {memory:.0f} GiB, dask {dask.__version__}"
 
 
 def single(image_path: str, out: str, mode: str) -> None:
