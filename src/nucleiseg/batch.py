@@ -732,6 +732,7 @@ def _run_all(jobs: Sequence[ImageJob], model: Any, opts: PredictOptions, folder:
                     pool.shutdown(wait=True)
             pool = pipeline.worker_pool(workers, processes)
 
+    warm = not processes
     try:
         for k, read in pipeline.read_ahead(lambda k: _read(jobs[k], opts), todo):
             try:
@@ -742,6 +743,12 @@ def _run_all(jobs: Sequence[ImageJob], model: Any, opts: PredictOptions, folder:
                 put(k, *_failed(jobs[k], exc, folder))
                 continue
             del read
+            if warm:
+                # The first image is finished in this thread, so that the CPU stages' first imports
+                # (scikit-image's lazily loaded submodules, imageio's plugins) happen in one thread only.
+                put(k, *_finish(predicted, target))
+                warm = False
+                continue
             pending[pool.submit(_finish, predicted, target)] = (k, predicted)
             del predicted
             collect(block=len(pending) >= 2 * workers)
