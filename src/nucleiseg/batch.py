@@ -597,9 +597,12 @@ def predict_files(
         Workers that label, measure and write images while the network
         predicts the next ones (and a thread reads ahead); processes for a
         batch of :data:`~nucleiseg.pipeline.PROCESS_MIN_IMAGES` images or
-        more, else threads (see :mod:`nucleiseg.pipeline`). Default: one per
-        core. 0: each image read, predicted and written in turn in this
-        thread (:func:`predict_one`); the outputs are the same.
+        more, else threads (see :mod:`nucleiseg.pipeline`). Default (None)
+        and 0: each image read, predicted and written in turn in this thread
+        (:func:`predict_one`); the outputs are the same either way. On the
+        2-core development machine, idle, the pipeline was slower than one
+        image at a time (docs/benchmarks.md), so it is opt-in: for machines
+        whose cores the network leaves idle (a GPU host).
     cluster : str, distributed.Client or None
         Run the images on a Dask cluster (:func:`nucleiseg.distributed.predict_on_cluster`):
         ``"local:N"`` (N worker processes here) or a scheduler's address. Same outputs; images over
@@ -691,7 +694,9 @@ def _run_all(jobs: Sequence[ImageJob], model: Any, opts: PredictOptions, folder:
             put(k, row)
         else:
             todo.append(k)
-    workers = pipeline.default_workers() if workers is None else workers
+    #: one image at a time unless asked: on 2 idle cores, 32 images of 256² ran at 11.6 (fast) and 6.0
+    #: (accurate) images/s one at a time, 5.1 / 3.3 with 2 worker processes, 9.0 / 5.4 with 2 threads
+    workers = 0 if workers is None else workers
     if workers == 0 or not todo:
         for k in todo:
             put(k, predict_one(jobs[k], model, opts, folder, say=say, progress=tiles))
