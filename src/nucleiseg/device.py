@@ -11,13 +11,10 @@ from __future__ import annotations
 import torch
 
 from .errors import NucleisegError
+from .options import DEVICES, PRECISIONS, is_device_name
 
 __all__ = ["DEVICES", "PRECISIONS", "bf16_supported", "resolve_device", "resolve_precision"]
 
-#: Device names :func:`resolve_device` accepts (``cuda`` also as ``cuda:N``).
-DEVICES = ("auto", "cpu", "cuda", "mps")
-#: Precision settings of training and prediction.
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -47,7 +44,7 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     kind, _, index = text.partition(":")
-    if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
+    if not is_device_name(text):
         raise NucleisegError(f"unknown device {str(name)!r}: nucleiseg runs on 'auto', 'cpu', 'cuda' (or 'cuda:N') or 'mps'")
     if kind == "cpu":
         return torch.device("cpu")

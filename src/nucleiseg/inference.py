@@ -245,17 +245,6 @@ def prepare_image(image: np.ndarray, levels=None) -> np.ndarray:
     return normalize(to_rgb_uint8(image, levels.rescale), levels=levels.normalize)
 
 
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
-    return resolve_precision(precision, device)  # one rule for training and prediction (nucleiseg.device)
-
-
-def _options(options: PredictOptions | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> PredictOptions:
-    """The options asked for; keywords given as None keep the defaults (the old keyword API's meaning)."""
-    return PredictOptions.from_any(options, **overrides)
-
-
 def predict_probabilities(
     model: Model,
     image: np.ndarray,
@@ -313,11 +302,11 @@ def predict_probabilities(
     """
     if not isinstance(model, Model):
         raise TypeError(f"model must be a nucleiseg Model (see load_model), got {type(model).__name__}")
-    opts = _options(options, overrides).resolved(model.depth, model.nucleus_diameter)
+    opts = PredictOptions.from_any(options, **overrides).resolved(model.depth, model.nucleus_diameter)
     if opts.scale == "auto":
         raise ValueError("scale='auto' needs the nuclei of a first pass: use predict_labels or segment")
     level = resolve_prune_level(model.depth, model.metadata, opts.mode, opts.prune_level)
-    autocast = _autocast_dtype(opts.precision, model.device)
+    autocast = resolve_precision(opts.precision, model.device)  # one rule for training and prediction
     scale = opts.scale
     x = prepare_image(image, levels)  # normalised at the image's own size: the same intensities at every scale
     native = x.shape[1:]
@@ -473,7 +462,7 @@ def segment(
     from .measure import measure_nuclei
     from .preprocess import select_channel
 
-    opts = _options(options, overrides)
+    opts = PredictOptions.from_any(options, **overrides)
     model = _as_model(model, resolve_device(opts.device))
     opts = opts.resolved(model.depth, model.nucleus_diameter)
     if opts.channel is not None:
@@ -547,7 +536,7 @@ def predict_labels(
     if isinstance(options, (int, float, str)) and not isinstance(options, bool):
         overrides = {"scale": options, **overrides}
         options = None
-    opts = _options(options, overrides).resolved(model.depth, model.nucleus_diameter)
+    opts = PredictOptions.from_any(options, **overrides).resolved(model.depth, model.nucleus_diameter)
     auto = opts.scale == "auto"
     first = 1.0 if auto else opts.scale
 

@@ -232,11 +232,12 @@ def read_image(path: str | Path, *, max_bytes: int | None = None, channel: int |
     image = _as_2d_image(image, path)
     if channel is None:
         return image
-    n_channels = image.shape[-1] if image.ndim == 3 else 1
-    if not 1 <= channel <= n_channels:
-        raise ImageReadError(f"has {n_channels} channel{'s' if n_channels > 1 else ''}, "
-                             f"so there is no channel {channel} (channels count from 1)", path)
-    return image if image.ndim == 2 else image[..., channel - 1]
+    from .preprocess import select_channel
+
+    try:
+        return select_channel(image, channel)
+    except ValueError as exc:
+        raise ImageReadError(str(exc), path) from None
 
 
 def _tiff_channel(image: np.ndarray, axes: str, channel: int, path: Path) -> np.ndarray | None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -33,13 +32,26 @@ from typing import Any, Literal
 from .errors import OptionError
 from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE, check_tiling
 
-__all__ = ["MODES", "PRECISIONS", "PredictOptions"]
+__all__ = ["DEVICES", "MODES", "PRECISIONS", "PredictOptions", "is_device_name"]
 
 MODES = ("accurate", "fast")
 PRECISIONS = ("auto", "fp32", "bf16")
-_DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
+#: Device names (``cuda`` also as ``cuda:N``); :func:`nucleiseg.device.resolve_device` checks they exist here.
+DEVICES = ("auto", "cpu", "cuda", "mps")
 _THRESHOLDS = ("foreground_threshold", "seed_threshold")
 _SIZES = ("min_seed_size", "min_size")
+
+
+def is_device_name(text: str) -> bool:
+    """Whether ``text`` (lower case) names a device: one of :data:`DEVICES`, or ``cuda:N``.
+
+    Examples
+    --------
+    >>> is_device_name("cuda:1"), is_device_name("tpu"), is_device_name("cpu:1")
+    (True, False, False)
+    """
+    kind, _, index = text.partition(":")
+    return kind in DEVICES and (not index or (kind == "cuda" and index.isdigit()))
 
 
 def _shown(value: Any) -> str:
@@ -148,7 +160,7 @@ class PredictOptions:
             put("batch_size", _whole("batch_size", self.batch_size, 1))
         if self.precision not in PRECISIONS:
             raise OptionError("precision", f"must be one of {', '.join(PRECISIONS)}, got {_shown(self.precision)}")
-        if not isinstance(self.device, str) or not _DEVICE.match(self.device.strip().lower()):
+        if not isinstance(self.device, str) or not is_device_name(self.device.strip().lower()):
             raise OptionError("device", f"must be auto, cpu, cuda, cuda:N or mps, got {_shown(self.device)}")
         put("device", self.device.strip().lower())
         if isinstance(self.scale, str):

@@ -47,6 +47,7 @@ from .data.dataset import (
 from .data.kinds import KINDS
 from .data.targets import CHANNELS, make_targets
 from .device import bf16_supported, resolve_precision  # noqa: F401  (bf16_supported: kept importable from here)
+from .options import PRECISIONS
 from .errors import NucleisegError, OptionError
 from .io import atomic_path
 from .losses import DeepSupervisionLoss
@@ -175,7 +176,7 @@ class TrainConfig:
                 raise TrainConfigError(name, f"must be a number {limit}, got {value!r}")
         if self.schedule not in ("cosine", "plateau"):
             raise TrainConfigError("schedule", f"must be 'cosine' or 'plateau', got {self.schedule!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise TrainConfigError("precision", f"must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         for name, known in (("kind_weights", KINDS), ("channel_weights", CHANNELS)):
             weights = getattr(self, name)
