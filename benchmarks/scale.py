@@ -35,8 +35,8 @@ def score(model, splits, scale_of, precision: str, name: str) -> list[dict]:
     rows = []
     for split in splits:
         for kind, image, truth in zip(split.kinds, split.images, split.labels):
-            _, labels, scale = predict_labels(model, image, model.postprocess_for(image), scale_of(truth),
-                                             precision=precision)
+            _, labels, scale = predict_labels(model, image, model.postprocess_for(image),
+                                             scale=scale_of(truth), precision=precision)
             rows.append({"variant": name, "kind": kind, "scale": scale, "dsb": dsb_score(truth, labels)})
     return rows
 

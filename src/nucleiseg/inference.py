@@ -501,7 +501,7 @@ def predict_labels(
     model: Model,
     image: np.ndarray,
     params: PostprocessParams,
-    options: PredictOptions | Mapping[str, Any] | float | str | None = None,
+    options: PredictOptions | Mapping[str, Any] | None = None,
     *,
     progress: Progress | None = None,
     **overrides: Any,
@@ -521,7 +521,7 @@ def predict_labels(
         bringing them to ``model.nucleus_diameter`` would resize the image by
         more than :data:`AUTO_SCALE_TOLERANCE`, predict it again at that scale
         (see :func:`auto_scale` for its limits). ``min_size`` (image pixels)
-        replaces ``params.min_size``. (A bare number or "auto" is the scale.)
+        replaces ``params.min_size``.
     progress : callable, optional
         As in :func:`predict_probabilities`.
 
@@ -533,9 +533,6 @@ def predict_labels(
     """
     from .measure import median_diameter
 
-    if isinstance(options, (int, float, str)) and not isinstance(options, bool):
-        overrides = {"scale": options, **overrides}
-        options = None
     opts = PredictOptions.from_any(options, **overrides).resolved(model.depth, model.nucleus_diameter)
     auto = opts.scale == "auto"
     first = 1.0 if auto else opts.scale
