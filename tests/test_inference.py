@@ -379,6 +379,50 @@ def test_measure_nuclei_colour_and_empty() -> None:
         measure_nuclei(labels, rgb[:5])
 
 
+def test_measure_nuclei_equals_regionprops_on_dsb_labels() -> None:
+    """The bincount measurements are scikit-image's regionprops, column by column, on real annotated nuclei."""
+    from skimage.measure import regionprops_table
+
+    from nucleiseg.io import read_image
+    from nucleiseg.measure import grey_image
+
+    names = {"label": "label", "area": "area", "centroid-0": "centroid_y", "centroid-1": "centroid_x",
+             "bbox-0": "bbox_min_row", "bbox-1": "bbox_min_col", "bbox-2": "bbox_max_row", "bbox-3": "bbox_max_col",
+             "equivalent_diameter_area": "equivalent_diameter", "eccentricity": "eccentricity",
+             "intensity_mean": "mean_intensity"}
+    measured = 0
+    for sample in sorted(DSB_TRAIN.iterdir()):
+        image = read_image(next((sample / "images").glob("*.png")))
+        labels = np.zeros(image.shape[:2], np.int32)
+        for k, mask in enumerate(sorted((sample / "masks").glob("*.png"))):
+            labels[read_image(mask) > 0] = 3 * k + 2  # gaps between the labels, as after removing small ones
+        table = measure_nuclei(labels, image)
+        expected = regionprops_table(labels, intensity_image=grey_image(image), properties=(
+            "label", "area", "centroid", "bbox", "equivalent_diameter_area", "eccentricity", "intensity_mean"))
+        assert len(table) == len(expected["label"]) > 0
+        measured += len(table)
+        for key, column in names.items():
+            tolerance = 1e-5 if column == "mean_intensity" else 1e-9  # scikit-image averages in float32
+            np.testing.assert_allclose(table[column], expected[key], rtol=tolerance, atol=1e-9, err_msg=column)
+        assert table["label"].dtype == np.int64 and table["area"].dtype == np.int64
+    assert measured > 30
+
+
+def test_measure_nuclei_sparse_and_huge_label_values() -> None:
+    """Global ids (label values far above the pixel count) are measured without an array as long as the ids."""
+    labels = np.zeros((30, 40), np.int64)
+    labels[2:6, 3:11] = 2**40
+    labels[10:15, 20:25] = 7
+    labels[29, 39] = 2**40 + 5
+    table = measure_nuclei(labels, np.full(labels.shape, 9, np.uint8))
+    assert table["label"].tolist() == [7, 2**40, 2**40 + 5] and table["area"].tolist() == [25, 32, 1]
+    assert table.iloc[1][["bbox_min_row", "bbox_min_col", "bbox_max_row", "bbox_max_col"]].tolist() == [2, 3, 6, 11]
+    everywhere = np.full((4, 4), 10**12, np.int64)  # no background pixel at all
+    assert measure_nuclei(everywhere, np.zeros((4, 4), np.uint8))[["label", "area"]].values.tolist() == [[10**12, 16]]
+    with pytest.raises(ValueError, match="non-negative"):
+        measure_nuclei(-labels, np.zeros(labels.shape, np.uint8))
+
+
 # ----------------------------------------------------------------------------- scale
 def test_scale_keeps_the_image_size_and_checks_its_argument(model: Model) -> None:
     image = np.random.default_rng(5).integers(0, 255, (45, 61, 3), dtype=np.uint8)

@@ -207,3 +207,17 @@ def test_written_files_get_the_usual_permissions(tmp_path: Path) -> None:
     write_png(tmp_path / "a.png", np.zeros((4, 4), np.uint8))
     for name in ("m.safetensors", "a.png"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~_UMASK, name
+
+
+def test_label_edges_are_find_boundaries() -> None:
+    """label_edges, masked, gives scikit-image's inner and outer boundaries exactly (overlays keep their bytes)."""
+    from skimage.segmentation import find_boundaries
+
+    from nucleiseg.io import label_edges
+
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        labels = rng.integers(0, 4, (rng.integers(1, 16), rng.integers(1, 16)))
+        edges = label_edges(labels)
+        assert np.array_equal(edges & (labels != 0), find_boundaries(labels, mode="inner"))
+        assert np.array_equal(edges & (labels == 0), find_boundaries(labels, mode="outer") & (labels == 0))

@@ -83,6 +83,16 @@ def measure_nuclei(labels: np.ndarray, image: np.ndarray) -> pd.DataFrame:
         ``eccentricity`` (0 for a circle, towards 1 for elongated nuclei);
         ``mean_intensity``. No rows (same columns) when there is no nucleus.
 
+    Notes
+    -----
+    The definitions are scikit-image's ``regionprops`` (eccentricity from the
+    eigenvalues of the inertia tensor of the nucleus' pixels), computed for all
+    nuclei at once from sums over the labelled pixels (``np.bincount``) in
+    bands of rows, each nucleus in coordinates relative to its bounding box so
+    that the sums stay exact. The figures equal ``regionprops_table``'s to 1e-9,
+    except ``mean_intensity``, which is summed in float64 here (scikit-image
+    averages in the image's float32: differences up to about 1e-5 of the value).
+
     Examples
     --------
     >>> labels = np.zeros((10, 10), np.int32); labels[2:6, 3:7] = 1
@@ -90,7 +100,7 @@ def measure_nuclei(labels: np.ndarray, image: np.ndarray) -> pd.DataFrame:
     >>> table[["label", "area", "centroid_y", "mean_intensity"]].values.tolist()
     [[1.0, 16.0, 3.5, 50.0]]
     """
-    from skimage.measure import regionprops_table
+    from scipy import ndimage as ndi
 
     labels = np.asarray(labels)
     if labels.ndim != 2:
@@ -100,13 +110,67 @@ def measure_nuclei(labels: np.ndarray, image: np.ndarray) -> pd.DataFrame:
     grey = grey_image(image)
     if grey.shape != labels.shape:
         raise ValueError(f"image of shape {np.shape(image)} does not match labels of shape {labels.shape}")
-    columns = regionprops_table(
-        labels,
-        intensity_image=grey,
-        properties=("label", "area", "centroid", "bbox", "equivalent_diameter_area", "eccentricity", "intensity_mean"),
-    )
-    table = pd.DataFrame({name: columns[key] for key, name in _PROPERTIES.items()})
-    return table.astype({"label": np.int64, "area": np.int64})
+    if labels.size and labels.min() < 0:
+        raise ValueError("labels must be non-negative")
+    top = int(labels.max(initial=0))
+    ids = None
+    if top > 2 * labels.size + 1024:  # sparse label values (e.g. global ids): number them 1..n first
+        ids, labels = np.unique(labels, return_inverse=True)
+        labels = labels.reshape(grey.shape).astype(np.int64)
+        top = len(ids) - 1
+        if ids[0] != 0:  # no background pixel: keep label 0 free
+            ids, labels, top = np.concatenate([[0], ids]), labels + 1, top + 1
+    if ids is None:
+        ids = np.arange(top + 1, dtype=np.int64)
+    boxes = ndi.find_objects(labels) if top else []
+    present = np.array([k + 1 for k, box in enumerate(boxes) if box is not None], np.int64)
+    if not present.size:
+        return pd.DataFrame({name: np.zeros(0, np.int64 if name in ("label", "area") else float)
+                             for name in MEASUREMENT_COLUMNS})
+    r0 = np.zeros(top + 1, np.int64)
+    c0 = np.zeros(top + 1, np.int64)
+    r1 = np.zeros(top + 1, np.int64)
+    c1 = np.zeros(top + 1, np.int64)
+    for k in present:
+        rows, cols = boxes[k - 1]
+        r0[k], r1[k], c0[k], c1[k] = rows.start, rows.stop, cols.start, cols.stop
+    # Sums per label over its pixels: count, r, c, r^2, c^2, r*c (r, c relative to its box) and intensity.
+    sums = np.zeros((7, top + 1))
+    width = labels.shape[1]
+    for b0 in range(0, labels.shape[0], _BAND_ROWS):
+        band = labels[b0 : b0 + _BAND_ROWS]
+        flat = np.flatnonzero(band)
+        if not flat.size:
+            continue
+        lab = band.ravel()[flat]
+        r = flat // width + (b0 - r0[lab])
+        c = flat % width - c0[lab]
+        r, c = r.astype(np.float64), c.astype(np.float64)
+        for row, weights in enumerate((None, r, c, r * r, c * c, r * c,
+                                       grey[b0 : b0 + _BAND_ROWS].ravel()[flat].astype(np.float64))):
+            sums[row] += np.bincount(lab, weights, minlength=top + 1)
+    n, sr, sc, srr, scc, src, si = sums[:, present]
+    mr, mc = sr / n, sc / n
+    # central second moments / area: the inertia tensor [[var_c, -cov], [-cov, var_r]] (scikit-image's)
+    var_r, var_c, cov = srr / n - mr * mr, scc / n - mc * mc, src / n - mr * mc
+    half_sum, root = (var_r + var_c) / 2, np.sqrt(((var_r - var_c) / 2) ** 2 + cov**2)
+    large, small = half_sum + root, np.clip(half_sum - root, 0, None)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eccentricity = np.where(large > 0, np.sqrt(np.clip(1 - small / large, 0, 1)), 0.0)
+    table = pd.DataFrame({
+        "label": ids[present],
+        "area": n.astype(np.int64),
+        "centroid_y": mr + r0[present],
+        "centroid_x": mc + c0[present],
+        "bbox_min_row": r0[present],
+        "bbox_min_col": c0[present],
+        "bbox_max_row": r1[present],
+        "bbox_max_col": c1[present],
+        "equivalent_diameter": np.sqrt(4 * n / np.pi),
+        "eccentricity": eccentricity,
+        "mean_intensity": si / n,
+    })
+    return table
 
 
 def median_diameter(labels: np.ndarray) -> float | None:

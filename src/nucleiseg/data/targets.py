@@ -11,7 +11,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.segmentation import find_boundaries
+
+from ..io import label_edges
 
 CHANNELS = ("body", "contour", "touch")
 
@@ -50,7 +51,7 @@ def inner_contour(labels: np.ndarray) -> np.ndarray:
     """Nucleus pixels with a 4-connected neighbour of another label (or background).
 
     The same pixels as ``skimage.segmentation.find_boundaries(labels, mode="inner")``
-    inside nuclei, about 20× faster through OpenCV's uint16 morphology.
+    (:func:`nucleiseg.io.label_edges` inside nuclei).
 
     Examples
     --------
@@ -59,13 +60,7 @@ def inner_contour(labels: np.ndarray) -> np.ndarray:
     array([0, 1, 0, 1, 0])
     """
     labels = np.asarray(labels)
-    if labels.max(initial=0) <= np.iinfo(np.uint16).max:
-        cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
-        lab16 = labels.astype(np.uint16)
-        edge = cv2.dilate(lab16, cross) != cv2.erode(lab16, cross)
-    else:
-        edge = find_boundaries(labels, mode="inner")
-    return edge & (labels > 0)
+    return label_edges(labels) & (labels > 0)
 
 
 def make_targets(labels: np.ndarray, touch_size: int = 5) -> np.ndarray:
