@@ -304,6 +304,46 @@ def test_large_image_in_blocks_matches_the_whole(client, tiny_model: str, tmp_pa
     assert len(table) == row["nuclei"] and table["label"].is_unique
 
 
+def test_block_size_reaches_the_blocks_and_is_checked_first(client, tiny_model: str, tmp_path: Path,
+                                                             monkeypatch, capsys) -> None:
+    """--block-size / block_size= cuts a large image on a cluster into blocks of that side; bad values are one line."""
+    import tifffile
+
+    from nucleiseg import distributed as dist
+    from nucleiseg.batch import predict_files
+    from nucleiseg.cli import main
+    from nucleiseg.errors import OptionError
+
+    tile = _fixture(FLUO, 256)
+    path = tmp_path / "in" / "wide.tif"
+    path.parent.mkdir()
+    tifffile.imwrite(path, np.concatenate([tile, tile[::-1], tile[:, ::-1]], axis=1), tile=(128, 128),
+                     photometric="rgb")  # 256 x 768
+    monkeypatch.setattr(dist, "LARGE_IMAGE_PIXELS", 1000)  # every TIFF goes the block path
+    blocks = []
+    real = dist.segment_large
+
+    def counting(*args, **kwargs):
+        row = real(*args, **kwargs)
+        blocks.append(len(row["blocks"]))
+        return row
+
+    monkeypatch.setattr(dist, "segment_large", counting)
+    summary = predict_files([path], tmp_path / "out", model=tiny_model, options={"precision": "fp32"},
+                            cluster=client, block_size=256, progress=False)
+    assert summary["status"].tolist() == ["ok"] and blocks == [3]  # 768 / 256 blocks of the default 2048 would be 1
+    assert (tmp_path / "out" / "wide_labels.ome.zarr").is_dir()
+    with pytest.raises(OptionError, match="applies to large images on a cluster only"):
+        predict_files([path], tmp_path / "out2", model=tiny_model, block_size=256)
+    # On the command line: one line naming the flag, before any work (no output folder made).
+    assert main(["predict", str(path), "-o", str(tmp_path / "out3"), "--model", tiny_model,
+                 "--cluster", client.scheduler.address, "--block-size", "250"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["nucleiseg predict: error: --block-size must be a multiple of 4 pixels (the network's grid), "
+                   "at least 8, got 250: 248 or 252 would do"]  # the tiny model's grid: depth 2
+    assert not (tmp_path / "out3").exists()
+
+
 # ----------------------------------------------------------------------------- lazy reading
 def test_open_image_reads_blocks_of_every_layout(tmp_path: Path) -> None:
     import tifffile

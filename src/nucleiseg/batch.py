@@ -561,6 +561,7 @@ def predict_files(
     say: Say | None = None,
     workers: int | None = None,
     cluster: Any = None,
+    block_size: int | None = None,
 ) -> Any:
     """Segment image files and write their outputs, ``summary.csv`` and (format ``rle``) ``submission.csv``.
 
@@ -608,6 +609,12 @@ def predict_files(
         ``"local:N"`` (N worker processes here) or a scheduler's address. Same outputs; images over
         :data:`~nucleiseg.distributed.LARGE_IMAGE_PIXELS` and Zarr folders are segmented in blocks
         (:func:`~nucleiseg.distributed.segment_large`). None: this machine, as always.
+    block_size : int, optional
+        With ``cluster``: the core side in pixels of the blocks that large images are cut into
+        (default :data:`~nucleiseg.distributed.DEFAULT_BLOCK`, 2048), a multiple of the network's
+        grid (``2**depth``: 16 for the shipped model). A worker holds one block at a time (about
+        1.5 GiB at 2048 with the shipped model in bf16): larger blocks need more memory per worker
+        and read less overlap; smaller ones, the reverse.
 
     Returns
     -------
@@ -643,6 +650,7 @@ def predict_files(
 
     model = _as_model(model, resolve_device(opts.device))
     opts = opts.resolved(model.depth, model.nucleus_diameter)
+    block_size = _check_block_size(block_size, cluster, 2**model.depth)
     if isinstance(opts.scale, float) and opts.scale != 1.0:
         log.info("images resized by %.3g for the network", opts.scale)
 
@@ -655,7 +663,8 @@ def predict_files(
             if cluster is not None:
                 from .distributed import predict_on_cluster
 
-                rows = predict_on_cluster(cluster, jobs, model, opts, folder, overwrite, say, bar, formats)
+                rows = predict_on_cluster(cluster, jobs, model, opts, folder, overwrite, say, bar, formats,
+                                          block=block_size)
             else:
                 rows = _run_all(jobs, model, opts, folder, overwrite, say, tiles, bar, workers)
         if "rle" in formats:
@@ -668,6 +677,21 @@ def predict_files(
         with _io.atomic_path(out_dir / "summary.csv") as tmp:
             summary.to_csv(tmp, index=False)
     return summary
+
+
+def _check_block_size(block_size: Any, cluster: Any, grid: int) -> int | None:
+    """``block_size`` checked against the network's ``grid``; None stands for the default."""
+    from .blocks import check_block
+
+    if block_size is None:
+        return None
+    if cluster is None:
+        raise OptionError("block_size", "applies to large images on a cluster only: give cluster as well "
+                                        "(without one, every image is segmented whole)")
+    try:
+        return check_block(block_size, grid)
+    except ValueError as exc:
+        raise OptionError("block_size", str(exc).split(" ", 1)[1]) from None
 
 
 def _run_all(jobs: Sequence[ImageJob], model: Any, opts: PredictOptions, folder: OutputFolder, overwrite: bool,

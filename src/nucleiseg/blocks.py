@@ -57,7 +57,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Block", "Settled", "cover", "label_dtype", "raster_ids", "settle"]
+__all__ = ["Block", "Settled", "check_block", "cover", "label_dtype", "raster_ids", "settle"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,33 @@ class Block:
             stop = (o.stop - o.start) - (margin if o.stop < n else 0)
             zone.append(slice(start, stop))
         return tuple(zone)
+
+
+def check_block(block: int, align: int = 16) -> int:
+    """Validate a block's core side for a network whose pooling grid is ``align`` pixels.
+
+    Raises
+    ------
+    ValueError
+        In words that name ``block`` and say what would do.
+
+    Examples
+    --------
+    >>> check_block(2048)
+    2048
+    >>> check_block(2050)
+    Traceback (most recent call last):
+    ...
+    ValueError: block must be a multiple of 16 pixels (the network's grid), at least 32, got 2050: 2048 or 2064 would do
+    """
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 2 * align or block % align:
+        near = ""
+        if isinstance(block, (int, np.integer)) and not isinstance(block, bool) and block >= 2 * align:
+            low = block // align * align
+            near = f": {low} or {low + align} would do"
+        raise ValueError(f"block must be a multiple of {align} pixels (the network's grid), at least {2 * align}, "
+                         f"got {block!r}{near}")
+    return int(block)
 
 
 def cover(shape: tuple[int, int], block: int, overlap: int, align: int = 1) -> list[Block]:

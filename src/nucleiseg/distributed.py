@@ -56,8 +56,8 @@ from typing import Any
 
 import numpy as np
 
-from .blocks import Block, cover, label_dtype, settle
-from .errors import ImageReadError, NucleisegError
+from .blocks import Block, check_block, cover, label_dtype, settle
+from .errors import ImageReadError, NucleisegError, OptionError
 
 __all__ = [
     "DEFAULT_BLOCK",
@@ -675,9 +675,11 @@ def segment_large(
     if overlap is None:
         overlap = reach + LARGEST_REGION
     overlap = -(-int(overlap) // depth_align) * depth_align
-    if int(block) < 2 * depth_align or int(block) % depth_align:
-        raise NucleisegError(f"block must be a multiple of {depth_align} pixels (the network's grid), got {block}")
-    blocks = cover(image.shape[:2], int(block), overlap, depth_align)
+    try:
+        block = check_block(block, depth_align)
+    except ValueError as exc:
+        raise OptionError("block", str(exc).split(" ", 1)[1]) from None
+    blocks = cover(image.shape[:2], block, overlap, depth_align)
 
     with connect(cluster) as client:
         if predictor is None:
@@ -823,14 +825,16 @@ def _predict_image(job, model: Any, options, out_dir: str, threads: dict[str, in
     return predict_one(job, worker_model(model, str(resolve_device(options.device))), options, folder)
 
 
-def predict_on_cluster(cluster, jobs, model, options, folder, overwrite: bool, say, progress, formats=()) -> list[dict]:
+def predict_on_cluster(cluster, jobs, model, options, folder, overwrite: bool, say, progress, formats=(),
+                       block: int | None = None) -> list[dict]:
     """The images of :func:`nucleiseg.batch.predict_files` on a Dask cluster; their summary rows, in order.
 
     Images done earlier are skipped here (unless ``overwrite``); the others fan out over the workers,
     each through :func:`nucleiseg.batch.predict_one` (staged, committed as a unit, so that an image
     retried after its worker died is written once). A failing image fails alone. Large images
     (:func:`is_large`) then run one after the other, each spread over the cluster in blocks
-    (:func:`segment_large`). ``progress(done, total)`` counts images.
+    (:func:`segment_large`), in blocks of ``block`` pixels (default :data:`DEFAULT_BLOCK`).
+    ``progress(done, total)`` counts images.
     """
     from distributed import as_completed
 
@@ -870,7 +874,8 @@ def predict_on_cluster(cluster, jobs, model, options, folder, overwrite: bool, s
             job = jobs[i]
             try:
                 rows[i] = segment_large(job.path, folder.path, model=reference, options=options, cluster=client,
-                                        name=job.name, geojson="geojson" in formats, overwrite=overwrite)
+                                        name=job.name, geojson="geojson" in formats, overwrite=overwrite,
+                                        block=block or DEFAULT_BLOCK)
                 if rows[i]["status"] == "ok":
                     say("note", f"{display(job.path)}: segmented in blocks (outputs {display(job.name)}_labels.ome.zarr"
                                 f", _nuclei.csv{', .geojson' if 'geojson' in formats else ''})")
