@@ -440,7 +440,6 @@ def _finish(predicted: _Predicted, folder: OutputFolder | Path) -> tuple[dict[st
     """
     from .measure import measure_nuclei
     from .postprocess import label_nuclei
-    from .preprocess import to_rgb_uint8
 
     job = predicted.job
     folder = folder if isinstance(folder, OutputFolder) else OutputFolder(folder)
@@ -450,21 +449,25 @@ def _finish(predicted: _Predicted, folder: OutputFolder | Path) -> tuple[dict[st
         labels = predicted.labels
         if labels is None:
             labels = label_nuclei(predicted.probabilities, predicted.channels, predicted.params)
-        table = measure_nuclei(labels, predicted.image)
         stage = folder.staging(job.name)
         staged = {kind: stage / path.name for kind, path in job.outputs.items()}
-        if "probabilities" in staged:
-            _io.write_probabilities_tiff(staged["probabilities"], predicted.probabilities, predicted.channels)
-        predicted.probabilities = None  # free the largest array before the writers' temporaries
-        if "rois" in staged:
-            _io.write_imagej_rois(staged["rois"], labels)
-        if "geojson" in staged:
-            _io.write_geojson(staged["geojson"], labels)
-        _io.write_overlay(staged["overlay"], to_rgb_uint8(predicted.image), labels)
-        _io.write_png(staged["mask"], (labels > 0).astype(np.uint8) * np.uint8(255))
-        with _io.atomic_path(staged["table"]) as tmp:
-            table.to_csv(tmp, index=False)
-        _io.write_labels_tiff(staged["labels"], labels)
+        # The PNGs (the overlay's drawing and zlib encoding release the GIL) are written in a second thread
+        # while this one measures and writes the rest: the finishing stage then uses two cores.
+        pngs = _Background(_write_pngs, staged, predicted.image, labels)
+        try:
+            table = measure_nuclei(labels, predicted.image)
+            if "probabilities" in staged:
+                _io.write_probabilities_tiff(staged["probabilities"], predicted.probabilities, predicted.channels)
+            predicted.probabilities = None  # free the largest array before the writers' temporaries
+            if "rois" in staged:
+                _io.write_imagej_rois(staged["rois"], labels)
+            if "geojson" in staged:
+                _io.write_geojson(staged["geojson"], labels)
+            with _io.atomic_path(staged["table"]) as tmp:
+                table.to_csv(tmp, index=False)
+            _io.write_labels_tiff(staged["labels"], labels)
+        finally:
+            pngs.result()  # its error, if any, once the thread is done with the staging folder
         n = len(table)
         row.update(nuclei=n, mean_area=round(float(table["area"].mean()), 2) if n else 0.0)
         if predicted.auto_scale and predicted.scale != 1.0:
@@ -476,6 +479,41 @@ def _finish(predicted: _Predicted, folder: OutputFolder | Path) -> tuple[dict[st
     except Exception as exc:  # one image's failure, even a bug, must not cost the others
         return _failed(job, exc, folder, said)
     return row, said
+
+
+class _Background:
+    """``fn(*args)`` in a thread of its own, started now; :meth:`result` joins it and raises its error.
+
+    A new thread per call (about 0.1 ms), not a pool: a process forked later inherits no pool whose
+    thread it lacks.
+    """
+
+    def __init__(self, fn: Callable[..., None], *args: Any):
+        import threading
+
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                fn(*args)
+            except BaseException as exc:  # handed to the caller by result()
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, name="nucleiseg-png", daemon=True)
+        self.thread.start()
+
+    def result(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _write_pngs(staged: Mapping[str, Path], image: np.ndarray, labels: np.ndarray) -> None:
+    """The overlay and the mask of one image."""
+    from .preprocess import to_rgb_uint8
+
+    _io.write_overlay(staged["overlay"], to_rgb_uint8(image), labels)
+    _io.write_png(staged["mask"], (labels > 0).astype(np.uint8) * np.uint8(255))
 
 
 def _row(job: ImageJob) -> dict[str, Any]:
