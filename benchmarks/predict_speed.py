@@ -2,7 +2,8 @@
 
 Run from the repository root (a few minutes on 2 cores):
 
-    .venv/bin/python benchmarks/predict_speed.py [--images 32] [--modes fast accurate] [--large 2048] [--json OUT]
+    .venv/bin/python benchmarks/predict_speed.py [--images 32] [--modes fast accurate] [--large 8000]
+        [--variants sequential pipelined threads] [--paired 3] [--json OUT]
 
 For each mode, in one process, with the model loaded once and the default
 options (precision auto, default outputs: labels, mask, overlay, table):
@@ -15,8 +16,11 @@ options (precision auto, default outputs: labels, mask, overlay, table):
   at a time (``workers=0``), pipelined (default workers: processes) and
   pipelined with worker threads instead, and the ratio
   of its images/s to network-only's;
+- the paired ratio (:func:`paired_ratio`): network-only and ``predict_one``
+  timed image by image in turn, robust to the machine's drift;
 - with ``--large SIDE``: one SIDE x SIDE mosaic of DSB crops, accurate mode,
-  as seconds per megapixel against the 256x256 folder's.
+  the default path, as seconds per megapixel against the 256x256 folder's
+  (timed just before and after it).
 
 The machine is shared: the measurements are interleaved in ``--rounds``
 rounds and the best of each kept; the load average (``uptime``'s) is recorded
@@ -39,6 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference_speed import ROOT, SIDE, dsb_crops, machine, mosaic, network_throughput  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "src"))
+
+
+#: predict_files variants: name -> workers (None: one per core). "threads": the pipeline with worker threads.
+VARIANTS = {"sequential": 0, "pipelined": None, "threads": None}
 
 
 def load() -> float:
@@ -66,6 +74,54 @@ def timed_predict(folder: Path, model: Any, mode: str, workers: int | None, repe
         if seconds < best:
             best, best_load = seconds, max(before, load())
     return best, best_load
+
+
+def paired_ratio(folder: Path, model: Any, mode: str, passes: int, device: str = "cpu") -> list[dict[str, float]]:
+    """Per pass over the folder: network-only and one-image-at-a-time images/s, taken image by image in turn.
+
+    For each image, the network alone runs once on a random 256x256 batch of one (as ``network_throughput``),
+    then :func:`nucleiseg.batch.predict_one` segments and writes that image (the default path of
+    ``predict_files``), each timed. Summed over the folder, their ratio compares moments a fraction of a
+    second apart, so it holds however much the machine's speed drifts (tens of per cent over minutes on
+    this shared VM), unlike two throughputs measured minutes apart.
+    """
+    import torch
+    from inference_speed import autocast
+
+    from nucleiseg.batch import ImageJob, OutputFolder, plan_outputs, predict_one
+    from nucleiseg.device import resolve_precision
+    from nucleiseg.inference import resolve_prune_level
+    from nucleiseg.options import PredictOptions
+
+    level = resolve_prune_level(model.depth, model.metadata, mode)
+    bf16 = resolve_precision("auto", torch.device(device)) == torch.bfloat16
+    opts = PredictOptions(mode=mode, device=device).resolved(model.depth, model.nucleus_diameter)
+    x = torch.rand(1, 3, SIDE, SIDE, device=device).contiguous(memory_format=torch.channels_last)
+    paths = sorted(folder.glob("*.png"))
+    passes_out = []
+    for _ in range(passes):
+        out = Path(tempfile.mkdtemp(prefix="nucleiseg-predict-speed-"))
+        try:
+            target = OutputFolder(out).open()
+            network = end_to_end = 0.0
+            for path in paths:
+                t0 = time.perf_counter()
+                with torch.inference_mode(), autocast(bf16, x.device.type):
+                    model.network.predict_proba(x, prune_level=level)
+                if x.device.type == "cuda":
+                    torch.cuda.synchronize()
+                t1 = time.perf_counter()
+                row = predict_one(ImageJob(path, path.stem, plan_outputs(out, path.stem)), model, opts, target,
+                                  say=lambda kind, text: None)
+                end_to_end += time.perf_counter() - t1
+                network += t1 - t0
+                assert row["status"] == "ok", row
+            target.close()
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        passes_out.append({"network_images_per_s": len(paths) / network,
+                           "predict_images_per_s": len(paths) / end_to_end, "ratio": network / end_to_end})
+    return passes_out
 
 
 def stage_cpu_seconds(folder: Path, model: Any, mode: str) -> dict[str, float]:
@@ -118,6 +174,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--large", type=int, default=None, metavar="SIDE", help="also one SIDE x SIDE image, accurate")
     parser.add_argument("--device", default="cpu", help="torch device of the network (cpu, cuda, ...)")
     parser.add_argument("--workers", type=int, default=None, help="predict_files workers when pipelined (default: one per core)")
+    parser.add_argument("--paired", type=int, default=3, metavar="PASSES",
+                        help="passes of the image-by-image paired measurement (paired_ratio; 0: none)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="predict_files variants to time: sequential (the default path), pipelined, threads")
     parser.add_argument("--json", metavar="OUT", default=None)
     args = parser.parse_args(argv)
 
@@ -154,7 +214,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 l0 = load()
                 keep((mode, "network_batch1"), network_throughput(model.network, level, bf16, True, True,
                                                                   args.net_time, batch=1), max(l0, load()))
-                for name, workers in (("sequential", 0), ("pipelined", args.workers), ("threads", args.workers)):
+                for name in args.variants:
+                    workers = VARIANTS[name] if name == "sequential" else args.workers
                     if name == "threads":  # the pipeline with worker threads instead of processes
                         pipeline.PROCESS_MIN_IMAGES, saved = 1 << 30, pipeline.PROCESS_MIN_IMAGES
                     try:
@@ -167,6 +228,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                               if k[0] == mode) + f" (best so far); load {load():.1f}")
         for mode in args.modes:
             row: dict[str, Any] = {k[1]: {"images_per_s": v[0], "load": v[1]} for k, v in best.items() if k[0] == mode}
+            if args.paired:
+                l0 = load()
+                row["paired"] = paired_ratio(folder, model, mode, args.paired, args.device)
+                ratios = sorted(p["ratio"] for p in row["paired"])
+                say(f"\n{mode}: paired, image by image (load {max(l0, load()):.1f}): one image at a time reaches "
+                    + ", ".join(f"{p['ratio']:.0%}" for p in row["paired"])
+                    + f" of network-only (median {ratios[len(ratios) // 2]:.0%}; network "
+                    + ", ".join(f"{p['network_images_per_s']:.1f}" for p in row["paired"]) + " images/s)")
             cpu = stage_cpu_seconds(folder, model, mode)
             row["cpu_seconds_per_image"] = cpu
             row["bound_from_cpu"] = cpu["network"] / sum(cpu.values())
@@ -174,14 +243,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"network (incl. normalising) {cpu['network']:.3f}, labels + measurements + writing {cpu['finish']:.3f}; "
                 f"a pipeline sharing the cores reaches at best {row['bound_from_cpu']:.0%} of network-only")
             net8, net1 = row["network_batch8"]["images_per_s"], row["network_batch1"]["images_per_s"]
-            for name in ("sequential", "pipelined", "threads"):
+            for name in args.variants:
                 row[name]["of_network_batch8"] = row[name]["images_per_s"] / net8
                 row[name]["of_network_batch1"] = row[name]["images_per_s"] / net1
                 row[name]["seconds"] = args.images / row[name]["images_per_s"]
             results["modes"][mode] = row
             say(f"\n{mode}: network only {net8:.2f} images/s (batch 8, load {row['network_batch8']['load']:.1f}), "
                 f"{net1:.2f} (batch 1, load {row['network_batch1']['load']:.1f})")
-            for name in ("sequential", "pipelined", "threads"):
+            for name in args.variants:
                 r = row[name]
                 say(f"  predict_files {name:10s}: {r['images_per_s']:.2f} images/s = {100 * r['of_network_batch8']:.0f}% "
                     f"of network-only batch 8, {100 * r['of_network_batch1']:.0f}% of batch 1 (load {r['load']:.1f}"
@@ -191,11 +260,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             big = folder.parent / "large"
             big.mkdir()
             write_png(big / "large.png", mosaic(args.large, dsb_crops(64, SIDE)))
-            seconds, before = timed_predict(big, model, "accurate", args.workers, args.rounds, images=1,
-                                            device=args.device)
+            # The 256x256 folder just before and just after the large image, both in accurate mode, the default
+            # path: this machine's speed drifts by tens of per cent over minutes, so the reference is taken
+            # around the measurement rather than from the best of the rounds above.
+            first, _ = timed_predict(folder, model, "accurate", 0, 1, device=args.device)
+            seconds, before = timed_predict(big, model, "accurate", 0, 1, images=1, device=args.device)
+            last, _ = timed_predict(folder, model, "accurate", 0, 1, device=args.device)
             mpix = args.large**2 / 1e6
-            small = results["modes"].get("accurate", {}).get("pipelined")
-            per_small = small["seconds"] / (args.images * SIDE * SIDE / 1e6) if small else None
+            per_small = (first + last) / 2 / (args.images * SIDE * SIDE / 1e6)
             results["large"] = {"side": args.large, "seconds": seconds, "s_per_mpixel": seconds / mpix,
                                 "s_per_mpixel_256": per_small, "load": max(before, load())}
             say(f"\n{args.large}x{args.large} accurate: {seconds:.1f} s = {seconds / mpix:.2f} s/Mpixel"
