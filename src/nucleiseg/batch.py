@@ -451,14 +451,14 @@ def _finish(predicted: _Predicted, folder: OutputFolder | Path) -> tuple[dict[st
             labels = label_nuclei(predicted.probabilities, predicted.channels, predicted.params)
         stage = folder.staging(job.name)
         staged = {kind: stage / path.name for kind, path in job.outputs.items()}
+        if "probabilities" in staged:
+            _io.write_probabilities_tiff(staged["probabilities"], predicted.probabilities, predicted.channels)
+        predicted.probabilities = None  # free the largest array before the writers' temporaries
         # The PNGs (the overlay's drawing and zlib encoding release the GIL) are written in a second thread
         # while this one measures and writes the rest: the finishing stage then uses two cores.
         pngs = _Background(_write_pngs, staged, predicted.image, labels)
         try:
             table = measure_nuclei(labels, predicted.image)
-            if "probabilities" in staged:
-                _io.write_probabilities_tiff(staged["probabilities"], predicted.probabilities, predicted.channels)
-            predicted.probabilities = None  # free the largest array before the writers' temporaries
             if "rois" in staged:
                 _io.write_imagej_rois(staged["rois"], labels)
             if "geojson" in staged:
@@ -466,8 +466,10 @@ def _finish(predicted: _Predicted, folder: OutputFolder | Path) -> tuple[dict[st
             with _io.atomic_path(staged["table"]) as tmp:
                 table.to_csv(tmp, index=False)
             _io.write_labels_tiff(staged["labels"], labels)
-        finally:
-            pngs.result()  # its error, if any, once the thread is done with the staging folder
+        except BaseException:
+            pngs.thread.join()  # done with the staging folder before it is discarded; this error is reported
+            raise
+        pngs.result()  # the PNGs' own error, if any
         n = len(table)
         row.update(nuclei=n, mean_area=round(float(table["area"].mean()), 2) if n else 0.0)
         if predicted.auto_scale and predicted.scale != 1.0:
