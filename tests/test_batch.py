@@ -278,11 +278,17 @@ def test_memory_does_not_grow_over_2000_images(tmp_path: Path, model) -> None:
     assert growth < 20 * 2**20
 
 
-def test_pipelined_run_equals_one_image_at_a_time(tmp_path: Path, images: Path, model, monkeypatch) -> None:
-    """Worker processes finishing images while the network runs give the sequential run's files, byte for byte;
-    a failure in a worker fails that image alone, in one line."""
+@pytest.mark.parametrize("image_workers", [True, False], ids=["image-workers", "finishing-workers"])
+def test_pipelined_run_equals_one_image_at_a_time(tmp_path: Path, images: Path, model, monkeypatch,
+                                                  image_workers: bool) -> None:
+    """Worker processes (whole images on a CPU; labelling, measuring and writing while the network runs in this
+    process on a GPU) give the sequential run's files, byte for byte; a failure in a worker fails that image
+    alone, in one line."""
     from nucleiseg import pipeline
     from nucleiseg.inference import segment
+
+    if not image_workers:  # the GPU host's pipeline, on this CPU
+        monkeypatch.setattr(batch, "IMAGE_WORKER_DEVICES", ())
 
     write_png(images / "third.png", _fixture(FLUO, 96)[16:, 8:, :3])
     sequential = tmp_path / "sequential"
@@ -308,3 +314,33 @@ def test_pipelined_run_equals_one_image_at_a_time(tmp_path: Path, images: Path, 
     assert len(errors) == 1 and "third.png" in errors[0] and "cannot write its outputs" in errors[0]
     assert "\n" not in errors[0]
     assert not list(failing.glob("third*")) and (failing / "tissue_labels.tif").is_file()
+
+
+def test_image_worker_killed_mid_run_costs_nothing(tmp_path: Path, images: Path, model, monkeypatch) -> None:
+    """An image worker SIGKILLed while the batch runs: its images are redone, each written once, and the
+    outputs equal a run one image at a time."""
+    psutil = pytest.importorskip("psutil")
+    from nucleiseg import pipeline
+
+    for k in range(6):
+        write_png(images / f"more{k}.png", _fixture(FLUO, 72)[4 * k :, 2 * k :, :3])
+    sequential = tmp_path / "sequential"
+    _run(images, sequential, model, workers=0)
+    monkeypatch.setattr(pipeline, "PROCESS_MIN_IMAGES", 1)
+    killed: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        if killed:
+            return
+        workers = [p for p in psutil.Process().children(recursive=True)
+                   if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]
+        assert workers, "no image worker process found"
+        workers[0].kill()
+        killed.append(workers[0].pid)
+
+    out = tmp_path / "killed"
+    summary = predict_files([images], out, model=model, options=PredictOptions(precision="fp32"), formats=FORMATS,
+                            save_probabilities=True, progress=progress, say=lambda kind, text: None, workers=2)
+    assert killed and (summary["status"] == "ok").all() and len(summary) == 8
+    assert _snapshot(out) == _snapshot(sequential)
+    assert not list((out / ".nucleiseg" / "staging").iterdir())

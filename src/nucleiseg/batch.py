@@ -767,6 +767,9 @@ def _run_all(jobs: Sequence[ImageJob], model: Any, opts: PredictOptions, folder:
         return rows  # type: ignore[return-value]
 
     processes = pipeline.use_processes(workers, len(todo))
+    if processes and model.device.type in IMAGE_WORKER_DEVICES:
+        _run_image_workers(jobs, todo, model, opts, folder, say, tiles, put, workers)
+        return rows  # type: ignore[return-value]
     log.debug("%d images: %d worker %s", len(todo), workers, "processes" if processes else "threads")
     target = folder.path if processes else folder  # a worker process opens the folder by its path
     pending: dict[Any, tuple[int, _Predicted]] = {}
@@ -826,6 +829,102 @@ def _run_all(jobs: Sequence[ImageJob], model: Any, opts: PredictOptions, folder:
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return rows  # type: ignore[return-value]
+
+
+#: Images that decode to more than this are segmented in the calling process with all its threads, after
+#: the others, rather than by an image worker: two at once would double the memory of the largest (an 8000²
+#: RGB image needed 3.6 GiB in one process), and a worker's share of the cores would leave it waiting alone.
+IMAGE_WORKER_MAX_BYTES = 64 * 1024**2
+
+#: Devices whose batches of many images go to image workers (:func:`_run_image_workers`); on the others (a GPU)
+#: the network stays in the calling process and worker processes label, measure and write.
+IMAGE_WORKER_DEVICES = ("cpu",)
+
+_IMAGE_WORKER: dict[str, Any] = {}
+
+
+def _start_image_worker(model: Any, device: str, threads: int, out_dir: str) -> None:
+    """In an image worker process, once: its share of the cores for PyTorch, the model, the output folder."""
+    import torch
+
+    from .inference import _as_model
+
+    torch.set_num_threads(threads)
+    _IMAGE_WORKER.update(model=_as_model(model, device), folder=OutputFolder(out_dir).open(lock=False))
+
+
+def _image_in_worker(job: ImageJob, options: PredictOptions) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """In an image worker: :func:`predict_again` of one image; its row and the lines to say."""
+    said: list[tuple[str, str]] = []
+    row = predict_again(job, _IMAGE_WORKER["model"], options, _IMAGE_WORKER["folder"],
+                        say=lambda kind, text: said.append((kind, text)))
+    return row, said
+
+
+def predict_again(job: ImageJob, model: Any, options: PredictOptions, folder: OutputFolder,
+                  say: Say = _log_say) -> dict[str, Any]:
+    """:func:`predict_one` for an image that another process may have been segmenting when it died.
+
+    Its row from the record when that process committed it (the image is written once), else the image
+    segmented anew, after what it left half-done is removed.
+    """
+    state, record = folder.status(job)
+    if state == "done":
+        return {"image": display(job.path), "name": display(job.name), "nuclei": record.get("nuclei"),
+                "mean_area": record.get("mean_area"), "status": "ok", "message": record.get("message", "")}
+    if state == "partial":
+        folder.forget(job)
+    return predict_one(job, model, options, folder, say=say)
+
+
+def _run_image_workers(jobs: Sequence[ImageJob], todo: Sequence[int], model: Any, opts: PredictOptions,
+                       folder: OutputFolder, say: Say, tiles: Callable[[int, int], None] | None,
+                       put: Callable[..., None], workers: int) -> None:
+    """Whole images in ``workers`` processes, each running the network on its share of the cores.
+
+    On a CPU the network's threads are less efficient than processes side by side, and each process's
+    labelling, measurements and writing overlap the others' networks with no core oversubscribed.
+    Images over :data:`IMAGE_WORKER_MAX_BYTES` run afterwards in this process (all its threads).
+    """
+    from concurrent.futures import as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    from . import pipeline
+
+    sizes = {k: _io.header_bytes(jobs[k].path) or 0 for k in todo}
+    small = [k for k in todo if sizes[k] <= IMAGE_WORKER_MAX_BYTES]
+    large = [k for k in todo if sizes[k] > IMAGE_WORKER_MAX_BYTES]
+    threads = max(1, pipeline.default_workers() // workers)
+    init = (model.path if model.path is not None else model, str(model.device), threads, str(folder.path))
+    log.debug("%d images: %d image worker processes of %d threads; %d large ones here", len(small), workers,
+              threads, len(large))
+
+    def run(ks: list[int], n: int) -> list[int]:
+        """Segment images ``ks`` in a fresh pool of ``n`` workers; those lost to a worker that died."""
+        lost = []
+        pool = pipeline.worker_pool(min(n, len(ks)), True, _start_image_worker, init)
+        try:
+            futures = {pool.submit(_image_in_worker, jobs[k], opts): k for k in ks}
+            for future in as_completed(futures):
+                try:
+                    put(futures[future], *future.result())
+                except BrokenProcessPool:
+                    lost.append(futures[future])
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return sorted(lost)
+
+    # A worker that died (killed for memory, a crash) cost the images every worker had in hand: they are
+    # redone in a fresh pool; what is lost again, one at a time, so that only an image that kills its worker
+    # fails.
+    lost = run(small, workers) if small else []
+    if lost:
+        lost = run(lost, workers)
+    for k in lost:
+        if run([k], 1):
+            put(k, *_failed(jobs[k], "the process segmenting it died (out of memory?)", folder))
+    for k in large:
+        put(k, predict_one(jobs[k], model, opts, folder, say=say, progress=tiles))
 
 
 def skipped_row(job: ImageJob, folder: OutputFolder, overwrite: bool, say: Say) -> dict[str, Any] | None:

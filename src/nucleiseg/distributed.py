@@ -811,18 +811,13 @@ def is_large(path: Path) -> bool:
 
 def _predict_image(job, model: Any, options, out_dir: str, threads: dict[str, int]) -> dict:
     """On a worker: one image of a batch, through the batch module's staging and commit."""
-    from .batch import OutputFolder, display, predict_one
+    from .batch import OutputFolder, predict_again
     from .inference import resolve_device
 
     _set_threads(threads)
     folder = OutputFolder(out_dir).open(lock=False)  # the client holds the run's lock
-    state, record = folder.status(job)
-    if state == "done":  # a retry of a task whose first worker died after committing the image
-        return {"image": display(job.path), "name": display(job.name), "nuclei": record.get("nuclei"),
-                "mean_area": record.get("mean_area"), "status": "ok", "message": record.get("message", "")}
-    if state == "partial":
-        folder.forget(job)
-    return predict_one(job, worker_model(model, str(resolve_device(options.device))), options, folder)
+    # a retry of a task whose first worker died gets the committed image's row, or redoes it
+    return predict_again(job, worker_model(model, str(resolve_device(options.device))), options, folder)
 
 
 def predict_on_cluster(cluster, jobs, model, options, folder, overwrite: bool, say, progress, formats=(),

@@ -132,6 +132,29 @@ def _pil_header(path: Path) -> tuple[tuple[int, ...], int]:
                 Image.MAX_IMAGE_PIXELS = saved
 
 
+def header_bytes(path: str | Path) -> int | None:
+    """Bytes the image at ``path`` decodes to, from its header only; None when the header cannot be read.
+
+    Examples
+    --------
+    >>> header_bytes("tests/fixtures/dsb/stage1_train/.../images/....png")  # doctest: +SKIP
+    262144
+    """
+    path = Path(path)
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                shape, itemsize = series.shape, series.dtype.itemsize
+        else:
+            shape, itemsize = _pil_header(path)
+    except Exception:  # unreadable: read_image will say why
+        return None
+    return int(np.prod(shape, dtype=object)) * int(itemsize)
+
+
 def _read_pil_format(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     """Decode with imageio (Pillow); an image already checked against our limit may exceed Pillow's."""
     import imageio.v3 as iio

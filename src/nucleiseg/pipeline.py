@@ -186,12 +186,24 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="nucleiseg-watch-parent", daemon=True).start()
 
 
-def worker_pool(workers: int, processes: bool) -> Executor:
-    """An executor of ``workers`` processes (spawned, see the module's notes) or threads."""
+def _start_worker(parent: int, init: Callable[..., None] | None, initargs: tuple) -> None:
+    """Worker initialiser: :func:`_die_with_parent`, then the caller's own ``init(*initargs)``."""
+    _die_with_parent(parent)
+    if init is not None:
+        init(*initargs)
+
+
+def worker_pool(workers: int, processes: bool, init: Callable[..., None] | None = None,
+                initargs: tuple = ()) -> Executor:
+    """An executor of ``workers`` processes (spawned, see the module's notes) or threads.
+
+    ``init(*initargs)`` runs once in each worker process as it starts (after it has lowered its
+    priority and tied its life to this process): loading a model, for example.
+    """
     if not processes:
         return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nucleiseg-worker",
                                   initializer=_lower_priority)
     import multiprocessing
 
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_die_with_parent, initargs=(os.getpid(),))
+                               initializer=_start_worker, initargs=(os.getpid(), init, initargs))
