@@ -635,15 +635,17 @@ def predict_files(
         ``say(kind, text)`` receives one line per note, warning or error
         (default: the ``nucleiseg.batch`` logger).
     workers : int, optional
-        Workers that label, measure and write images while the network
-        predicts the next ones (and a thread reads ahead); processes for a
-        batch of :data:`~nucleiseg.pipeline.PROCESS_MIN_IMAGES` images or
-        more, else threads (see :mod:`nucleiseg.pipeline`). Default (None)
-        and 0: each image read, predicted and written in turn in this thread
-        (:func:`predict_one`); the outputs are the same either way. On the
-        2-core development machine, idle, the pipeline was slower than one
-        image at a time (docs/benchmarks.md), so it is opt-in: for machines
-        whose cores the network leaves idle (a GPU host).
+        Worker processes for a batch of :data:`~nucleiseg.pipeline.PROCESS_MIN_IMAGES`
+        images or more. On a CPU each worker segments whole images with its
+        share of the cores (images that decode to more than
+        :data:`IMAGE_WORKER_MAX_BYTES` run afterwards in this process); with
+        the network on a GPU they label, measure and write images while the
+        network predicts the next ones here. Shorter batches: worker threads.
+        Default (None) and 0: each image read, predicted and written in turn
+        in this thread (:func:`predict_one`). The outputs are the same either
+        way. On the 2-core development machine 2 workers were 12% faster than
+        one image at a time in accurate mode over 160 images of 256², and
+        within the machine's drift in fast mode (docs/benchmarks.md).
     cluster : str, distributed.Client or None
         Run the images on a Dask cluster (:func:`nucleiseg.distributed.predict_on_cluster`):
         ``"local:N"`` (N worker processes here) or a scheduler's address. Same outputs; images over
@@ -758,8 +760,9 @@ def _run_all(jobs: Sequence[ImageJob], model: Any, opts: PredictOptions, folder:
             put(k, row)
         else:
             todo.append(k)
-    #: one image at a time unless asked: on 2 idle cores, 32 images of 256² ran at 11.6 (fast) and 6.0
-    #: (accurate) images/s one at a time, 5.1 / 3.3 with 2 worker processes, 9.0 / 5.4 with 2 threads
+    #: one image at a time unless asked: on 2 idle cores, 160 images of 256² in accurate mode ran at 6.46 and 5.77
+    #: images/s one at a time against 7.25 and 6.49 with 2 image workers (+12%, two rounds); in fast mode
+    #: 14.0 / 19.9 against 17.5 / 16.8, within the machine's drift. Not enough to spawn processes by default.
     workers = 0 if workers is None else workers
     if workers == 0 or not todo:
         for k in todo:

@@ -404,9 +404,10 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=argparse.SUPPRESS, metavar="N",
                    help="CPU threads for the network (default: PyTorch's choice)")
     p.add_argument("--workers", type=int, default=argparse.SUPPRESS, metavar="N",
-                   help="processes (threads for short batches) that label, measure and write images while the "
-                   "network predicts the next ones, for machines whose cores the network leaves idle (a GPU "
-                   "host); default 0: one image at a time, which was faster on a 2-core CPU")
+                   help="worker processes for batches of 16 images or more: on a CPU each segments whole images "
+                   "with its share of the cores (12%% faster than one at a time in accurate mode on 2 cores); "
+                   "with --device cuda they label, measure and write while the network runs. Default 0: one "
+                   "image at a time. Same outputs either way")
     p.add_argument("--formats", type=_formats, default="none", metavar="LIST",
                    help=f"extra outputs, comma-separated: {', '.join(FORMATS)}")
     p.add_argument("--save-probabilities", action="store_true",
