@@ -437,9 +437,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-#: zlib level of the PNGs written. On 32 overlays of 256x256 DSB crops (2 cores, under load) level 3 encoded
-#: in 7.5-11 ms against 23-31 ms at Pillow's default 6, for files 2.4% larger (49.5 against 48.3 kB); level 1
-#: was no faster and 15% larger. The overlay was the largest cost of ``predict`` after the network.
+#: zlib level of the PNGs written. On 32 overlays of 256x256 DSB crops (idle, 4 rounds) level 3 encoded in
+#: 5.8 ms against 14.9 ms at Pillow's default 6, for files 2.4% larger (49.5 against 48.3 kB); level 1 took
+#: 4.3 ms for files 13% larger, and no zlib strategy went below 4.1 ms (PNG's row filters and CRCs). The
+#: overlay was the largest cost of ``predict`` after the network.
 PNG_COMPRESS_LEVEL = 3
 
 
