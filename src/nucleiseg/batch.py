@@ -728,8 +728,8 @@ def _check_block_size(block_size: Any, cluster: Any, grid: int) -> int | None:
     if block_size is None:
         return None
     if cluster is None:
-        raise OptionError("block_size", "applies to large images on a cluster only: give cluster as well "
-                                        "(without one, every image is segmented whole)")
+        raise OptionError("block_size", "applies to large images on a cluster only (without one, every image "
+                                        "is segmented whole)")
     try:
         return check_block(block_size, grid)
     except ValueError as exc:
