@@ -162,7 +162,7 @@ def measure_nuclei(labels: np.ndarray, image: np.ndarray) -> pd.DataFrame:
     with np.errstate(divide="ignore", invalid="ignore"):
         eccentricity = np.where(large > 0, np.sqrt(np.clip(1 - small / large, 0, 1)), 0.0)
     table = pd.DataFrame({
-        "label": ids[present],
+        "label": ids[present].astype(np.int64),
         "area": n.astype(np.int64),
         "centroid_y": mr + r0[present],
         "centroid_x": mc + c0[present],
