@@ -137,8 +137,11 @@ def header_bytes(path: str | Path) -> int | None:
 
     Examples
     --------
-    >>> header_bytes("tests/fixtures/dsb/stage1_train/.../images/....png")  # doctest: +SKIP
-    262144
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "grey.png")
+    >>> write_png(path, np.zeros((30, 40), np.uint8))
+    >>> header_bytes(path), header_bytes(os.path.join(os.path.dirname(path), "missing.png"))
+    (1200, None)
     """
     path = Path(path)
     try:
