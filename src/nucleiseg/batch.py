@@ -643,9 +643,8 @@ def predict_files(
         network predicts the next ones here. Shorter batches: worker threads.
         Default (None) and 0: each image read, predicted and written in turn
         in this thread (:func:`predict_one`). The outputs are the same either
-        way. On the 2-core development machine 2 workers were 12% faster than
-        one image at a time in accurate mode over 160 images of 256², and
-        within the machine's drift in fast mode (docs/benchmarks.md).
+        way. On the 2-core development machine 2 workers were as fast as one
+        image at a time, within the machine's drift (docs/benchmarks.md).
     cluster : str, distributed.Client or None
         Run the images on a Dask cluster (:func:`nucleiseg.distributed.predict_on_cluster`):
         ``"local:N"`` (N worker processes here) or a scheduler's address. Same outputs; images over
@@ -760,9 +759,9 @@ def _run_all(jobs: Sequence[ImageJob], model: Any, opts: PredictOptions, folder:
             put(k, row)
         else:
             todo.append(k)
-    #: one image at a time unless asked: on 2 idle cores, 160 images of 256² in accurate mode ran at 6.46 and 5.77
-    #: images/s one at a time against 7.25 and 6.49 with 2 image workers (+12%, two rounds); in fast mode
-    #: 14.0 / 19.9 against 17.5 / 16.8, within the machine's drift. Not enough to spawn processes by default.
+    #: one image at a time unless asked: on 2 idle cores, 256² images in accurate mode ran at 6.46 / 5.77 (160
+    #: images) and 6.25 / 6.32 (320) images/s one at a time against 7.25 / 6.49 and 5.86 / 6.70 with 2 image
+    #: workers; fast mode 14.0 / 19.9 against 17.5 / 16.8: equal within the drift, so no processes by default.
     workers = 0 if workers is None else workers
     if workers == 0 or not todo:
         for k in todo:

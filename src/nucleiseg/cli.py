@@ -405,9 +405,9 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                    help="CPU threads for the network (default: PyTorch's choice)")
     p.add_argument("--workers", type=int, default=argparse.SUPPRESS, metavar="N",
                    help="worker processes for batches of 16 images or more: on a CPU each segments whole images "
-                   "with its share of the cores (12%% faster than one at a time in accurate mode on 2 cores); "
-                   "with --device cuda they label, measure and write while the network runs. Default 0: one "
-                   "image at a time. Same outputs either way")
+                   "with its share of the cores (on 2 cores no faster than one at a time, within the "
+                   "machine's drift); with --device cuda they label, measure and write while the network "
+                   "runs. Default 0: one image at a time. Same outputs either way")
     p.add_argument("--formats", type=_formats, default="none", metavar="LIST",
                    help=f"extra outputs, comma-separated: {', '.join(FORMATS)}")
     p.add_argument("--save-probabilities", action="store_true",
