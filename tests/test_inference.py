@@ -384,12 +384,8 @@ def test_measure_nuclei_equals_regionprops_on_dsb_labels() -> None:
     from skimage.measure import regionprops_table
 
     from nucleiseg.io import read_image
+    from nucleiseg.measure import _PROPERTIES as names
     from nucleiseg.measure import grey_image
-
-    names = {"label": "label", "area": "area", "centroid-0": "centroid_y", "centroid-1": "centroid_x",
-             "bbox-0": "bbox_min_row", "bbox-1": "bbox_min_col", "bbox-2": "bbox_max_row", "bbox-3": "bbox_max_col",
-             "equivalent_diameter_area": "equivalent_diameter", "eccentricity": "eccentricity",
-             "intensity_mean": "mean_intensity"}
     measured = 0
     for sample in sorted(DSB_TRAIN.iterdir()):
         image = read_image(next((sample / "images").glob("*.png")))

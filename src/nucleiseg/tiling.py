@@ -113,7 +113,7 @@ def tile_spans(n: int, tile: int | None, overlap: int, align: int) -> list[tuple
     the others, so it starts on the grid). Fixed ``tile``-pixel tiles would
     predict far more pixels than the image holds where the axis is just
     longer than a whole number of strides: a 2048-pixel axis as 3 tiles of
-    1024 (1.5x its pixels) instead of 3 of 800 (1.17x).
+    1024 (1.5x its pixels) instead of 3 of 816 (1.2x).
 
     Examples
     --------
