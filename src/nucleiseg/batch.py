@@ -884,9 +884,10 @@ def _run_image_workers(jobs: Sequence[ImageJob], todo: Sequence[int], model: Any
                        put: Callable[..., None], workers: int) -> None:
     """Whole images in ``workers`` processes, each running the network on its share of the cores.
 
-    On a CPU the network's threads are less efficient than processes side by side, and each process's
-    labelling, measurements and writing overlap the others' networks with no core oversubscribed.
-    Images over :data:`IMAGE_WORKER_MAX_BYTES` run afterwards in this process (all its threads).
+    Each process's labelling, measurements and writing overlap the others' networks with no core
+    oversubscribed, and the network runs on fewer threads per image, which scale better on many cores
+    (on 2 cores this was as fast as one image at a time, docs/benchmarks.md). Images over
+    :data:`IMAGE_WORKER_MAX_BYTES` run afterwards in this process (all its threads).
     """
     from concurrent.futures import as_completed
     from concurrent.futures.process import BrokenProcessPool
@@ -912,6 +913,8 @@ def _run_image_workers(jobs: Sequence[ImageJob], todo: Sequence[int], model: Any
                     put(futures[future], *future.result())
                 except BrokenProcessPool:
                     lost.append(futures[future])
+                except Exception as exc:  # one image's failure, even a bug, must not cost the others
+                    put(futures[future], *_failed(jobs[futures[future]], exc, folder))
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         return sorted(lost)
