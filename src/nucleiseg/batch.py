@@ -439,6 +439,7 @@ def _finish(predicted: _Predicted, folder: OutputFolder | Path) -> tuple[dict[st
     Never raises for a problem of this image: the row says ``failed``.
     """
     from .measure import measure_nuclei
+    from .pipeline import Background
     from .postprocess import label_nuclei
 
     job = predicted.job
@@ -456,7 +457,7 @@ def _finish(predicted: _Predicted, folder: OutputFolder | Path) -> tuple[dict[st
         predicted.probabilities = None  # free the largest array before the writers' temporaries
         # The PNGs (the overlay's drawing and zlib encoding release the GIL) are written in a second thread
         # while this one measures and writes the rest: the finishing stage then uses two cores.
-        pngs = _Background(_write_pngs, staged, predicted.image, labels)
+        pngs = Background(_write_pngs, staged, predicted.image, labels)
         try:
             table = measure_nuclei(labels, predicted.image)
             if "rois" in staged:
@@ -481,33 +482,6 @@ def _finish(predicted: _Predicted, folder: OutputFolder | Path) -> tuple[dict[st
     except Exception as exc:  # one image's failure, even a bug, must not cost the others
         return _failed(job, exc, folder, said)
     return row, said
-
-
-class _Background:
-    """``fn(*args)`` in a thread of its own, started now; :meth:`result` joins it and raises its error.
-
-    A new thread per call (about 0.1 ms), not a pool: a process forked later inherits no pool whose
-    thread it lacks.
-    """
-
-    def __init__(self, fn: Callable[..., None], *args: Any):
-        import threading
-
-        self.error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                fn(*args)
-            except BaseException as exc:  # handed to the caller by result()
-                self.error = exc
-
-        self.thread = threading.Thread(target=run, name="nucleiseg-png", daemon=True)
-        self.thread.start()
-
-    def result(self) -> None:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
 
 
 def _write_pngs(staged: Mapping[str, Path], image: np.ndarray, labels: np.ndarray) -> None:

@@ -36,7 +36,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-__all__ = ["PROCESS_MIN_IMAGES", "Failed", "default_workers", "read_ahead", "use_processes", "worker_pool"]
+__all__ = ["PROCESS_MIN_IMAGES", "Background", "Failed", "default_workers", "read_ahead", "use_processes",
+           "worker_pool"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -72,6 +73,38 @@ class Failed:
 
     def __init__(self, error: BaseException):
         self.error = error
+
+
+class Background:
+    """``fn(*args)`` in a thread of its own, started now; :meth:`result` joins it and raises its error.
+
+    A new thread per call (about 0.1 ms), not a pool: a process forked later inherits no pool whose
+    thread it lacks.
+
+    Examples
+    --------
+    >>> done = []
+    >>> task = Background(done.append, "written in the background")
+    >>> task.result(); done
+    ['written in the background']
+    """
+
+    def __init__(self, fn: Callable[..., Any], *args: Any):
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                fn(*args)
+            except BaseException as exc:  # handed to the caller by result()
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, name="nucleiseg-background", daemon=True)
+        self.thread.start()
+
+    def result(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def read_ahead(read: Callable[[T], R], items: Iterable[T], depth: int = READ_AHEAD) -> Iterator[tuple[T, R | Failed]]:
