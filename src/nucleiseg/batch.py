@@ -617,8 +617,8 @@ def predict_files(
         network predicts the next ones here. Shorter batches: worker threads.
         Default (None) and 0: each image read, predicted and written in turn
         in this thread (:func:`predict_one`). The outputs are the same either
-        way. On the 2-core development machine 2 workers were as fast as one
-        image at a time, within the machine's drift (docs/benchmarks.md).
+        way. On the 2-core development machine 2 workers were not consistently
+        faster than one image at a time (-6% to +23%, docs/benchmarks.md).
     cluster : str, distributed.Client or None
         Run the images on a Dask cluster (:func:`nucleiseg.distributed.predict_on_cluster`):
         ``"local:N"`` (N worker processes here) or a scheduler's address. Same outputs; images over
@@ -735,7 +735,7 @@ def _run_all(jobs: Sequence[ImageJob], model: Any, opts: PredictOptions, folder:
             todo.append(k)
     #: one image at a time unless asked: on 2 idle cores, 256² images in accurate mode ran at 6.46 / 5.77 (160
     #: images) and 6.25 / 6.32 (320) images/s one at a time against 7.25 / 6.49 and 5.86 / 6.70 with 2 image
-    #: workers; fast mode 14.0 / 19.9 against 17.5 / 16.8: equal within the drift, so no processes by default.
+    #: workers; fast mode 14.0 / 19.9 against 17.5 / 16.8: not consistently faster, so no processes by default.
     workers = 0 if workers is None else workers
     if workers == 0 or not todo:
         for k in todo:
@@ -860,7 +860,7 @@ def _run_image_workers(jobs: Sequence[ImageJob], todo: Sequence[int], model: Any
 
     Each process's labelling, measurements and writing overlap the others' networks with no core
     oversubscribed, and the network runs on fewer threads per image, which scale better on many cores
-    (on 2 cores this was as fast as one image at a time, docs/benchmarks.md). Images over
+    (on 2 cores not consistently faster than one image at a time, docs/benchmarks.md). Images over
     :data:`IMAGE_WORKER_MAX_BYTES` run afterwards in this process (all its threads).
     """
     from concurrent.futures import as_completed

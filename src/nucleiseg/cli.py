@@ -405,8 +405,8 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                    help="CPU threads for the network (default: PyTorch's choice)")
     p.add_argument("--workers", type=int, default=argparse.SUPPRESS, metavar="N",
                    help="worker processes for batches of 16 images or more: on a CPU each segments whole images "
-                   "with its share of the cores (on 2 cores no faster than one at a time, within the "
-                   "machine's drift); with --device cuda they label, measure and write while the network "
+                   "with its share of the cores (on 2 cores not consistently faster than one at a "
+                   "time: -6%% to +23%%); with --device cuda they label, measure and write while the network "
                    "runs. Default 0: one image at a time. Same outputs either way")
     p.add_argument("--formats", type=_formats, default="none", metavar="LIST",
                    help=f"extra outputs, comma-separated: {', '.join(FORMATS)}")
