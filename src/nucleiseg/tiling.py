@@ -51,8 +51,9 @@ DEFAULT_TILE = 1024
 #: then agreed to 1.7e-4 (8e-4 with 512-px tiles), where an overlap of 128 gave
 #: 7e-2 with the same (epoch-9) checkpoint. Cost: about (1024 / 832)² = 1.51x the pixels at most, as
 #: :func:`tile_spans` shortens the tiles to what an axis needs (8000²: 1.49x; 2048²: 1.43x, where full
-#: 1024-pixel tiles predicted 2.25x). With those shorter tiles the shipped model's probabilities on a 1500²
-#: DSB mosaic (tiles of 848) agreed with the untiled image's to 2.0e-4 (fp32, accurate mode).
+#: 1024-pixel tiles predicted 2.25x). With those shorter tiles the shipped model's probabilities on a 2048²
+#: DSB mosaic (3 x 3 tiles of 816) agreed with the untiled image's to 3.9e-4, and the labels scored DSB
+#: 1.0000 against the untiled ones (fp32; ``benchmarks/tiling_memory.py seams --tile 1024 --overlap 192``).
 DEFAULT_OVERLAP = 192
 
 
