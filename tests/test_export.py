@@ -163,5 +163,5 @@ def test_bioimageio_package_passes_bioimageio_test_and_reproduces_predict(model_
     assert [a.get("halo") for a in rdf["outputs"][0]["axes"][2:]] == [BIOIMAGEIO_HALO] * 2
     assert rdf["outputs"][0]["axes"][1]["channel_names"] == ["body", "contour", "touch"]
     rgb = test_input[0].transpose(1, 2, 0).astype(np.uint8)
-    expected = predict_probabilities(load_model(model_file), rgb, tile=None, precision="fp32")
+    expected = predict_probabilities(load_model(model_file), rgb, tile=0, precision="fp32")
     np.testing.assert_allclose(test_output[0], expected, atol=1e-4)
