@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +120,34 @@ def test_default_model_is_cached(monkeypatch: pytest.MonkeyPatch, model_path: Pa
 def test_import_is_light() -> None:
     code = "import sys, nucleiseg; assert 'torch' not in sys.modules; assert callable(nucleiseg.segment)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+_MAPPED_AFTER_PREDICT = """
+import ctypes, sys
+import numpy as np
+from nucleiseg.inference import load_model, predict_probabilities
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+predict_probabilities(load_model(sys.argv[1]), np.zeros((48, 48), np.uint8))
+big = np.ones(64 << 20, np.uint8)  # 64 MiB: over glibc's largest mmap threshold
+print(libc.mallinfo2().hblkhd >= 64 << 20)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc")
+@pytest.mark.parametrize("malloc", ["system", "default"])
+def test_cpu_prediction_reuses_freed_memory(model_path: Path, malloc: str) -> None:
+    """After a CPU prediction a 64 MiB block comes from the heap, not a mapping of its own (which is faulted in
+    page by page on every forward pass); ``NUCLEISEG_MALLOC=system`` leaves glibc as it is."""
+    env = dict(os.environ, NUCLEISEG_MALLOC=malloc)
+    out = subprocess.run([sys.executable, "-c", _MAPPED_AFTER_PREDICT, str(model_path)], env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(malloc == "system")]
 
 
 # ----------------------------------------------------------------------------- probabilities

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .device import resolve_device, resolve_precision
+from .device import resolve_device, resolve_precision, reuse_freed_memory
 from .errors import NucleisegError
 from .models import UNetPlusPlus, load_model_file, resolve_model_path
 from .models.fuse import fuse_batchnorm
@@ -307,6 +307,8 @@ def predict_probabilities(
         raise ValueError("scale='auto' needs the nuclei of a first pass: use predict_labels or segment")
     level = resolve_prune_level(model.depth, model.metadata, opts.mode, opts.prune_level)
     autocast = resolve_precision(opts.precision, model.device)  # one rule for training and prediction
+    if model.device.type == "cpu":
+        reuse_freed_memory()  # large tiles' activations otherwise cost a page fault per 4 kB, every pass
     scale = opts.scale
     x = prepare_image(image, levels)  # normalised at the image's own size: the same intensities at every scale
     native = x.shape[1:]
