@@ -76,12 +76,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from skimage.measure import regionprops_table
     from skimage.segmentation import find_boundaries, relabel_sequential
 
-    from nucleiseg.device import resolve_precision
+    from nucleiseg.device import resolve_precision, reuse_freed_memory
     from nucleiseg.inference import load_model, resolve_prune_level, segment
     from nucleiseg.io import PNG_COMPRESS_LEVEL, draw_overlay, label_edges
     from nucleiseg.measure import _PROPERTIES, grey_image, measure_nuclei
     from nucleiseg.postprocess import relabel
     from nucleiseg.preprocess import to_rgb_uint8
+
+    reuse_freed_memory()  # as predict and train do on a CPU (NUCLEISEG_MALLOC=system: glibc's own behaviour)
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=40, help="DSB images whose annotations are measured")

@@ -59,6 +59,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 
+from nucleiseg.device import reuse_freed_memory
 from nucleiseg.models import DEFAULT_MODEL_PATH, UNetPlusPlus, load_model_file
 from nucleiseg.models.fuse import fuse_batchnorm, is_fused
 
@@ -271,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # as predict and train do on a CPU (NUCLEISEG_MALLOC=system: glibc's own behaviour)
     import logging
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notices

@@ -111,9 +111,11 @@ def load_file_module(name: str, path: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nucleiseg.device import reuse_freed_memory
     from nucleiseg.inference import load_model, segment
     from nucleiseg.preprocess import normalize
 
+    reuse_freed_memory()  # as predict and train do on a CPU (NUCLEISEG_MALLOC=system: glibc's own behaviour)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=16, help="256x256 DSB crops (a multiple of 8)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())

@@ -165,8 +165,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from nucleiseg import pipeline
     from nucleiseg.inference import load_model, resolve_prune_level
     from nucleiseg.io import write_png
-    from nucleiseg.device import resolve_precision
+    from nucleiseg.device import resolve_precision, reuse_freed_memory
 
+    reuse_freed_memory()  # as predict and train do on a CPU (NUCLEISEG_MALLOC=system: glibc's own behaviour)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=32, help="256x256 images in the folder")
     parser.add_argument("--modes", nargs="+", default=["fast", "accurate"], choices=["fast", "accurate"])
