@@ -143,7 +143,7 @@ def reuse_freed_memory() -> bool:
 
     Examples
     --------
-    >>> reuse_freed_memory() in (True, False)
+    >>> reuse_freed_memory()              # on Linux with glibc  # doctest: +SKIP
     True
     """
     global _malloc_tuned
