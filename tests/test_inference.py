@@ -150,6 +150,37 @@ def test_cpu_prediction_reuses_freed_memory(model_path: Path, malloc: str) -> No
     assert out == [str(malloc == "system")]
 
 
+_RESIDENT_AFTER_LARGE_IMAGE = """
+import os, sys
+import numpy as np
+from nucleiseg.inference import load_model, predict_probabilities
+
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+model = load_model(sys.argv[1])
+predict_probabilities(model, np.zeros((48, 48), np.uint8))  # tunes the allocator
+base = resident()
+block = np.ones(512 << 20, np.uint8)
+del block  # freed, kept by the heap for reuse
+kept = resident() - base
+predict_probabilities(model, np.zeros((1100, 1000), np.uint8), tile=512)  # over one pass: released after it
+print(kept >> 20, (resident() - base) >> 20)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not Path("/proc/self/statm").exists(),
+                    reason="tunes glibc's malloc, reads /proc")
+def test_large_image_releases_freed_memory(model_path: Path) -> None:
+    """Freed memory is kept for the next forward pass, and handed back once an image of more than one pass is
+    done, so a long-lived process does not hold its largest image's heap."""
+    env = dict(os.environ, NUCLEISEG_MALLOC="default")
+    kept, after = map(int, subprocess.run([sys.executable, "-c", _RESIDENT_AFTER_LARGE_IMAGE, str(model_path)],
+                                          env=env, capture_output=True, text=True, check=True).stdout.split())
+    assert kept >= 500 and after < 100, (kept, after)
+
+
 # ----------------------------------------------------------------------------- probabilities
 @pytest.mark.parametrize(
     "image",

@@ -5,7 +5,7 @@
 machine, or says in one line why not; :func:`resolve_precision` picks the
 autocast dtype for a precision setting on a device; :func:`reuse_freed_memory`
 keeps a CPU network's large activations from being faulted in afresh on every
-forward pass.
+forward pass, and :func:`release_freed_memory` hands it back once a large image is done.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 from .errors import NucleisegError
 from .options import DEVICES, PRECISIONS, is_device_name
 
-__all__ = ["DEVICES", "PRECISIONS", "bf16_supported", "resolve_device", "resolve_precision", "reuse_freed_memory"]
+__all__ = ["DEVICES", "PRECISIONS", "bf16_supported", "resolve_device", "resolve_precision", "release_freed_memory",
+           "reuse_freed_memory"]
 
 #: Freed memory the C allocator keeps for reuse before it gives the top of its heap back to the system. Without
 #: :func:`reuse_freed_memory`, glibc maps every block over 32 MiB on its own and unmaps it when freed, so each
@@ -133,7 +134,8 @@ def reuse_freed_memory() -> bool:
     call, large blocks come from the heap and up to :data:`MALLOC_KEEP_BYTES` of freed memory stays there for
     the next pass (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, ...)``). Called once per process
     before a network runs on the CPU (prediction and training); later calls do nothing. It changes the whole
-    process's allocator: the price is a higher resident memory after a large image, up to that much more.
+    process's allocator: the price is a higher peak of resident memory on a large image (fragmentation), and
+    freed memory kept until :func:`release_freed_memory`, which prediction calls after each large image.
 
     Returns
     -------
@@ -157,3 +159,14 @@ def reuse_freed_memory() -> bool:
             m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
             _malloc_tuned = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, MALLOC_KEEP_BYTES))
     return _malloc_tuned
+
+
+def release_freed_memory() -> None:
+    """Give the memory freed since :func:`reuse_freed_memory` back to the system (``malloc_trim(0)``).
+
+    Called after a large image, so that a long-lived process (napari, a Dask worker with a memory limit) does
+    not keep the heap of its largest image while it idles or handles small ones. Does nothing when the
+    allocator was not tuned.
+    """
+    if _malloc_tuned:
+        ctypes.CDLL(None).malloc_trim(0)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .device import resolve_device, resolve_precision, reuse_freed_memory
+from .device import release_freed_memory, resolve_device, resolve_precision, reuse_freed_memory
 from .errors import NucleisegError
 from .models import UNetPlusPlus, load_model_file, resolve_model_path
 from .models.fuse import fuse_batchnorm
@@ -328,6 +328,8 @@ def predict_probabilities(
         )
     if scale != 1.0:
         acc = np.clip(resize_channels(acc, native), 0.0, 1.0)
+    if x.shape[1] * x.shape[2] > _BATCH_PIXELS:  # more than one pass: hand the activations' heap back
+        release_freed_memory()
     return acc
 
 
