@@ -25,10 +25,10 @@ __all__ = ["DEVICES", "PRECISIONS", "bf16_supported", "resolve_device", "resolve
 #: Freed memory the C allocator keeps for reuse before it gives the top of its heap back to the system. Without
 #: :func:`reuse_freed_memory`, glibc maps every block over 32 MiB on its own and unmaps it when freed, so each
 #: large activation of a CPU forward pass (a 976² tile: 61 MB per width-32 feature map in bf16) is faulted in
-#: page by page again on every pass: the accurate network cost 2.5–3.9 s/Mpixel on 1024² tiles against
-#: 2.1–2.7 on batches of 256² images, and 1.5–2.1 once freed memory is reused (2-core VM, interleaved rounds,
-#: eleventh session). Reuse costs peak memory: a 976² tile's forward pass peaked at 1.53–1.65 GiB of resident
-#: memory against 1.33–1.35; 1 GiB kept gave the same speed as keeping everything.
+#: page by page again on every pass: the accurate network cost 2.35–2.75 s/Mpixel on 1024² tiles, and
+#: 1.23–2.03 once freed memory is reused, about what batches of 256² images cost either way (2-core VM,
+#: interleaved rounds, eleventh session, ``benchmarks/allocator_speed.py``). Reuse costs peak memory:
+#: ``predict`` of an 8000² image peaked at 3.59 GiB against 2.98 (``benchmarks/tiling_memory.py``).
 MALLOC_KEEP_BYTES = 1 << 30
 
 #: ``NUCLEISEG_MALLOC=system`` leaves the C allocator as it is.

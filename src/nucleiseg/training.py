@@ -508,7 +508,7 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
     torch.manual_seed(config.seed)
     autocast_dtype = resolve_precision(config.precision, device)
     if device.type == "cpu":
-        reuse_freed_memory()  # 12–19% more images/s on the 2-core CPU (v6's widths, micro-batches of 4)
+        reuse_freed_memory()  # +2% to +19% images/s on the 2-core CPU (v6's widths; benchmarks/allocator_speed.py)
 
     train_split = load_split(cache_dir, "train")
     val_split = load_split(cache_dir, "val")
