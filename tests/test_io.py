@@ -11,6 +11,7 @@ import pytest
 from nucleiseg.errors import ImageReadError
 from nucleiseg.io import (
     OVERLAY_COLOURS,
+    encode_png,
     nucleus_outlines,
     read_image,
     read_labels,
@@ -221,3 +222,54 @@ def test_label_edges_are_find_boundaries() -> None:
         edges = label_edges(labels)
         assert np.array_equal(edges & (labels != 0), find_boundaries(labels, mode="inner"))
         assert np.array_equal(edges & (labels == 0), find_boundaries(labels, mode="outer") & (labels == 0))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("shape", [(1, 1), (37, 301), (29, 17, 1), (29, 17, 2), (40, 33, 3), (40, 33, 4)])
+def test_png_decodes_to_the_same_array(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype, shape) -> None:
+    """encode_png's files read back bit for bit by libpng (OpenCV), in one band or in bands of a few rows."""
+    import cv2
+
+    import nucleiseg.io as nio
+
+    image = np.random.default_rng(len(shape) + shape[0]).integers(0, np.iinfo(dtype).max, shape, dtype=dtype,
+                                                                   endpoint=True)
+    want = image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
+    for band_bytes in (nio.PNG_BAND_BYTES, 97):  # 97 bytes: a band per row or two, many IDAT chunks
+        monkeypatch.setattr(nio, "PNG_BAND_BYTES", band_bytes)
+        write_png(tmp_path / "a.png", image)
+        got = cv2.imread(str(tmp_path / "a.png"), cv2.IMREAD_UNCHANGED)
+        if want.ndim == 3:  # OpenCV gives BGR(A), and grey + alpha as BGRA
+            got = got[..., [0, 3]] if want.shape[2] == 2 else got[..., [2, 1, 0, 3][: want.shape[2]]]
+        assert got.dtype == dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+    if dtype == np.uint8 or want.ndim == 2:  # Pillow, our reader, keeps 8-bit images and 16-bit grey as they are
+        np.testing.assert_array_equal(read_image(tmp_path / "a.png"), want)
+
+
+def test_png_rejects_what_it_cannot_write(tmp_path: Path) -> None:
+    for bad in (np.zeros((4, 4), np.float32), np.zeros((0, 4), np.uint8), np.zeros((4, 4, 5), np.uint8),
+                np.zeros(4, np.uint8)):
+        with pytest.raises(ValueError, match="PNG needs"):
+            write_png(tmp_path / "bad.png", bad)
+    assert not list(tmp_path.iterdir())  # nothing written, not even a temporary file
+    assert b"".join(encode_png(np.zeros((2, 2), np.uint8), level=0))[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_csv_is_what_pandas_writes(tmp_path: Path) -> None:
+    """write_table's bytes equal pandas' to_csv(index=False): a nucleus table, and the awkward cases."""
+    import pandas as pd
+
+    from nucleiseg.io import write_table
+    from nucleiseg.measure import measure_nuclei
+
+    labels = _labels()
+    image = np.random.default_rng(3).integers(0, 255, (*labels.shape, 3), dtype=np.uint8)
+    odd = pd.DataFrame({"label": np.array([1, 2, 3], np.int64), "a": [1.5, np.nan, 1e-20],
+                        "b": [0.1 + 0.2, np.inf, -0.0], "text": ["x,y", None, 'say "q"'],
+                        "f32": np.array([0.1, np.nan, 3], np.float32), "flag": [True, False, True]})
+    empty = measure_nuclei(np.zeros((8, 8), np.int32), np.zeros((8, 8), np.uint8))
+    for table in (measure_nuclei(labels, image), odd, empty):
+        write_table(tmp_path / "ours.csv", table)
+        table.to_csv(tmp_path / "pandas.csv", index=False)
+        assert (tmp_path / "ours.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()

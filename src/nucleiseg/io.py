@@ -20,6 +20,7 @@ import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -442,17 +443,120 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 #: zlib level of the PNGs written. On 32 overlays of 256x256 DSB crops (idle, 4 rounds) level 3 encoded in
 #: 5.8 ms against 14.9 ms at Pillow's default 6, for files 2.4% larger (49.5 against 48.3 kB); level 1 took
-#: 4.3 ms for files 13% larger, and no zlib strategy went below 4.1 ms (PNG's row filters and CRCs). The
-#: overlay was the largest cost of ``predict`` after the network.
+#: 4.3 ms for files 13% larger. The overlay was the largest cost of ``predict`` after the network.
 PNG_COMPRESS_LEVEL = 3
+
+#: Bytes of image rows filtered and compressed at a time by :func:`encode_png` (so an 8000x8000 RGB overlay
+#: needs a few MB beside itself, not a second copy of its 192 MB).
+PNG_BAND_BYTES = 4 << 20
+
+_PNG_COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> PNG colour type: grey, grey+alpha, RGB, RGBA
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+
+
+def encode_png(image: np.ndarray, level: int = PNG_COMPRESS_LEVEL) -> Iterator[bytes]:
+    """The bytes of ``image`` as a PNG file, in pieces (its signature, then chunks).
+
+    Every row gets PNG's *Sub* filter (each byte minus the one a pixel to its
+    left), computed with NumPy, and zlib compresses them band by band; zlib
+    releases the GIL, so this runs beside other Python work. On 32 overlays of
+    256x256 DSB crops (eleventh session, interleaved rounds) it took 4.0-4.3 ms
+    against 7.0-7.5 ms for Pillow and 5.6-5.8 ms for OpenCV at the same zlib
+    level (both choose a filter per row), for files 1% larger; 0.45 ms against
+    0.95 ms for a binary mask.
+
+    Parameters
+    ----------
+    image : ndarray, shape (H, W) or (H, W, C), uint8 or uint16
+        Grey, grey + alpha (C = 2), RGB (3) or RGBA (4); at least 1 x 1.
+    level : int
+        zlib's compression level, 0-9.
+
+    Examples
+    --------
+    >>> import io, imageio.v3 as iio
+    >>> image = np.arange(24, dtype=np.uint16).reshape(4, 6) * 2000
+    >>> data = b"".join(encode_png(image))
+    >>> data[:8]
+    b'\\x89PNG\\r\\n\\x1a\\n'
+    >>> bool((iio.imread(io.BytesIO(data), extension=".png") == image).all())
+    True
+    """
+    import struct
+    import zlib
+
+    image = np.asarray(image)
+    channels = 1 if image.ndim == 2 else image.shape[-1] if image.ndim == 3 else 0
+    if channels not in _PNG_COLOUR_TYPES or image.dtype not in (np.uint8, np.uint16) or 0 in image.shape:
+        raise ValueError(f"PNG needs a non-empty uint8 or uint16 (H, W) or (H, W, 1-4) array, "
+                         f"got {image.dtype} of shape {image.shape}")
+    height, width = image.shape[:2]
+    depth = image.dtype.itemsize
+    step = channels * depth  # bytes per pixel: the Sub filter's distance
+    yield b"\x89PNG\r\n\x1a\n"
+    yield _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8 * depth, _PNG_COLOUR_TYPES[channels], 0, 0, 0))
+    compressor = zlib.compressobj(level)
+    rows_per_band = max(1, PNG_BAND_BYTES // (width * step))
+    for top in range(0, height, rows_per_band):
+        band = image[top : top + rows_per_band]
+        rows = np.ascontiguousarray(band.astype(">u2", copy=False) if depth == 2 else band)
+        rows = rows.view(np.uint8).reshape(len(band), width * step)
+        filtered = np.empty((len(band), width * step + 1), np.uint8)
+        filtered[:, 0] = 1  # the Sub filter
+        filtered[:, 1 : step + 1] = rows[:, :step]
+        np.subtract(rows[:, step:], rows[:, :-step], out=filtered[:, step + 1 :])
+        compressed = compressor.compress(filtered)
+        if compressed:
+            yield _png_chunk(b"IDAT", compressed)
+    yield _png_chunk(b"IDAT", compressor.flush())
+    yield _png_chunk(b"IEND", b"")
 
 
 def write_png(path: str | Path, image: np.ndarray) -> None:
-    """Write a uint8/uint16 grey, RGB or RGBA array as PNG, atomically."""
-    import imageio.v3 as iio
+    """Write a uint8/uint16 grey, grey + alpha, RGB or RGBA array as PNG (:func:`encode_png`), atomically.
 
-    with atomic_path(path) as tmp:
-        iio.imwrite(tmp, np.ascontiguousarray(image), extension=".png", compress_level=PNG_COMPRESS_LEVEL)
+    Examples
+    --------
+    >>> write_png("mask.png", np.zeros((32, 32), np.uint8))  # doctest: +SKIP
+    """
+    pieces = encode_png(image)
+    first = next(pieces)  # a wrong array is a ValueError before any file is made
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(first)
+        f.writelines(pieces)
+
+
+def write_table(path: str | Path, table: Any) -> None:
+    """Write a table (a pandas DataFrame) as CSV, atomically: the bytes of ``table.to_csv(path, index=False)``.
+
+    Rows go through Python's :mod:`csv` module from the columns' lists, a
+    millisecond less than pandas' writer for a nucleus table of a 256x256 image
+    (1.6 against 2.5 ms); missing values are written empty, as pandas does.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> write_table("nuclei.csv", pd.DataFrame({"label": [1, 2], "area": [31.5, float("nan")]}))  # doctest: +SKIP
+    """
+    columns = []
+    for name in table.columns:
+        column = table[name]
+        # float32 as NumPy prints it (0.1, not the float64 0.10000000149011612), as pandas does
+        values = [str(v) for v in column.to_numpy()] if column.dtype in (np.float32, np.float16) else column.tolist()
+        missing = column.isna().to_numpy()
+        if missing.any():  # NaN and None are written empty
+            values = ["" if gone else v for v, gone in zip(values, missing)]
+        columns.append(values)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(table.columns)
+        writer.writerows(zip(*columns))
 
 
 def write_labels_tiff(path: str | Path, labels: np.ndarray) -> None:

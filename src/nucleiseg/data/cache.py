@@ -277,30 +277,11 @@ def _process_sample(sample: _Sample, out_dir: Path, source: str, binary_masks: s
     n_nuclei = int(labels.max())
     if n_nuclei == 0:
         warnings.append(f"{sample.image}: no nucleus annotated (kept as an empty example)")
-    _write_png(out_dir / "images" / f"{sample.image_id}.png", rgb)
-    _write_png(out_dir / "masks" / f"{sample.image_id}.png", np.where(labels > 0, 255, 0).astype(np.uint8))
+    write_png(out_dir / "images" / f"{sample.image_id}.png", rgb)
+    write_png(out_dir / "masks" / f"{sample.image_id}.png", np.where(labels > 0, 255, 0).astype(np.uint8))
     write_labels_tiff(out_dir / "labels" / f"{sample.image_id}.tif", labels)
     result.update(height=height, width=width, kind=image_kind(rgb), n_nuclei=n_nuclei)
     return result
-
-
-def _write_png(path: Path, image: np.ndarray) -> None:
-    """Write an 8-bit grey or RGB PNG atomically, with OpenCV at zlib level 3.
-
-    About 3.5 times faster than :func:`nucleiseg.io.write_png` (Pillow, level 6)
-    for files 2% larger; PNG writing is a third of the time of a prepare.
-    """
-    import cv2
-
-    data = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
-    # encoded in memory, written by Python: a full disk is then an OSError that atomic_path reports
-    # in one line (cv2.imwrite would print libpng's own error and return False)
-    ok, encoded = cv2.imencode(".png", data, [cv2.IMWRITE_PNG_COMPRESSION, 3])
-    if not ok:  # cv2 declined (unusual build): the plain writer
-        write_png(path, image)
-        return
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(encoded.tobytes())
 
 
 def _run_all(tasks: list[tuple[_Sample, str]], out_dir: Path, workers: int, progress: bool, binary_masks: str = "refuse"):
