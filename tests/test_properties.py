@@ -145,3 +145,21 @@ def test_pixel_scores_invariants(truth, pred):
     assert swapped["f1"] == scores["f1"] and swapped["iou"] == scores["iou"]
     assert swapped["precision"] == scores["recall"]
     assert scores["iou"] <= scores["f1"]
+
+
+@FAST
+@given(arrays(np.uint8, st.tuples(st.integers(1, 24), st.integers(1, 24), st.just(3))),
+       st.lists(st.floats(0, 100), min_size=1, max_size=3))
+@example(np.zeros((1, 1, 3), np.uint8), [0.0, 100.0])
+@example(np.full((7, 5, 3), 255, np.uint8), [1.0, 99.8])
+def test_byte_percentiles_and_normalize_are_numpys(rgb, q):
+    """The histogram percentiles equal np.percentile to the last bit, and normalize the float formula."""
+    from nucleiseg.preprocess import byte_percentiles, normalize
+
+    values = rgb.astype(np.float32) / 255.0
+    assert byte_percentiles(rgb, tuple(q)) == tuple(float(v) for v in np.percentile(values, q))
+    lo, hi = (float(v) for v in np.percentile(values, (1.0, 99.8)))
+    expected = np.clip((values - lo) * (1.0 / max(hi - lo, 1e-2)), -0.5, 1.5).transpose(2, 0, 1)
+    got = normalize(rgb)
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, expected)

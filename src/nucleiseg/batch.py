@@ -441,6 +441,7 @@ def _finish(predicted: _Predicted, folder: OutputFolder | Path) -> tuple[dict[st
     from .measure import measure_nuclei
     from .pipeline import Background
     from .postprocess import label_nuclei
+    from .preprocess import to_rgb_uint8
 
     job = predicted.job
     folder = folder if isinstance(folder, OutputFolder) else OutputFolder(folder)
@@ -455,10 +456,14 @@ def _finish(predicted: _Predicted, folder: OutputFolder | Path) -> tuple[dict[st
         if "probabilities" in staged:
             _io.write_probabilities_tiff(staged["probabilities"], predicted.probabilities, predicted.channels)
         predicted.probabilities = None  # free the largest array before the writers' temporaries
-        # The PNGs (the overlay's drawing and zlib encoding release the GIL) are written in a second thread
-        # while this one measures and writes the rest: the finishing stage then uses two cores.
-        pngs = Background(_write_pngs, staged, predicted.image, labels)
+        # The overlay's PNG is encoded in a second thread (zlib releases the GIL) while this one writes the
+        # mask, measures and writes the rest: the finishing stage then uses two cores. The thread is given
+        # no NumPy work of its own: it would wait for the GIL behind this thread's long C calls (11-12 ms
+        # per 256² image with drawing, filtering and the mask in the thread, against 7.5 ms alone).
+        overlay = _io.draw_overlay(to_rgb_uint8(predicted.image), labels)
+        pngs = Background(_io.write_png, staged["overlay"], overlay)
         try:
+            _io.write_png(staged["mask"], (labels > 0).astype(np.uint8) * np.uint8(255))
             table = measure_nuclei(labels, predicted.image)
             if "rois" in staged:
                 _io.write_imagej_rois(staged["rois"], labels)
@@ -481,14 +486,6 @@ def _finish(predicted: _Predicted, folder: OutputFolder | Path) -> tuple[dict[st
     except Exception as exc:  # one image's failure, even a bug, must not cost the others
         return _failed(job, exc, folder, said)
     return row, said
-
-
-def _write_pngs(staged: Mapping[str, Path], image: np.ndarray, labels: np.ndarray) -> None:
-    """The overlay and the mask of one image."""
-    from .preprocess import to_rgb_uint8
-
-    _io.write_overlay(staged["overlay"], to_rgb_uint8(image), labels)
-    _io.write_png(staged["mask"], (labels > 0).astype(np.uint8) * np.uint8(255))
 
 
 def _row(job: ImageJob) -> dict[str, Any]:

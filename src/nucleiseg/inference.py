@@ -381,11 +381,14 @@ def _predict_tiled(
             probs = model.network.predict_proba(tensor, prune_level=level)
         probs = probs.float().cpu().numpy()
         for k, t in enumerate(batch):
-            weight = t.weight()
-            if scale != 1.0:
-                weight *= scale
             p = probs[k]
-            p *= weight
+            if len(layout) > 1:  # a lone tile's weight is 1 everywhere
+                weight = t.weight()
+                if scale != 1.0:
+                    weight *= scale
+                p *= weight
+            elif scale != 1.0:
+                p *= scale
             acc[(slice(None),) + t.slices] += p
         counter.add(len(batch))
 

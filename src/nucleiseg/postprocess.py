@@ -79,23 +79,28 @@ def remove_small_labels(labels: np.ndarray, min_size: int) -> np.ndarray:
     return np.where(small[labels], 0, labels)
 
 
-def relabel(labels: np.ndarray) -> np.ndarray:
+def relabel(labels: np.ndarray, min_size: int = 1) -> np.ndarray:
     """Labels renumbered 1..N in the order of their values (0 stays 0), as int32.
 
     What ``skimage.segmentation.relabel_sequential`` gives, from a lookup table
     over ``np.bincount`` instead of sorting the label values: 0.18 s against
-    1.0 s on a 4096² image of 40,000 labels (equal outputs).
+    1.0 s on a 4096² image of 40,000 labels (equal outputs). Objects of fewer
+    than ``min_size`` pixels become 0 in the same pass (what
+    :func:`remove_small_labels` first would give).
 
     Examples
     --------
     >>> relabel(np.array([[0, 7, 7, 3], [9, 0, 3, 0]]))
     array([[0, 2, 2, 1],
            [3, 0, 1, 0]], dtype=int32)
+    >>> relabel(np.array([[0, 7, 7, 3], [9, 0, 3, 0]]), min_size=2)
+    array([[0, 2, 2, 1],
+           [0, 0, 1, 0]], dtype=int32)
     """
     labels = np.asarray(labels)
     if not labels.size:
         return labels.astype(np.int32)
-    present = np.bincount(labels.ravel()) > 0
+    present = np.bincount(labels.ravel()) >= max(1, min_size)
     present[0] = False
     lut = np.zeros(len(present), np.int32)
     lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
@@ -118,8 +123,7 @@ def connected_components(body: np.ndarray, threshold: float = 0.5, min_size: int
     """
     mask = body > threshold
     labels, _ = ndi.label(mask)
-    labels = remove_small_labels(labels, min_size)
-    return relabel(labels)
+    return relabel(labels, min_size)
 
 
 # ----------------------------------------------------------------------------- the watershed's steps
@@ -216,8 +220,7 @@ def instances_from_probabilities(
     foreground, blobs, n_blobs = foreground_regions(body, params.foreground_threshold)
     markers = seed_markers(seed_map(body, boundary), foreground, params.seed_threshold, params.min_seed_size)
     markers = seed_orphans(markers, blobs, n_blobs)
-    labels = remove_small_labels(flood(body, markers, foreground), params.min_size)
-    return relabel(labels)
+    return relabel(flood(body, markers, foreground), params.min_size)
 
 # ----------------------------------------------------------------------------- large images
 #: Rows per band of :func:`label_nuclei`, and the margin around a band for regions taller than one band:
