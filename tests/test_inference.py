@@ -567,3 +567,26 @@ def test_auto_scale_keeps_an_empty_first_pass(tmp_path: Path) -> None:
     image = np.random.default_rng(6).integers(0, 255, (64, 64), dtype=np.uint8)
     result = segment(image, load_model(tmp_path / "blind.safetensors"), scale="auto")
     assert result.scale == 1.0 and result.n_nuclei == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_flooding_only_shared_regions_changes_nothing(seed: int) -> None:
+    """flood() with the regions gives skimage's watershed over the whole foreground, label for label."""
+    from scipy import ndimage as ndi
+    from skimage.segmentation import watershed
+
+    from nucleiseg.postprocess import boundary_probability, flood, foreground_regions, seed_map, seed_markers, seed_orphans
+
+    rng = np.random.default_rng(seed)
+    probs = np.stack([ndi.gaussian_filter(rng.random((160, 130)), s) for s in (3.0, 1.5, 1.5)]).astype(np.float32)
+    probs = (probs - probs.min(axis=(1, 2), keepdims=True)) / np.ptp(probs, axis=(1, 2), keepdims=True)
+    body, boundary = probs[0], boundary_probability(probs, ("body", "contour", "touch"))
+    shared = 0
+    for fg, st, mss in ((0.3, 0.2, 1), (0.5, 0.3, 3), (0.6, 0.35, 1)):
+        foreground, regions, n = foreground_regions(body, fg)
+        markers = seed_orphans(seed_markers(seed_map(body, boundary), foreground, st, mss), regions, n)
+        per_region = [len(np.unique(markers[regions == r])) for r in range(1, n + 1)]
+        shared += sum(k > 1 for k in per_region)
+        np.testing.assert_array_equal(flood(body, markers, foreground, regions, n),
+                                      watershed(-body, markers, mask=foreground))
+    assert shared >= 2, "the test needs regions flooded from several markers"

@@ -124,7 +124,7 @@ def _image_scores(
         foreground, blobs, n_blobs = foreground_regions(body, fg)
         for st, mss in itertools.product(grid["seed_threshold"], grid["min_seed_size"]):
             markers = seed_orphans(seed_markers(seeds, foreground, st, mss), blobs, n_blobs)
-            flooded = flood(body, markers, foreground)
+            flooded = flood(body, markers, foreground, blobs, n_blobs)
             for ms in grid["min_size"]:
                 out[(fg, st, mss, ms)] = score(remove_small_labels(flooded, ms))
     return out
