@@ -344,3 +344,39 @@ def test_image_worker_killed_mid_run_costs_nothing(tmp_path: Path, images: Path,
     assert killed and (summary["status"] == "ok").all() and len(summary) == 8
     assert _snapshot(out) == _snapshot(sequential)
     assert not list((out / ".nucleiseg" / "staging").iterdir())
+
+
+@pytest.mark.parametrize("limit", [None, 0])
+def test_next_image_is_read_while_one_is_segmented(tmp_path: Path, images: Path, model, monkeypatch, limit) -> None:
+    """One image at a time, the next small image is read during the network of this one; a large one
+    (over READ_AHEAD_MAX_BYTES, here 0 bytes) only in its turn. The outputs are the same."""
+    import threading
+
+    from nucleiseg import batch
+
+    if limit is not None:
+        monkeypatch.setattr(batch, "READ_AHEAD_MAX_BYTES", limit)
+    second_read = threading.Event()
+    seen: list[bool] = []
+    real_read, real_infer = batch._read, batch._infer
+
+    def read(job, options):
+        result = real_read(job, options)
+        if job.name == "tissue":
+            second_read.set()
+        return result
+
+    def infer(job, *args):
+        if job.name == "fluo":  # the first image: is the second read meanwhile?
+            seen.append(second_read.wait(timeout=10 if limit is None else 0.5))
+        return real_infer(job, *args)
+
+    monkeypatch.setattr(batch, "_read", read)
+    monkeypatch.setattr(batch, "_infer", infer)
+    summary = _run(images, tmp_path / "out", model, workers=0)
+    assert (summary["status"] == "ok").all()
+    assert seen == [limit is None]
+    monkeypatch.setattr(batch, "_read", real_read)
+    monkeypatch.setattr(batch, "_infer", real_infer)
+    _run(images, tmp_path / "plain", model, workers=0)
+    assert _snapshot(tmp_path / "out") == _snapshot(tmp_path / "plain")

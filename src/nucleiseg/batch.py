@@ -531,8 +531,20 @@ def predict_one(
     progress : callable, optional
         ``progress(done, total)`` with the tiles predicted so far.
     """
+    return _predict_read(job, None, model, options, folder, say, progress)
+
+
+def _predict_read(job: ImageJob, read: Any, model: Any, options: PredictOptions, folder: OutputFolder, say: Say,
+                  progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+    """:func:`predict_one` with the image already read: ``read`` is :func:`_read`'s result, its
+    :class:`~nucleiseg.pipeline.Failed`, or None (read it here)."""
+    from .pipeline import Failed
+
     try:
-        image, notes = _read(job, options)
+        if isinstance(read, Failed):
+            raise read.error
+        image, notes = _read(job, options) if read is None else read
+        del read
         predicted = _infer(job, image, notes, model, options, progress)
     except Exception as exc:  # one image's failure, even a bug, must not cost the others
         row, said = _failed(job, exc, folder)
@@ -734,8 +746,15 @@ def _run_all(jobs: Sequence[ImageJob], model: Any, opts: PredictOptions, folder:
     #: workers; fast mode 14.0 / 19.9 against 17.5 / 16.8: not consistently faster, so no processes by default.
     workers = 0 if workers is None else workers
     if workers == 0 or not todo:
-        for k in todo:
-            put(k, predict_one(jobs[k], model, opts, folder, say=say, progress=tiles))
+        # The next image is read (decoding releases the GIL) while this one is segmented; one of more than
+        # READ_AHEAD_MAX_BYTES is read in its turn instead, so that no two large images are held at once.
+        def read_small(k: int) -> Any:
+            size = _io.header_bytes(jobs[k].path)
+            return None if size is None or size > READ_AHEAD_MAX_BYTES else _read(jobs[k], opts)
+
+        for k, read in pipeline.read_ahead(read_small, todo, depth=1):
+            put(k, _predict_read(jobs[k], read, model, opts, folder, say, tiles))
+            del read
         return rows  # type: ignore[return-value]
 
     processes = pipeline.use_processes(workers, len(todo))
@@ -802,6 +821,10 @@ def _run_all(jobs: Sequence[ImageJob], model: Any, opts: PredictOptions, folder:
         pool.shutdown(wait=True, cancel_futures=True)
     return rows  # type: ignore[return-value]
 
+
+#: Images that decode to more than this are not read ahead of their turn by :func:`predict_files` one image at
+#: a time (a 2048 x 2048 RGB image is 12 MiB).
+READ_AHEAD_MAX_BYTES = 64 * 1024**2
 
 #: Images that decode to more than this are segmented in the calling process with all its threads, after
 #: the others, rather than by an image worker: two at once would double the memory of the largest (an 8000²
