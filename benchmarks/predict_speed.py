@@ -18,7 +18,9 @@ options (precision auto, default outputs: labels, mask, overlay, table):
   pipelined with worker threads instead, and the ratio
   of its images/s to network-only's;
 - the paired ratio (:func:`paired_ratio`): network-only and ``predict_one``
-  timed image by image in turn, robust to the machine's drift;
+  timed image by image in turn, robust to the machine's drift; and folder by
+  folder (:func:`paired_folder_ratio`): network-only on as many inputs, then
+  ``predict_files`` on the folder, in turn;
 - with ``--large SIDE``: one SIDE x SIDE mosaic of DSB crops, accurate mode,
   the default path, as seconds per megapixel against the 256x256 folder's
   (timed just before and after it).
@@ -123,6 +125,39 @@ def paired_ratio(folder: Path, model: Any, mode: str, passes: int, device: str =
         passes_out.append({"network_images_per_s": len(paths) / network,
                            "predict_images_per_s": len(paths) / end_to_end, "ratio": network / end_to_end})
     return passes_out
+
+
+def paired_folder_ratio(folder: Path, model: Any, mode: str, passes: int, device: str = "cpu") -> list[dict[str, float]]:
+    """Per pass: the network alone on as many 256x256 batches of one as the folder has images, then
+    ``predict_files`` on the folder (one image at a time, the default; all default outputs), each timed.
+
+    What ``nucleiseg predict`` does for a folder (reading ahead, progress, summary) beside the network alone
+    a few seconds apart, unlike :func:`paired_ratio`, which times :func:`nucleiseg.batch.predict_one` image by
+    image and so leaves out what only the folder's loop does.
+    """
+    import torch
+    from inference_speed import autocast
+
+    from nucleiseg.device import resolve_precision
+    from nucleiseg.inference import resolve_prune_level
+
+    level = resolve_prune_level(model.depth, model.metadata, mode)
+    bf16 = resolve_precision("auto", torch.device(device)) == torch.bfloat16
+    x = torch.rand(1, 3, SIDE, SIDE, device=device).contiguous(memory_format=torch.channels_last)
+    count = len(list(folder.glob("*.png")))
+    out = []
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        with torch.inference_mode(), autocast(bf16, x.device.type):
+            for _ in range(count):
+                model.network.predict_proba(x, prune_level=level)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        network = time.perf_counter() - t0
+        seconds, _ = timed_predict(folder, model, mode, 0, 1, device=device)
+        out.append({"network_images_per_s": count / network, "predict_images_per_s": count / seconds,
+                    "ratio": network / seconds})
+    return out
 
 
 def stage_cpu_seconds(folder: Path, model: Any, mode: str) -> dict[str, float]:
@@ -250,6 +285,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     + ", ".join(f"{p['ratio']:.0%}" for p in row["paired"])
                     + f" of network-only (median {ratios[len(ratios) // 2]:.0%}; network "
                     + ", ".join(f"{p['network_images_per_s']:.1f}" for p in row["paired"]) + " images/s)")
+                row["paired_folder"] = paired_folder_ratio(folder, model, mode, args.paired, args.device)
+                say(f"{mode}: paired, folder by folder: predict_files one image at a time reaches "
+                    + ", ".join(f"{p['ratio']:.0%}" for p in row["paired_folder"])
+                    + " of network-only (network " + ", ".join(f"{p['network_images_per_s']:.1f}"
+                                                                 for p in row["paired_folder"])
+                    + f" images/s; load {load():.1f})")
             cpu = stage_cpu_seconds(folder, model, mode)
             row["cpu_seconds_per_image"] = cpu
             row["bound_from_cpu"] = cpu["network"] / sum(cpu.values())
