@@ -15,8 +15,14 @@ Each line times the replaced code and the current one on the same inputs, best o
 - relabelling: ``skimage.segmentation.relabel_sequential`` against :func:`nucleiseg.postprocess.relabel` on a
   4096² image of 40,000 labels, checked equal;
 - grey levels: a float32 copy and ``np.dot`` against :func:`nucleiseg.measure.grey_image` (256² RGB);
-- PNG: the overlays of 32 256² DSB crops (shipped model, fast mode) encoded at zlib levels 1, 3 (the
-  current :data:`nucleiseg.io.PNG_COMPRESS_LEVEL`) and 6 (Pillow's default), ms per image and bytes;
+- PNG: the overlays of 32 256² DSB crops (shipped model, fast mode) encoded by Pillow at zlib levels 3 and 6
+  (Pillow's default) against :func:`nucleiseg.io.encode_png` at levels 1, 2 and 3 (the current
+  :data:`nucleiseg.io.PNG_COMPRESS_LEVEL`), ms per image and bytes, its files checked to decode to the overlay;
+- intensity percentiles: ``np.percentile`` of a float32 copy (as ``normalize`` took them before) against
+  :func:`nucleiseg.preprocess.byte_percentiles` on the same crops, checked equal;
+- the watershed: ``skimage.segmentation.watershed`` over the whole foreground against
+  :func:`nucleiseg.postprocess.flood` given the regions (only regions of several markers flooded), on the
+  crops' probabilities with the model's thresholds, checked equal;
 - the network's seconds per megapixel by input side (accurate mode, bf16 where the CPU has it, batch 1),
   the sides interleaved in each round;
 - with ``--workers-images N``: ``predict_files`` on N 256² crops, one image at a time against 2 image
@@ -78,10 +84,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from nucleiseg.device import resolve_precision, reuse_freed_memory
     from nucleiseg.inference import load_model, resolve_prune_level, segment
-    from nucleiseg.io import PNG_COMPRESS_LEVEL, draw_overlay, label_edges
+    from skimage.segmentation import watershed
+
+    from nucleiseg.io import PNG_COMPRESS_LEVEL, draw_overlay, encode_png, label_edges
     from nucleiseg.measure import _PROPERTIES, grey_image, measure_nuclei
-    from nucleiseg.postprocess import relabel
-    from nucleiseg.preprocess import to_rgb_uint8
+    from nucleiseg.postprocess import (
+        boundary_probability,
+        flood,
+        foreground_regions,
+        relabel,
+        seed_map,
+        seed_markers,
+        seed_orphans,
+    )
+    from nucleiseg.preprocess import byte_percentiles, to_rgb_uint8
 
     reuse_freed_memory()  # as predict and train do on a CPU (NUCLEISEG_MALLOC=system: glibc's own behaviour)
 
@@ -137,21 +153,54 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model = load_model(None, "cpu")
     crops = dsb_crops(32, 256)
-    overlays = [draw_overlay(to_rgb_uint8(c), segment(c, model, mode="fast").labels) for c in crops]
+    segmentations = [segment(c, model, mode="fast") for c in crops]
+    overlays = [draw_overlay(to_rgb_uint8(c), s.labels) for c, s in zip(crops, segmentations)]
     results["png"] = {}
-    for level in (1, PNG_COMPRESS_LEVEL, 6):
+    for name, level in (("Pillow", 3), ("Pillow", 6), ("encode_png", 1), ("encode_png", 2),
+                        ("encode_png", PNG_COMPRESS_LEVEL)):
         sizes = []
 
-        def encode(level: int = level) -> None:
+        def encode(name: str = name, level: int = level) -> None:
             sizes.clear()
             for overlay in overlays:
-                buffer = pyio.BytesIO()
-                Image.fromarray(overlay).save(buffer, format="PNG", compress_level=level)
-                sizes.append(len(buffer.getvalue()))
+                if name == "Pillow":
+                    buffer = pyio.BytesIO()
+                    Image.fromarray(overlay).save(buffer, format="PNG", compress_level=level)
+                    sizes.append(len(buffer.getvalue()))
+                else:
+                    sizes.append(len(b"".join(encode_png(overlay, level))))
 
         seconds = best_of(args.rounds, encode) / len(overlays)
-        results["png"][level] = {"ms": seconds * 1e3, "bytes": float(np.mean(sizes))}
-        say(f"PNG overlay 256², zlib level {level}: {seconds * 1e3:.1f} ms, {np.mean(sizes) / 1e3:.1f} kB")
+        results["png"][f"{name} {level}"] = {"ms": seconds * 1e3, "bytes": float(np.mean(sizes))}
+        say(f"PNG overlay 256², {name} at zlib level {level}: {seconds * 1e3:.1f} ms, {np.mean(sizes) / 1e3:.1f} kB")
+    same = all(np.array_equal(np.asarray(Image.open(pyio.BytesIO(b"".join(encode_png(o))))), o) for o in overlays)
+    results["png"]["decodes_equal"] = same
+    say(f"  encode_png's files decode to the overlays: {same}")
+
+    old = best_of(args.rounds, lambda: [np.percentile(c.astype(np.float32) / 255.0, (1.0, 99.8)) for c in crops])
+    new = best_of(args.rounds, lambda: [byte_percentiles(c, (1.0, 99.8)) for c in crops])
+    same = all(byte_percentiles(c, (1.0, 99.8)) == tuple(np.percentile(c.astype(np.float32) / 255.0, (1.0, 99.8)))
+               for c in crops)
+    results["percentiles"] = {"np_percentile_ms": old / len(crops) * 1e3, "byte_percentiles_ms": new / len(crops) * 1e3,
+                              "equal": same}
+    say(f"percentiles 256² RGB: np.percentile of a float copy {old / len(crops) * 1e3:.2f} ms, byte_percentiles "
+        f"{new / len(crops) * 1e3:.2f} ms, equal: {same}")
+
+    steps = []
+    for crop, segmentation in zip(crops, segmentations):
+        params = model.postprocess_for(crop)
+        probs = segmentation.probabilities
+        body = probs[0]
+        foreground, regions, n = foreground_regions(body, params.foreground_threshold)
+        seeds = seed_map(body, boundary_probability(probs, model.channels))
+        markers = seed_orphans(seed_markers(seeds, foreground, params.seed_threshold, params.min_seed_size), regions, n)
+        steps.append((body, markers, foreground, regions, n))
+    old = best_of(args.rounds, lambda: [watershed(-b, m, mask=f) for b, m, f, _, _ in steps])
+    new = best_of(args.rounds, lambda: [flood(b, m, f, r, n) for b, m, f, r, n in steps])
+    same = all(np.array_equal(watershed(-b, m, mask=f), flood(b, m, f, r, n)) for b, m, f, r, n in steps)
+    results["flood"] = {"watershed_ms": old / len(steps) * 1e3, "flood_ms": new / len(steps) * 1e3, "equal": same}
+    say(f"watershed 256²: over the whole foreground {old / len(steps) * 1e3:.2f} ms, flood by regions "
+        f"{new / len(steps) * 1e3:.2f} ms, equal: {same}")
 
     level = resolve_prune_level(model.depth, model.metadata, "accurate")
     bf16 = resolve_precision("auto", torch.device("cpu")) == torch.bfloat16

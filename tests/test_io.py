@@ -255,21 +255,3 @@ def test_png_rejects_what_it_cannot_write(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())  # nothing written, not even a temporary file
     assert b"".join(encode_png(np.zeros((2, 2), np.uint8), level=0))[:8] == b"\x89PNG\r\n\x1a\n"
 
-
-def test_table_csv_is_what_pandas_writes(tmp_path: Path) -> None:
-    """write_table's bytes equal pandas' to_csv(index=False): a nucleus table, and the awkward cases."""
-    import pandas as pd
-
-    from nucleiseg.io import write_table
-    from nucleiseg.measure import measure_nuclei
-
-    labels = _labels()
-    image = np.random.default_rng(3).integers(0, 255, (*labels.shape, 3), dtype=np.uint8)
-    odd = pd.DataFrame({"label": np.array([1, 2, 3], np.int64), "a": [1.5, np.nan, 1e-20],
-                        "b": [0.1 + 0.2, np.inf, -0.0], "text": ["x,y", None, 'say "q"'],
-                        "f32": np.array([0.1, np.nan, 3], np.float32), "flag": [True, False, True]})
-    empty = measure_nuclei(np.zeros((8, 8), np.int32), np.zeros((8, 8), np.uint8))
-    for table in (measure_nuclei(labels, image), odd, empty):
-        write_table(tmp_path / "ours.csv", table)
-        table.to_csv(tmp_path / "pandas.csv", index=False)
-        assert (tmp_path / "ours.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()

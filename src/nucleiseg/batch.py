@@ -469,7 +469,8 @@ def _finish(predicted: _Predicted, folder: OutputFolder | Path) -> tuple[dict[st
                 _io.write_imagej_rois(staged["rois"], labels)
             if "geojson" in staged:
                 _io.write_geojson(staged["geojson"], labels)
-            _io.write_table(staged["table"], table)
+            with _io.atomic_path(staged["table"]) as tmp:
+                table.to_csv(tmp, index=False)
             _io.write_labels_tiff(staged["labels"], labels)
         except BaseException:
             pngs.thread.join()  # done with the staging folder before it is discarded; this error is reported

@@ -473,7 +473,7 @@ def _segment_block(job: _Job, block: Block) -> dict:
 
     import zarr
 
-    from .io import atomic_path, nucleus_features, write_table
+    from .io import atomic_path, nucleus_features
     from .measure import measure_nuclei
     from .postprocess import label_nuclei
     from .preprocess import select_channel
@@ -504,7 +504,8 @@ def _segment_block(job: _Job, block: Block) -> dict:
         table[column] += block.origin[offset]
     table = table.sort_values("label")
     parts = Path(job.parts)
-    write_table(parts / f"{block.name}.csv", table)
+    with atomic_path(parts / f"{block.name}.csv") as tmp:
+        table.to_csv(tmp, index=False)
     if job.geojson:
         with atomic_path(parts / f"{block.name}.geojsonl") as tmp, open(tmp, "w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(feature) + "\n" for feature in nucleus_features(mine, block.origin, ids))
