@@ -493,7 +493,7 @@ def encode_png(image: np.ndarray, level: int = PNG_COMPRESS_LEVEL) -> Iterator[b
 
     image = np.asarray(image)
     channels = 1 if image.ndim == 2 else image.shape[-1] if image.ndim == 3 else 0
-    if channels not in _PNG_COLOUR_TYPES or image.dtype not in (np.uint8, np.uint16) or 0 in image.shape:
+    if channels not in _PNG_COLOUR_TYPES or image.dtype.kind != "u" or image.dtype.itemsize > 2 or 0 in image.shape:
         raise ValueError(f"PNG needs a non-empty uint8 or uint16 (H, W) or (H, W, 1-4) array, "
                          f"got {image.dtype} of shape {image.shape}")
     height, width = image.shape[:2]
