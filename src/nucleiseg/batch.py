@@ -624,10 +624,12 @@ def predict_files(
         :data:`IMAGE_WORKER_MAX_BYTES` run afterwards in this process); with
         the network on a GPU they label, measure and write images while the
         network predicts the next ones here. Shorter batches: worker threads.
-        Default (None) and 0: each image read, predicted and written in turn
-        in this thread (:func:`predict_one`). The outputs are the same either
-        way. On the 2-core development machine 2 workers were not consistently
-        faster than one image at a time (-6% to +23%, docs/benchmarks.md).
+        Default (None) and 0: each image predicted and written in turn in
+        this thread (:func:`predict_one`), the next one read meanwhile in a
+        second thread (up to :data:`READ_AHEAD_MAX_BYTES`). The outputs are
+        the same either way. On the 2-core development machine 2 workers were
+        not consistently faster than one image at a time (-15% to +23%,
+        docs/benchmarks.md).
     cluster : str, distributed.Client or None
         Run the images on a Dask cluster (:func:`nucleiseg.distributed.predict_on_cluster`):
         ``"local:N"`` (N worker processes here) or a scheduler's address. Same outputs; images over
