@@ -1,7 +1,7 @@
 """The honest accuracy estimate of a model: its thresholds' choice cross-validated on the validation split.
 
     .venv/bin/python benchmarks/honest_estimate.py cache/dsb2018 [--model default] [--work /tmp/nucleiseg-honest]
-        [--tissue-variants grey haematoxylin tta] [--folds 5] [--repeats 10]
+        [--tissue-variants grey haematoxylin tta reinhard] [--folds 5] [--repeats 10]
 
 Predicts every validation image of a prepared cache once per mode (accurate, fast; bf16 where the CPU has it,
 as ``predict`` does) and keeps the probabilities in ``--work`` (outside git, as float16, so figures can differ
@@ -17,7 +17,9 @@ from ``tune``'s in the third decimal; reused by later runs of the same model fil
   accurate mode, as ``tune`` does, read from fast-mode predictions);
 - with ``--tissue-variants``: the estimate when the stained-tissue images (and only they) are predicted from a
   changed input: ``grey`` (luminance), ``haematoxylin`` (the H channel of a colour deconvolution, drawn dark on
-  bright like a brightfield image), ``tta`` (the 8 flips and turns averaged). The other kinds keep their scores;
+  bright like a brightfield image), ``tta`` (the 8 flips and turns averaged), ``reinhard`` (stain
+  normalisation: each image's CIELAB means and spreads moved to the average of the training split's tissue
+  images, Reinhard et al. 2001). The other kinds keep their scores;
 - with ``--tissue-seed-maps``: the same for other seed maps of the watershed on the tissue images (``squared``:
   ``body * (1 - boundary)^2``, ``difference``: ``body - boundary``, ``smoothed``: the shipped map smoothed by a
   1-px Gaussian).
@@ -66,6 +68,27 @@ def haematoxylin(rgb: np.ndarray) -> np.ndarray:
     return np.repeat(y.astype(np.uint8)[..., None], 3, axis=-1)
 
 
+def lab_statistics(rgb: np.ndarray) -> np.ndarray:
+    """Mean and standard deviation of each CIELAB channel of an RGB image: shape (2, 3)."""
+    from skimage.color import rgb2lab
+
+    lab = rgb2lab(rgb[..., :3]).reshape(-1, 3)
+    return np.stack([lab.mean(axis=0), lab.std(axis=0)])
+
+
+def reinhard(reference: np.ndarray):
+    """Reinhard et al.'s colour transfer: each CIELAB channel's mean and spread moved to ``reference``'s."""
+    from skimage.color import lab2rgb, rgb2lab
+
+    def transform(rgb: np.ndarray) -> np.ndarray:
+        lab = rgb2lab(rgb[..., :3])
+        mean, std = lab_statistics(rgb)
+        lab = (lab - mean) / np.maximum(std, 1e-6) * reference[1] + reference[0]
+        return np.clip(lab2rgb(lab) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+    return transform
+
+
 def seed_scores(prob: np.ndarray, truth: np.ndarray, channels, combos, seeds_of) -> np.ndarray:
     """(DSB, AP50) of one image under every combination, with ``seeds_of(body, boundary)`` as the seed map.
 
@@ -100,7 +123,8 @@ SEED_MAPS = {
     "smoothed": _smoothed,  # Gaussian sigma 1 px: fewer seeds from noise
 }
 
-VARIANTS = {"grey": (grey, {}), "haematoxylin": (haematoxylin, {}), "tta": (None, {"tta": True})}
+VARIANTS = {"grey": (grey, {}), "haematoxylin": (haematoxylin, {}), "tta": (None, {"tta": True}),
+            "reinhard": (None, {})}  # the transform is made in main: it needs the training split's tissue images
 
 
 def model_tag(path: Path) -> str:
@@ -208,6 +232,12 @@ def main() -> None:
     rows = [ids.index(i) for i in tissue]
     for variant in args.tissue_variants:
         transform, extra = VARIANTS[variant]
+        if variant == "reinhard":  # the mean CIELAB statistics of the training split's tissue images
+            train = cache.table("train")
+            train_tissue = train.loc[train["kind"] == TISSUE, "image_id"].astype(str)
+            reference = np.mean([lab_statistics(cache.image(i)) for i in train_tissue], axis=0)
+            report["reinhard_reference"] = {"train_tissue_images": len(train_tissue), "lab": reference.tolist()}
+            transform = reinhard(reference)
         probs = cached_probs(work, f"tissue-{variant}", tissue, cache.image, net, base.replace(**extra), transform)
         _, tissue_scores = cached_scores(work, f"tissue-{variant}", tissue, probs, truths, channels)
         scores = acc.copy()
