@@ -83,8 +83,8 @@ def paired_ratio(folder: Path, model: Any, mode: str, passes: int, device: str =
     """Per pass over the folder: network-only and one-image-at-a-time images/s, taken image by image in turn.
 
     For each image, the network alone runs once on a random 256x256 batch of one (as ``network_throughput``),
-    then :func:`nucleiseg.batch.predict_one` segments and writes that image (the default path of
-    ``predict_files``), each timed. Summed over the folder, their ratio compares moments a fraction of a
+    then :func:`nucleiseg.batch.predict_one` reads, segments and writes that image (the default path of
+    ``predict_files``, which also reads the next image meanwhile), each timed. Summed over the folder, their ratio compares moments a fraction of a
     second apart, so it holds however much the machine's speed drifts (tens of per cent over minutes on
     this shared VM), unlike two throughputs measured minutes apart.
     """
