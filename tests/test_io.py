@@ -243,8 +243,9 @@ def test_png_decodes_to_the_same_array(tmp_path: Path, monkeypatch: pytest.Monke
             got = got[..., [0, 3]] if want.shape[2] == 2 else got[..., [2, 1, 0, 3][: want.shape[2]]]
         assert got.dtype == dtype and got.shape == want.shape
         np.testing.assert_array_equal(got, want)
-    if dtype == np.uint8 or want.ndim == 2:  # Pillow, our reader, keeps 8-bit images and 16-bit grey as they are
-        np.testing.assert_array_equal(read_image(tmp_path / "a.png"), want)
+    read = read_image(tmp_path / "a.png")  # at the file's own depth: 16-bit colour too (Pillow alone gives 8 bits)
+    assert read.dtype == dtype
+    np.testing.assert_array_equal(read, want)
     if dtype == np.uint16:  # big-endian input, as a file of that byte order reads, gives the same file
         write_png(tmp_path / "b.png", image.astype(">u2"))
         assert (tmp_path / "b.png").read_bytes() == (tmp_path / "a.png").read_bytes()
@@ -258,3 +259,14 @@ def test_png_rejects_what_it_cannot_write(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())  # nothing written, not even a temporary file
     assert b"".join(encode_png(np.zeros((2, 2), np.uint8), level=0))[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+
+def test_16bit_colour_png_keeps_its_depth(tmp_path: Path) -> None:
+    """A 12-bit camera's RGB saved as 16-bit PNG is not crushed to 8 bits (Pillow's >> 8 would leave 16 levels)."""
+    image = np.random.default_rng(5).integers(0, 4096, (40, 30, 3), dtype=np.uint16)
+    write_png(tmp_path / "rgb16.png", image)
+    np.testing.assert_array_equal(read_image(tmp_path / "rgb16.png"), image)
+    data = (tmp_path / "rgb16.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match="cut.png: cannot be read as an image"):
+        read_image(tmp_path / "cut.png")

@@ -108,6 +108,35 @@ def _refuse_if_too_large(path: Path, shape: Sequence[int], itemsize: int, limit:
         "(e.g. 16G) or read_image(max_bytes=...)", path)
 
 
+def _png_16bit_colour(path: Path) -> int | None:
+    """PNG's colour type (4: grey + alpha, 2: RGB, 6: RGBA) of a 16-bit colour PNG at ``path``, else None.
+
+    Pillow decodes such files to 8 bits; :func:`_read_pil_format` reads them at their own depth.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError:
+        return None
+    # signature, IHDR's length and type, width, height, then bit depth and colour type
+    if (len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[24] == 16
+            and head[25] in (2, 4, 6)):
+        return head[25]
+    return None
+
+
+def _read_png_16bit_colour(path: Path, colour_type: int) -> np.ndarray:
+    """A 16-bit colour PNG at its own depth (libpng through OpenCV), channels in RGB(A) or grey + alpha order."""
+    import cv2
+
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None or image.dtype != np.uint16 or image.ndim != 3:
+        raise ValueError("not a decodable 16-bit colour PNG")
+    if colour_type == 4:  # grey + alpha, which OpenCV expands to BGRA
+        return np.ascontiguousarray(image[..., [0, 3]])
+    return np.ascontiguousarray(image[..., [2, 1, 0, 3][: image.shape[-1]]])
+
+
 def _pil_header(path: Path) -> tuple[tuple[int, ...], int]:
     """``(shape, bytes per value)`` of the array imageio will decode, from the header (Pillow, lazily)."""
     from PIL import Image
@@ -119,6 +148,8 @@ def _pil_header(path: Path) -> tuple[tuple[int, ...], int]:
             mode = im.mode
             bands = 4 if mode in ("P", "PA") else len(im.getbands())  # a palette is expanded to RGB(A)
         itemsize = 4 if mode in ("I", "F") or mode.startswith(("I;32", "F;")) else 2 if "16" in mode else 1
+        if _png_16bit_colour(path) is not None:  # read at its own depth (_read_pil_format), not Pillow's 8 bits
+            itemsize = 2
         return ((frames,) if frames > 1 else ()) + (height, width, bands), itemsize
 
     try:
@@ -159,9 +190,16 @@ def header_bytes(path: str | Path) -> int | None:
 
 
 def _read_pil_format(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    """Decode with imageio (Pillow); an image already checked against our limit may exceed Pillow's."""
+    """Decode with imageio (Pillow); an image already checked against our limit may exceed Pillow's.
+
+    16-bit colour PNGs, which Pillow reduces to 8 bits, are decoded by libpng (OpenCV) at their own depth.
+    """
     import imageio.v3 as iio
     from PIL import Image
+
+    colour_type = _png_16bit_colour(path)
+    if colour_type is not None:
+        return _read_png_16bit_colour(path, colour_type)
 
     with warnings.catch_warnings():  # imageio's plugin probing announces its own deprecations
         warnings.simplefilter("ignore", DeprecationWarning)
