@@ -69,10 +69,13 @@ def kind_features(image: np.ndarray) -> dict[str, float]:
     # statistics of a strided sample of at most ~65k pixels: as good, and cheap for big images
     step = max(1, int(np.ceil(np.sqrt(rgb.shape[0] * rgb.shape[1] / _SAMPLE_PIXELS))))
     sample = rgb[::step, ::step]
-    grey = sample.sum(axis=-1, dtype=np.uint16).ravel()  # 0..765
+    # channel by channel: NumPy's reductions over a last axis of 3 are slow (kind_features took 5.7 against
+    # 2.1 ms per DSB image with them; the same features on all 592)
+    r, g, b = sample[..., 0], sample[..., 1], sample[..., 2]
+    grey = (r.astype(np.uint16) + g + b).ravel()  # 0..765
     counts = np.cumsum(np.bincount(grey, minlength=766))
     median = float(np.searchsorted(counts, (grey.size + 1) / 2)) / 765.0
-    chroma = sample.max(axis=-1).astype(np.int16) - sample.min(axis=-1)
+    chroma = np.maximum(np.maximum(r, g), b).astype(np.int16) - np.minimum(np.minimum(r, g), b)
     return {
         "background": median,
         "lean": float(grey.mean()) / 765.0 - median,
