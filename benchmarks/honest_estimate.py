@@ -103,7 +103,8 @@ def seed_scores(prob: np.ndarray, truth: np.ndarray, channels, combos, seeds_of)
     for fg in sorted({c[0] for c in combos}):
         foreground, blobs, n_blobs = foreground_regions(body, fg)
         for st, mss in sorted({(c[1], c[2]) for c in combos}):
-            flooded = flood(body, seed_orphans(seed_markers(seeds, foreground, st, mss), blobs, n_blobs), foreground)
+            flooded = flood(body, seed_orphans(seed_markers(seeds, foreground, st, mss), blobs, n_blobs), foreground,
+                            blobs, n_blobs)
             for ms in sorted({c[3] for c in combos}):
                 s = instance_scores(truth, remove_small_labels(flooded, ms))
                 out[(fg, st, mss, ms)] = (s.score, s.ap50)
