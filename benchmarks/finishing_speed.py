@@ -3,7 +3,7 @@
 Run from the repository root (about 3 minutes on 2 cores; needs the DSB 2018 images):
 
     .venv/bin/python benchmarks/finishing_speed.py [--images 40] [--rounds 3] [--sides 256 976 1504 1760]
-        [--workers-images 0] [--json OUT]
+        [--workers-images 0] [--large-png 0] [--json OUT]
 
 Each line times the replaced code and the current one on the same inputs, best of ``--rounds``:
 
@@ -22,7 +22,15 @@ Each line times the replaced code and the current one on the same inputs, best o
   :func:`nucleiseg.preprocess.byte_percentiles` on the same crops, checked equal;
 - the watershed: ``skimage.segmentation.watershed`` over the whole foreground against
   :func:`nucleiseg.postprocess.flood` given the regions (only regions of several markers flooded), on the
-  crops' probabilities with the model's thresholds, checked equal;
+  crops' probabilities with the model's thresholds, checked equal there and under three other threshold sets;
+- ``normalize``'s stretch on a 2048² mosaic: the whole-image float temporaries it replaced against the
+  in-place one, checked equal;
+- the image-kind features on the DSB images: reductions over the channel axis against
+  :func:`nucleiseg.data.kinds.kind_features` (channel by channel), checked equal;
+- ``predict``'s finishing stage per 256² crop in fast mode: each step alone (labels, measurements, drawing,
+  the PNGs, CSV, TIFF), then the whole ``_finish`` with its commit (wall and CPU time, and the time waited for
+  the overlay's thread);
+- with ``--large-png SIDE``: a SIDE x SIDE mosaic of the overlays encoded by Pillow and by ``encode_png``;
 - the network's seconds per megapixel by input side (accurate mode, bf16 where the CPU has it, batch 1),
   the sides interleaved in each round;
 - with ``--workers-images N``: ``predict_files`` on N 256² crops, one image at a time against 2 image
@@ -32,6 +40,7 @@ Each line times the replaced code and the current one on the same inputs, best o
 from __future__ import annotations
 
 import argparse
+import copy
 import io as pyio
 import json
 import shutil
@@ -44,7 +53,7 @@ from typing import Any, Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference_speed import DATA_CANDIDATES, ROOT, autocast, dsb_crops, machine  # noqa: E402
+from inference_speed import DATA_CANDIDATES, ROOT, autocast, dsb_crops, machine, mosaic  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -97,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seed_markers,
         seed_orphans,
     )
-    from nucleiseg.preprocess import byte_percentiles, to_rgb_uint8
+    from nucleiseg.data.kinds import kind_features
+    from nucleiseg.preprocess import byte_percentiles, normalize, to_rgb_uint8
 
     reuse_freed_memory()  # as predict and train do on a CPU (NUCLEISEG_MALLOC=system: glibc's own behaviour)
 
@@ -106,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sides", type=int, nargs="+", default=[256, 976, 1504, 1760])
     parser.add_argument("--workers-images", type=int, default=0, help="also time --workers 2 on this many crops")
+    parser.add_argument("--large-png", type=int, default=0, metavar="SIDE",
+                        help="also encode a SIDE x SIDE mosaic of the overlays with Pillow and encode_png")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     say = lambda text="": print(text, flush=True)  # noqa: E731
@@ -186,21 +198,139 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     say(f"percentiles 256² RGB: np.percentile of a float copy {old / len(crops) * 1e3:.2f} ms, byte_percentiles "
         f"{new / len(crops) * 1e3:.2f} ms, equal: {same}")
 
-    steps = []
-    for crop, segmentation in zip(crops, segmentations):
-        params = model.postprocess_for(crop)
-        probs = segmentation.probabilities
-        body = probs[0]
-        foreground, regions, n = foreground_regions(body, params.foreground_threshold)
-        seeds = seed_map(body, boundary_probability(probs, model.channels))
-        markers = seed_orphans(seed_markers(seeds, foreground, params.seed_threshold, params.min_seed_size), regions, n)
-        steps.append((body, markers, foreground, regions, n))
+    def watershed_steps(fg: float | None = None, st: float | None = None, mss: int | None = None) -> list[tuple]:
+        """The flood's inputs for every crop: the model's thresholds, or those given."""
+        steps = []
+        for crop, segmentation in zip(crops, segmentations):
+            params = model.postprocess_for(crop)
+            probs = segmentation.probabilities
+            body = probs[0]
+            foreground, regions, n = foreground_regions(body, params.foreground_threshold if fg is None else fg)
+            seeds = seed_map(body, boundary_probability(probs, model.channels))
+            markers = seed_markers(seeds, foreground, params.seed_threshold if st is None else st,
+                                   params.min_seed_size if mss is None else mss)
+            steps.append((body, seed_orphans(markers, regions, n), foreground, regions, n))
+        return steps
+
+    steps = watershed_steps()
     old = best_of(args.rounds, lambda: [watershed(-b, m, mask=f) for b, m, f, _, _ in steps])
     new = best_of(args.rounds, lambda: [flood(b, m, f, r, n) for b, m, f, r, n in steps])
-    same = all(np.array_equal(watershed(-b, m, mask=f), flood(b, m, f, r, n)) for b, m, f, r, n in steps)
-    results["flood"] = {"watershed_ms": old / len(steps) * 1e3, "flood_ms": new / len(steps) * 1e3, "equal": same}
+    checked = [steps] + [watershed_steps(*t) for t in ((0.4, 0.3, 1), (0.5, 0.5, 5), (0.7, 0.8, 20))]
+    same = all(np.array_equal(watershed(-b, m, mask=f), flood(b, m, f, r, n)) for c in checked for b, m, f, r, n in c)
+    results["flood"] = {"watershed_ms": old / len(steps) * 1e3, "flood_ms": new / len(steps) * 1e3, "equal": same,
+                        "floods_checked": sum(map(len, checked))}
     say(f"watershed 256²: over the whole foreground {old / len(steps) * 1e3:.2f} ms, flood by regions "
-        f"{new / len(steps) * 1e3:.2f} ms, equal: {same}")
+        f"{new / len(steps) * 1e3:.2f} ms, equal in {sum(map(len, checked))} floods (4 threshold sets): {same}")
+
+    # normalize's stretch: the whole-image float temporaries it replaced, on a 2048² mosaic of DSB crops
+    big_rgb = mosaic(2048, dsb_crops(64, 256))
+    lo, hi = byte_percentiles(big_rgb[::2, ::2], (1.0, 99.8))
+
+    def old_stretch() -> np.ndarray:
+        out = np.clip((big_rgb.astype(np.float32) / 255.0 - lo) * (1.0 / max(hi - lo, 1e-2)), -0.5, 1.5)
+        return np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32)
+
+    old = best_of(args.rounds, old_stretch)
+    new = best_of(args.rounds, lambda: normalize(big_rgb))
+    same = bool(np.array_equal(old_stretch(), normalize(big_rgb)))
+    results["normalize_2048"] = {"temporaries_ms": old * 1e3, "normalize_ms": new * 1e3, "equal": same}
+    say(f"normalize 2048² RGB: whole-image temporaries {old * 1e3:.0f} ms, in place {new * 1e3:.0f} ms, equal: {same}")
+
+    # the image-kind features: NumPy's reductions over the last axis of 3 they replaced, on DSB images
+    def old_features(image: np.ndarray) -> dict[str, float]:
+        rgb = to_rgb_uint8(image)
+        step = max(1, int(np.ceil(np.sqrt(rgb.shape[0] * rgb.shape[1] / 65536))))
+        sample = rgb[::step, ::step]
+        grey = sample.sum(axis=-1, dtype=np.uint16).ravel()
+        counts = np.cumsum(np.bincount(grey, minlength=766))
+        median = float(np.searchsorted(counts, (grey.size + 1) / 2)) / 765.0
+        chroma = sample.max(axis=-1).astype(np.int16) - sample.min(axis=-1)
+        return {"background": median, "lean": float(grey.mean()) / 765.0 - median, "chroma": float(chroma.mean()) / 255.0}
+
+    images = [im for im, _ in pairs]
+    old = best_of(args.rounds, lambda: [old_features(im) for im in images])
+    new = best_of(args.rounds, lambda: [kind_features(im) for im in images])
+    same = all(old_features(im) == kind_features(im) for im in images)
+    results["kind_features"] = {"reductions_ms": old / len(images) * 1e3, "kind_features_ms": new / len(images) * 1e3,
+                                "equal": same}
+    say(f"kind features, {len(images)} DSB images: reductions over the channel axis {old / len(images) * 1e3:.2f} ms, "
+        f"channel by channel {new / len(images) * 1e3:.2f} ms, equal: {same}")
+
+    # predict's finishing stage per 256² image (fast mode): each step alone, then the whole stage
+    from nucleiseg import pipeline
+    from nucleiseg.batch import ImageJob, OutputFolder, _finish, _infer, _read, plan_outputs
+    from nucleiseg.io import write_labels_tiff, write_png
+    from nucleiseg.options import PredictOptions
+    from nucleiseg.postprocess import label_nuclei
+
+    tmp = Path(tempfile.mkdtemp(prefix="nucleiseg-finishing-stage-"))
+    try:
+        opts = PredictOptions(mode="fast").resolved(model.depth, model.nucleus_diameter)
+        (tmp / "in").mkdir()
+        for k, crop in enumerate(crops):
+            write_png(tmp / "in" / f"img{k:03d}.png", crop)
+        jobs = [ImageJob(q, q.stem, plan_outputs(tmp / "out", q.stem)) for q in sorted((tmp / "in").glob("*.png"))]
+        predicted = [_infer(job, *_read(job, opts), model, opts, None) for job in jobs]
+        labels = [label_nuclei(q.probabilities, q.channels, q.params) for q in predicted]
+        tables = [measure_nuclei(lab, q.image) for lab, q in zip(labels, predicted)]
+        parts = {
+            "labels (label_nuclei)": lambda: [label_nuclei(q.probabilities, q.channels, q.params) for q in predicted],
+            "measurements": lambda: [measure_nuclei(lab, q.image) for lab, q in zip(labels, predicted)],
+            "drawing the overlay": lambda: [draw_overlay(to_rgb_uint8(q.image), lab) for lab, q in zip(labels, predicted)],
+            "overlay PNG": lambda: [write_png(tmp / "o.png", o) for o in overlays],
+            "mask PNG": lambda: [write_png(tmp / "m.png", (lab > 0).astype(np.uint8) * np.uint8(255)) for lab in labels],
+            "table CSV": lambda: [t.to_csv(tmp / "t.csv", index=False) for t in tables],
+            "labels TIFF": lambda: [write_labels_tiff(tmp / "l.tif", lab) for lab in labels],
+        }
+        stage: dict[str, float] = {name: best_of(args.rounds, fn) / len(jobs) * 1e3 for name, fn in parts.items()}
+        waited = [0.0]
+        real_result = pipeline.Background.result
+
+        def timed_result(self) -> None:
+            t0 = time.perf_counter()
+            try:
+                real_result(self)
+            finally:
+                waited[0] += time.perf_counter() - t0
+
+        pipeline.Background.result = timed_result
+        try:
+            walls, cpus, waits = [], [], []
+            for _ in range(args.rounds):
+                target = OutputFolder(tmp / "out").open()
+                fresh = [copy.copy(q) for q in predicted]
+                waited[0], c0, t0 = 0.0, time.process_time(), time.perf_counter()
+                for q in fresh:
+                    _finish(q, target)
+                walls.append((time.perf_counter() - t0) / len(jobs) * 1e3)
+                cpus.append((time.process_time() - c0) / len(jobs) * 1e3)
+                waits.append(waited[0] / len(jobs) * 1e3)
+                target.close()
+        finally:
+            pipeline.Background.result = real_result
+        stage.update({"whole stage, wall": min(walls), "whole stage, CPU": cpus[walls.index(min(walls))],
+                      "waiting for the overlay's thread": waits[walls.index(min(walls))]})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    results["finishing_stage_ms"] = stage
+    say("finishing stage, fast mode, ms per 256² image (steps alone; the stage with its commit, best round): "
+        + "; ".join(f"{name} {ms:.2f}" for name, ms in stage.items()))
+
+    if args.large_png:
+        side = args.large_png
+        big_overlay = mosaic(side, overlays)
+        t0 = time.perf_counter()
+        size = sum(map(len, encode_png(big_overlay)))
+        ours = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        buffer = pyio.BytesIO()
+        Image.fromarray(big_overlay).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        pillow = time.perf_counter() - t0
+        results["png_large"] = {"side": side, "encode_png_s": ours, "encode_png_bytes": size, "pillow_s": pillow,
+                                "pillow_bytes": len(buffer.getvalue())}
+        say(f"PNG overlay {side}², zlib level {PNG_COMPRESS_LEVEL}: Pillow {pillow:.2f} s, "
+            f"{len(buffer.getvalue()) / 1e6:.1f} MB; encode_png {ours:.2f} s, {size / 1e6:.1f} MB")
+        del big_overlay, buffer
 
     level = resolve_prune_level(model.depth, model.metadata, "accurate")
     bf16 = resolve_precision("auto", torch.device("cpu")) == torch.bfloat16

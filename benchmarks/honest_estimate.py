@@ -241,6 +241,14 @@ def main() -> None:
             transform = reinhard(reference)
         probs = cached_probs(work, f"tissue-{variant}", tissue, cache.image, net, base.replace(**extra), transform)
         _, tissue_scores = cached_scores(work, f"tissue-{variant}", tissue, probs, truths, channels)
+        key = grid_key(net.postprocess)
+        if key in combos:  # per image, at the model's stored thresholds
+            column = combos.index(key)
+            per_image = {i: (float(acc[r, column, 0]), float(tissue_scores[n, column, 0]))
+                         for n, (r, i) in enumerate(zip(rows, tissue))}
+            report[f"tissue {variant}, per image at the stored thresholds (as is, {variant})"] = per_image
+            print(f"tissue images at the stored thresholds, DSB as they are -> with {variant}: "
+                  + ", ".join(f"{i[:8]} {a:.3f} -> {b:.3f}" for i, (a, b) in per_image.items()), flush=True)
         scores = acc.copy()
         scores[rows] = tissue_scores
         runs[f"accurate, tissue predicted with {variant}"] = nested_cv_estimate(combos, scores, kinds, groups, ids,

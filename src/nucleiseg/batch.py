@@ -457,9 +457,9 @@ def _finish(predicted: _Predicted, folder: OutputFolder | Path) -> tuple[dict[st
             _io.write_probabilities_tiff(staged["probabilities"], predicted.probabilities, predicted.channels)
         predicted.probabilities = None  # free the largest array before the writers' temporaries
         # The overlay's PNG is encoded in a second thread (zlib releases the GIL) while this one writes the
-        # mask, measures and writes the rest: the finishing stage then uses two cores. The thread is given
-        # no NumPy work of its own: it would wait for the GIL behind this thread's long C calls (11-12 ms
-        # per 256² image with drawing, filtering and the mask in the thread, against 7.5 ms alone).
+        # mask, measures and writes the rest: the finishing stage then uses two cores. The thread gets little
+        # NumPy work of its own: with the drawing and the mask there too, it waited for the GIL behind this
+        # thread's long C calls and became the stage's critical path (twelfth session, profiled).
         overlay = _io.draw_overlay(to_rgb_uint8(predicted.image), labels)
         pngs = Background(_io.write_png, staged["overlay"], overlay)
         try:
@@ -628,7 +628,7 @@ def predict_files(
         this thread (:func:`predict_one`), the next one read meanwhile in a
         second thread (up to :data:`READ_AHEAD_MAX_BYTES`). The outputs are
         the same either way. On the 2-core development machine 2 workers were
-        not consistently faster than one image at a time (-15% to +23%,
+        not consistently faster than one image at a time (-6% to +23%,
         docs/benchmarks.md).
     cluster : str, distributed.Client or None
         Run the images on a Dask cluster (:func:`nucleiseg.distributed.predict_on_cluster`):
@@ -747,7 +747,8 @@ def _run_all(jobs: Sequence[ImageJob], model: Any, opts: PredictOptions, folder:
     #: one image at a time unless asked: on 2 idle cores, 256² images in accurate mode ran at 6.46 / 5.77 (160
     #: images) and 6.25 / 6.32 (320) images/s one at a time against 7.25 / 6.49 and 5.86 / 6.70 with 2 image
     #: workers; fast mode 14.0 / 19.9 against 17.5 / 16.8; after the twelfth session's cheaper finishing, fast mode
-    #: on 192 images 15.5 / 14.4 against 13.2 / 13.7: not consistently faster, so no processes by default.
+    #: on 192 images 60% / 66% of the network alone against 66% / 67% (benchmarks/predict_speed.py): within the
+    #: drift, so no processes by default.
     workers = 0 if workers is None else workers
     if workers == 0 or not todo:
         # The next image is read (decoding releases the GIL) while this one is segmented; one of more than

@@ -479,9 +479,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 #: zlib level of the PNGs written. With :func:`encode_png`, on the overlays of 32 256x256 DSB crops segmented by
-#: the shipped model (three interleaved rounds, twelfth session): level 3 4.5-5.5 ms and 51.1 kB, level 2
-#: 3.4-3.9 ms and 55.5 kB, level 1 2.6-3.8 ms and 57.7 kB (Pillow at level 3: 7.4-10.0 ms, 49.5 kB; at its
-#: default 6, 14.9 ms in the tenth session). The overlay is encoded beside the rest of an image's finishing.
+#: the shipped model (``benchmarks/finishing_speed.py``, twelfth session): level 3 4.2 ms and 51.1 kB, level 2
+#: 2.7 ms and 55.5 kB, level 1 2.5 ms and 57.7 kB (Pillow at level 3: 6.4 ms, 49.5 kB; at its default 6:
+#: 15.7 ms, 48.3 kB). The overlay is encoded beside the rest of an image's finishing.
 PNG_COMPRESS_LEVEL = 3
 
 #: Bytes of image rows filtered and compressed at a time by :func:`encode_png` (so an 8000x8000 RGB overlay
@@ -504,10 +504,9 @@ def encode_png(image: np.ndarray, level: int = PNG_COMPRESS_LEVEL) -> Iterator[b
     Every row gets PNG's *Sub* filter (each byte minus the one a pixel to its
     left), computed with NumPy, and zlib compresses them band by band; zlib
     releases the GIL, so this runs beside other Python work. On 32 overlays of
-    256x256 DSB crops (twelfth session, interleaved rounds) it took 4.0-4.3 ms
-    against 7.0-7.5 ms for Pillow and 5.6-5.8 ms for OpenCV at the same zlib
-    level (both choose a filter per row), for files 1-3% larger; 0.45 ms
-    against 0.95 ms for a binary mask.
+    256x256 DSB crops it took 4.2 ms against 6.4 ms for Pillow at the same zlib
+    level (which chooses a filter per row), for files 3% larger
+    (``benchmarks/finishing_speed.py``).
 
     Parameters
     ----------
