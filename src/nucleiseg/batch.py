@@ -624,12 +624,16 @@ def predict_files(
         :data:`IMAGE_WORKER_MAX_BYTES` run afterwards in this process); with
         the network on a GPU they label, measure and write images while the
         network predicts the next ones here. Shorter batches: worker threads.
-        Default (None) and 0: each image predicted and written in turn in
+        Default (None): on a CPU, :data:`SIDE_BY_SIDE` images at a time in
+        threads of this process, each reading, segmenting and writing whole
+        images with its share of PyTorch's threads (images up to
+        :data:`SIDE_BY_SIDE_MAX_BYTES`; larger ones afterwards, as with 0);
+        on a GPU, as with 0. 0: each image predicted and written in turn in
         this thread (:func:`predict_one`), the next one read meanwhile in a
         second thread (up to :data:`READ_AHEAD_MAX_BYTES`). The outputs are
-        the same either way. On the 2-core development machine 2 workers were
-        not consistently faster than one image at a time (-6% to +23%,
-        docs/benchmarks.md).
+        the same either way, byte for byte. On the 2-core development
+        machine 2 workers were not consistently faster than one image at a
+        time (-6% to +23%, docs/benchmarks.md).
     cluster : str, distributed.Client or None
         Run the images on a Dask cluster (:func:`nucleiseg.distributed.predict_on_cluster`):
         ``"local:N"`` (N worker processes here) or a scheduler's address. Same outputs; images over
@@ -744,13 +748,17 @@ def _run_all(jobs: Sequence[ImageJob], model: Any, opts: PredictOptions, folder:
             put(k, row)
         else:
             todo.append(k)
-    #: one image at a time unless asked: on 2 idle cores, 256² images in accurate mode ran at 6.46 / 5.77 (160
-    #: images) and 6.25 / 6.32 (320) images/s one at a time against 7.25 / 6.49 and 5.86 / 6.70 with 2 image
-    #: workers; fast mode 14.0 / 19.9 against 17.5 / 16.8; after the twelfth session's cheaper finishing, fast mode
-    #: on 192 images 60% / 66% of the network alone against 66% / 67% (benchmarks/predict_speed.py): within the
-    #: drift, so no processes by default.
+    #: No processes unless asked: on 2 idle cores, 256² images in accurate mode ran at 6.46 / 5.77 (160 images)
+    #: and 6.25 / 6.32 (320) images/s one at a time against 7.25 / 6.49 and 5.86 / 6.70 with 2 image workers;
+    #: fast mode 14.0 / 19.9 against 17.5 / 16.8; after the twelfth session's cheaper finishing, fast mode on 192
+    #: images 60% / 66% of the network alone against 66% / 67% (benchmarks/predict_speed.py): within the drift,
+    #: and each process first imports PyTorch and loads the model. Threads of this process, side by side, cost
+    #: no start-up (see SIDE_BY_SIDE).
+    lanes = _side_by_side_lanes(model, len(todo)) if workers is None else 1
     workers = 0 if workers is None else workers
     if workers == 0 or not todo:
+        if lanes > 1:
+            todo = _run_side_by_side(jobs, todo, model, opts, folder, put, lanes)
         # The next image is read (decoding releases the GIL) while this one is segmented; one of more than
         # READ_AHEAD_MAX_BYTES is read in its turn instead, so that no two large images are held at once.
         def read_small(k: int) -> Any:
@@ -831,6 +839,20 @@ def _run_all(jobs: Sequence[ImageJob], model: Any, opts: PredictOptions, folder:
 #: a time (a 2048 x 2048 RGB image is 12 MiB).
 READ_AHEAD_MAX_BYTES = 64 * 1024**2
 
+#: Images segmented side by side by default on a CPU, each in its own thread with its share of PyTorch's
+#: threads: each thread's labelling, measurements and writing (which hold the GIL or one core) overlap the
+#: other's network, and a network on fewer threads wastes fewer cycles waiting at each operator's end (fast
+#: mode, batch 1, 2-core VM: two single-thread networks side by side ran 35.6–38.5 images/s together, one on
+#: both threads 21.4–26.2; ``benchmarks/predict_speed.py``, docs/benchmarks.md). More than 2 threads would
+#: wait for each other's GIL on machines with many cores, where each network has many threads anyway.
+SIDE_BY_SIDE = 2
+
+#: Images that decode to more than this (about a megapixel: 1024 x 1024 RGBA is 4 MiB) are segmented after
+#: the others, one at a time with all of PyTorch's threads: side by side, two networks' activations of up
+#: to a megapixel of tiles each would be held at once, and a large image's tiles are many-image batches
+#: that use the threads well.
+SIDE_BY_SIDE_MAX_BYTES = 4 * 1024**2
+
 #: Images that decode to more than this are segmented in the calling process with all its threads, after
 #: the others, rather than by an image worker: two at once would double the memory of the largest (an 8000²
 #: RGB image needed 3.6 GiB in one process), and a worker's share of the cores would leave it waiting alone.
@@ -841,6 +863,52 @@ IMAGE_WORKER_MAX_BYTES = 64 * 1024**2
 IMAGE_WORKER_DEVICES = ("cpu",)
 
 _IMAGE_WORKER: dict[str, Any] = {}
+
+
+def _side_by_side_lanes(model: Any, images: int) -> int:
+    """How many images :func:`predict_files` segments side by side by default: :data:`SIDE_BY_SIDE` on a CPU
+    (at most one per PyTorch thread), else 1."""
+    if images < 2 or model.device.type not in IMAGE_WORKER_DEVICES:
+        return 1
+    import torch
+
+    return max(1, min(SIDE_BY_SIDE, torch.get_num_threads()))
+
+
+def _run_side_by_side(jobs: Sequence[ImageJob], todo: Sequence[int], model: Any, opts: PredictOptions,
+                      folder: OutputFolder, put: Callable[..., None], lanes: int) -> list[int]:
+    """Segment the images of ``todo`` up to :data:`SIDE_BY_SIDE_MAX_BYTES` in ``lanes`` threads, each
+    reading, segmenting and writing whole images (:func:`predict_one`) with its share of PyTorch's threads;
+    the larger images, left to run one at a time.
+
+    Rows and lines are handed to ``put`` in this thread as images finish. On an interruption, the images
+    in hand are finished (their outputs complete) and no other is started.
+    """
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from .device import share_threads
+
+    sizes = {k: _io.header_bytes(jobs[k].path) for k in todo}
+    small = [k for k in todo if sizes[k] is None or sizes[k] <= SIDE_BY_SIDE_MAX_BYTES]  # None: fails at once
+    if len(small) < 2:
+        return list(todo)
+
+    def one(k: int) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+        said: list[tuple[str, str]] = []
+        row = _predict_read(jobs[k], None, model, opts, folder, lambda kind, text: said.append((kind, text)), None)
+        return row, said
+
+    log.debug("%d images: %d side by side", len(small), lanes)
+    with share_threads(lanes):
+        pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="nucleiseg-image")
+        try:
+            futures = {pool.submit(one, k): k for k in small}
+            for future in as_completed(futures):
+                put(futures[future], *future.result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    done = set(small)
+    return [k for k in todo if k not in done]
 
 
 def _start_image_worker(model: Any, device: str, threads: int, out_dir: str) -> None:
