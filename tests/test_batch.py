@@ -380,3 +380,62 @@ def test_next_image_is_read_while_one_is_segmented(tmp_path: Path, images: Path,
     monkeypatch.setattr(batch, "_infer", real_infer)
     _run(images, tmp_path / "plain", model, workers=0)
     assert _snapshot(tmp_path / "out") == _snapshot(tmp_path / "plain")
+
+
+def test_images_side_by_side_equal_one_at_a_time(tmp_path: Path, images: Path, model, monkeypatch) -> None:
+    """By default on a CPU two images are segmented at once, in two threads with one PyTorch thread each; an
+    image over SIDE_BY_SIDE_MAX_BYTES afterwards with both. The files equal a run one image at a time, byte
+    for byte; a failure in one thread fails that image alone, in one line; PyTorch's setting is restored."""
+    import threading
+
+    write_png(images / "third.png", _fixture(FLUO, 96)[40:, 30:, :3])
+    write_png(images / "fourth.png", _fixture(TISSUE, 64)[..., :3][::-1])
+    sequential = tmp_path / "sequential"
+    _run(images, sequential, model, workers=0)
+
+    sizes = {p.stem: batch._io.header_bytes(p) for p in images.iterdir()}
+    assert sizes["fluo"] > max(sizes["third"], sizes["tissue"], sizes["fourth"])
+    monkeypatch.setattr(batch, "SIDE_BY_SIDE_MAX_BYTES", sizes["fluo"] - 1)  # fluo is "large"
+    together = threading.Barrier(2, timeout=20)  # broken unless two images are segmented at the same time
+    seen: dict[str, tuple[str, int]] = {}
+    real_infer = batch._infer
+
+    def infer(job, *args):
+        seen[job.name] = (threading.current_thread().name, torch.get_num_threads())
+        if job.name in ("third", "tissue"):
+            together.wait()
+        return real_infer(job, *args)
+
+    monkeypatch.setattr(batch, "_infer", infer)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        side_by_side = tmp_path / "side-by-side"
+        summary = _run(images, side_by_side, model)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert (summary["status"] == "ok").all(), summary
+    assert summary["name"].tolist() == ["fluo", "fourth", "third", "tissue"]  # in input order, as always
+    assert _snapshot(side_by_side) == _snapshot(sequential)
+    small = {seen[name] for name in ("fourth", "third", "tissue")}
+    assert {threads for _, threads in small} == {1} and len({name for name, _ in small}) == 2
+    assert seen["fluo"] == (threading.main_thread().name, 2)  # the large image: afterwards, with both threads
+
+    monkeypatch.setattr(batch, "_infer", real_infer)
+    failing = tmp_path / "failing"
+    (failing / ".nucleiseg" / "staging").mkdir(parents=True)
+    (failing / ".nucleiseg" / "staging" / "third").write_text("")  # a file: that image cannot be staged
+    lines: list[tuple[str, str]] = []
+    torch.set_num_threads(2)
+    try:
+        summary = predict_files([images], failing, model=model, options=PredictOptions(precision="fp32"),
+                                progress=False, say=lambda kind, text: lines.append((kind, text)))
+    finally:
+        torch.set_num_threads(before)
+    assert summary.set_index("name")["status"].to_dict() == {"fluo": "ok", "fourth": "ok", "third": "failed",
+                                                            "tissue": "ok"}
+    errors = [text for kind, text in lines if kind == "error"]
+    assert len(errors) == 1 and "third.png" in errors[0] and "cannot write its outputs" in errors[0]
+    assert "\n" not in errors[0]
+    assert not list(failing.glob("third*")) and (failing / "fourth_labels.tif").is_file()
