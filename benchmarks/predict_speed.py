@@ -11,16 +11,20 @@ options (precision auto, default outputs: labels, mask, overlay, table):
 - network only: :func:`inference_speed.network_throughput` on 256x256 inputs,
   batch 8 (the figure of ``inference_speed.py``) and batch 1 (what
   ``predict`` runs for an image of one tile);
+- network only, side by side: two threads each running the network on
+  batches of one with half of PyTorch's threads (what ``predict_files``
+  runs by default on a CPU);
 - ``predict_files`` on a folder of ``--images`` 256x256 DSB crops (written
-  as PNG beforehand), one image
-  at a time (``workers=0``), with worker processes (default: one per core; on a CPU each segments whole
-  images, on a GPU they label, measure and write while the network runs here) and
-  pipelined with worker threads instead, and the ratio
-  of its images/s to network-only's;
+  as PNG beforehand): the default (on a CPU, two images side by side in
+  threads), one image at a time (``workers=0``), with worker processes
+  (``--workers``, default one per core; on a CPU each segments whole
+  images, on a GPU they label, measure and write while the network runs
+  here) and pipelined with worker threads instead, and the ratio of its
+  images/s to network-only's;
 - the paired ratio (:func:`paired_ratio`): network-only and ``predict_one``
   timed image by image in turn, robust to the machine's drift; and folder by
   folder (:func:`paired_folder_ratio`): network-only on as many inputs, then
-  ``predict_files`` on the folder, in turn;
+  ``predict_files`` on the folder (the default, and one image at a time), in turn;
 - with ``--large SIDE``: one SIDE x SIDE mosaic of DSB crops, accurate mode,
   the default path, as seconds per megapixel against the 256x256 folder's
   (timed just before and after it).
@@ -48,8 +52,9 @@ from inference_speed import ROOT, SIDE, dsb_crops, machine, mosaic, network_thro
 sys.path.insert(0, str(ROOT / "src"))
 
 
-#: predict_files variants: name -> workers (None: one per core). "threads": the pipeline with worker threads.
-VARIANTS = {"sequential": 0, "pipelined": None, "threads": None}
+#: predict_files variants: name -> workers ("many": --workers, default one per core). "default": what predict runs
+#: (on a CPU, images side by side in threads); "threads": the pipeline with worker threads instead of processes.
+VARIANTS = {"default": None, "sequential": 0, "pipelined": "many", "threads": "many"}
 
 
 def load() -> float:
@@ -127,9 +132,11 @@ def paired_ratio(folder: Path, model: Any, mode: str, passes: int, device: str =
     return passes_out
 
 
-def paired_folder_ratio(folder: Path, model: Any, mode: str, passes: int, device: str = "cpu") -> list[dict[str, float]]:
+def paired_folder_ratio(folder: Path, model: Any, mode: str, passes: int, device: str = "cpu",
+                        workers: int | None = None) -> list[dict[str, float]]:
     """Per pass: the network alone on as many 256x256 batches of one as the folder has images, then
-    ``predict_files`` on the folder (one image at a time, the default; all default outputs), each timed.
+    ``predict_files`` on the folder (``workers``: None, the default path; 0, one image at a time; all default
+    outputs), each timed.
 
     What ``nucleiseg predict`` does for a folder (reading ahead, progress, summary) beside the network alone
     a few seconds apart, unlike :func:`paired_ratio`, which times :func:`nucleiseg.batch.predict_one` image by
@@ -154,10 +161,46 @@ def paired_folder_ratio(folder: Path, model: Any, mode: str, passes: int, device
         if x.device.type == "cuda":
             torch.cuda.synchronize()
         network = time.perf_counter() - t0
-        seconds, _ = timed_predict(folder, model, mode, 0, 1, device=device)
+        seconds, _ = timed_predict(folder, model, mode, workers, 1, device=device)
         out.append({"network_images_per_s": count / network, "predict_images_per_s": count / seconds,
                     "ratio": network / seconds})
     return out
+
+
+def side_by_side_throughput(net: Any, level: int | None, bf16: bool, min_time: float, lanes: int = 2) -> float:
+    """Images/s of ``lanes`` threads each running ``predict_proba`` on random 256x256 batches of one, with
+    :func:`nucleiseg.device.share_threads` (as ``predict_files`` runs networks by default on a CPU)."""
+    import threading
+
+    import torch
+    from inference_speed import autocast
+
+    from nucleiseg.device import share_threads
+
+    counts = [0] * lanes
+    start = threading.Barrier(lanes + 1)
+
+    def lane(i: int, until: list[float]) -> None:
+        x = torch.rand(1, 3, SIDE, SIDE).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(bf16, "cpu"):
+            net.predict_proba(x, prune_level=level)  # warm-up
+            start.wait()
+            while time.perf_counter() < until[0]:
+                net.predict_proba(x, prune_level=level)
+                counts[i] += 1
+
+    until = [float("inf")]
+    with share_threads(lanes):
+        threads = [threading.Thread(target=lane, args=(i, until)) for i in range(lanes)]
+        for t in threads:
+            t.start()
+        start.wait()
+        t0 = time.perf_counter()
+        until[0] = t0 + min_time
+        for t in threads:
+            t.join()
+        seconds = time.perf_counter() - t0
+    return sum(counts) / seconds
 
 
 def stage_cpu_seconds(folder: Path, model: Any, mode: str) -> dict[str, float]:
@@ -254,8 +297,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 l0 = load()
                 keep((mode, "network_batch1"), network_throughput(model.network, level, bf16, True, True,
                                                                   args.net_time, batch=1), max(l0, load()))
+                l0 = load()
+                keep((mode, "network_side_by_side"), side_by_side_throughput(model.network, level, bf16,
+                                                                              args.net_time), max(l0, load()))
                 for name in args.variants:
-                    workers = VARIANTS[name] if name == "sequential" else args.workers
+                    workers = VARIANTS[name] if VARIANTS[name] != "many" else (args.workers or cores)
                     if name == "threads":  # the pipeline with worker threads instead of processes
                         pipeline.PROCESS_MIN_IMAGES, saved = 1 << 30, pipeline.PROCESS_MIN_IMAGES
                     try:
@@ -285,12 +331,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     + ", ".join(f"{p['ratio']:.0%}" for p in row["paired"])
                     + f" of network-only (median {ratios[len(ratios) // 2]:.0%}; network "
                     + ", ".join(f"{p['network_images_per_s']:.1f}" for p in row["paired"]) + " images/s)")
-                row["paired_folder"] = paired_folder_ratio(folder, model, mode, args.paired, args.device)
-                say(f"{mode}: paired, folder by folder: predict_files one image at a time reaches "
-                    + ", ".join(f"{p['ratio']:.0%}" for p in row["paired_folder"])
-                    + " of network-only (network " + ", ".join(f"{p['network_images_per_s']:.1f}"
-                                                                 for p in row["paired_folder"])
-                    + f" images/s; load {load():.1f})")
+                for key, workers, what in (("paired_folder", None, "the default"),
+                                           ("paired_folder_sequential", 0, "one image at a time")):
+                    row[key] = paired_folder_ratio(folder, model, mode, args.paired, args.device, workers)
+                    say(f"{mode}: paired, folder by folder: predict_files, {what}, reaches "
+                        + ", ".join(f"{p['ratio']:.0%}" for p in row[key])
+                        + " of network-only (network " + ", ".join(f"{p['network_images_per_s']:.1f}"
+                                                                     for p in row[key])
+                        + f" images/s; load {load():.1f})")
             cpu = stage_cpu_seconds(folder, model, mode)
             row["cpu_seconds_per_image"] = cpu
             row["bound_from_cpu"] = cpu["network"] / sum(cpu.values())
@@ -298,17 +346,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"network (incl. normalising) {cpu['network']:.3f}, labels + measurements + writing {cpu['finish']:.3f}; "
                 f"a pipeline sharing the cores reaches at best {row['bound_from_cpu']:.0%} of network-only")
             net8, net1 = row["network_batch8"]["images_per_s"], row["network_batch1"]["images_per_s"]
+            net2 = row["network_side_by_side"]["images_per_s"]
             for name in args.variants:
                 row[name]["of_network_batch8"] = row[name]["images_per_s"] / net8
                 row[name]["of_network_batch1"] = row[name]["images_per_s"] / net1
+                row[name]["of_network_side_by_side"] = row[name]["images_per_s"] / net2
                 row[name]["seconds"] = args.images / row[name]["images_per_s"]
             results["modes"][mode] = row
             say(f"\n{mode}: network only {net8:.2f} images/s (batch 8, load {row['network_batch8']['load']:.1f}), "
-                f"{net1:.2f} (batch 1, load {row['network_batch1']['load']:.1f})")
+                f"{net1:.2f} (batch 1, load {row['network_batch1']['load']:.1f}), {net2:.2f} (two of batch 1 side "
+                f"by side, load {row['network_side_by_side']['load']:.1f})")
             for name in args.variants:
                 r = row[name]
                 say(f"  predict_files {name:10s}: {r['images_per_s']:.2f} images/s = {100 * r['of_network_batch8']:.0f}% "
-                    f"of network-only batch 8, {100 * r['of_network_batch1']:.0f}% of batch 1 (load {r['load']:.1f}"
+                    f"of network-only batch 8, {100 * r['of_network_batch1']:.0f}% of batch 1, "
+                    f"{100 * r['of_network_side_by_side']:.0f}% of side by side (load {r['load']:.1f}"
                     f"{', UNDER LOAD' if r['load'] > cores else ''})")
         if args.large:
 
@@ -318,9 +370,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             # The 256x256 folder just before and just after the large image, both in accurate mode, the default
             # path: this machine's speed drifts by tens of per cent over minutes, so the reference is taken
             # around the measurement rather than from the best of the rounds above.
-            first, _ = timed_predict(folder, model, "accurate", 0, 1, device=args.device)
-            seconds, before = timed_predict(big, model, "accurate", 0, 1, images=1, device=args.device)
-            last, _ = timed_predict(folder, model, "accurate", 0, 1, device=args.device)
+            first, _ = timed_predict(folder, model, "accurate", None, 1, device=args.device)
+            seconds, before = timed_predict(big, model, "accurate", None, 1, images=1, device=args.device)
+            last, _ = timed_predict(folder, model, "accurate", None, 1, device=args.device)
             mpix = args.large**2 / 1e6
             per_small = (first + last) / 2 / (args.images * SIDE * SIDE / 1e6)
             results["large"] = {"side": args.large, "seconds": seconds, "s_per_mpixel": seconds / mpix,

@@ -383,8 +383,8 @@ def test_next_image_is_read_while_one_is_segmented(tmp_path: Path, images: Path,
 
 
 def test_images_side_by_side_equal_one_at_a_time(tmp_path: Path, images: Path, model, monkeypatch) -> None:
-    """By default on a CPU two images are segmented at once, in two threads with one PyTorch thread each; an
-    image over SIDE_BY_SIDE_MAX_BYTES afterwards with both. The files equal a run one image at a time, byte
+    """By default on a CPU two images are segmented at once, in two threads with one PyTorch thread each (after
+    the first, alone); an image over SIDE_BY_SIDE_MAX_BYTES afterwards with both. The files equal a run one image at a time, byte
     for byte; a failure in one thread fails that image alone, in one line; PyTorch's setting is restored."""
     import threading
 
@@ -418,8 +418,9 @@ def test_images_side_by_side_equal_one_at_a_time(tmp_path: Path, images: Path, m
     assert (summary["status"] == "ok").all(), summary
     assert summary["name"].tolist() == ["fluo", "fourth", "third", "tissue"]  # in input order, as always
     assert _snapshot(side_by_side) == _snapshot(sequential)
-    small = {seen[name] for name in ("fourth", "third", "tissue")}
-    assert {threads for _, threads in small} == {1} and len({name for name, _ in small}) == 2
+    assert seen["fourth"] == (threading.main_thread().name, 2)  # the first small image: alone, this thread
+    side = {seen[name] for name in ("third", "tissue")}
+    assert {threads for _, threads in side} == {1} and len({name for name, _ in side}) == 2
     assert seen["fluo"] == (threading.main_thread().name, 2)  # the large image: afterwards, with both threads
 
     monkeypatch.setattr(batch, "_infer", real_infer)

@@ -868,7 +868,7 @@ _IMAGE_WORKER: dict[str, Any] = {}
 def _side_by_side_lanes(model: Any, images: int) -> int:
     """How many images :func:`predict_files` segments side by side by default: :data:`SIDE_BY_SIDE` on a CPU
     (at most one per PyTorch thread), else 1."""
-    if images < 2 or model.device.type not in IMAGE_WORKER_DEVICES:
+    if images < 3 or model.device.type not in IMAGE_WORKER_DEVICES:
         return 1
     import torch
 
@@ -878,8 +878,8 @@ def _side_by_side_lanes(model: Any, images: int) -> int:
 def _run_side_by_side(jobs: Sequence[ImageJob], todo: Sequence[int], model: Any, opts: PredictOptions,
                       folder: OutputFolder, put: Callable[..., None], lanes: int) -> list[int]:
     """Segment the images of ``todo`` up to :data:`SIDE_BY_SIDE_MAX_BYTES` in ``lanes`` threads, each
-    reading, segmenting and writing whole images (:func:`predict_one`) with its share of PyTorch's threads;
-    the larger images, left to run one at a time.
+    reading, segmenting and writing whole images (:func:`predict_one`) with its share of PyTorch's threads
+    (the first of them alone, in this thread); the larger images, left to run one at a time.
 
     Rows and lines are handed to ``put`` in this thread as images finish. On an interruption, the images
     in hand are finished (their outputs complete) and no other is started.
@@ -890,7 +890,7 @@ def _run_side_by_side(jobs: Sequence[ImageJob], todo: Sequence[int], model: Any,
 
     sizes = {k: _io.header_bytes(jobs[k].path) for k in todo}
     small = [k for k in todo if sizes[k] is None or sizes[k] <= SIDE_BY_SIDE_MAX_BYTES]  # None: fails at once
-    if len(small) < 2:
+    if len(small) < 3:
         return list(todo)
 
     def one(k: int) -> tuple[dict[str, Any], list[tuple[str, str]]]:
@@ -899,10 +899,13 @@ def _run_side_by_side(jobs: Sequence[ImageJob], todo: Sequence[int], model: Any,
         return row, said
 
     log.debug("%d images: %d side by side", len(small), lanes)
+    # The first image alone in this thread, so that the first imports of the stages (scikit-image's lazily
+    # loaded submodules, imageio's plugins) happen in one thread only.
+    put(small[0], *one(small[0]))
     with share_threads(lanes):
         pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="nucleiseg-image")
         try:
-            futures = {pool.submit(one, k): k for k in small}
+            futures = {pool.submit(one, k): k for k in small[1:]}
             for future in as_completed(futures):
                 put(futures[future], *future.result())
         finally:

@@ -405,9 +405,11 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                    help="CPU threads for the network (default: PyTorch's choice)")
     p.add_argument("--workers", type=int, default=argparse.SUPPRESS, metavar="N",
                    help="worker processes for batches of 16 images or more: on a CPU each segments whole images "
-                   "with its share of the cores (on 2 cores not consistently faster than one at a "
-                   "time: -6%% to +23%%); with --device cuda they label, measure and write while the network "
-                   "runs. Default 0: one image at a time. Same outputs either way")
+                   "with its share of the cores (each first loads PyTorch and the model); with --device cuda "
+                   "they label, measure and write while the network runs. Default: on a CPU, two images at a "
+                   "time in threads of this process, each with half of the network's threads (images up to "
+                   "about a megapixel; larger ones one at a time afterwards); on a GPU one image at a time. "
+                   "0: one image at a time. Same outputs either way")
     p.add_argument("--formats", type=_formats, default="none", metavar="LIST",
                    help=f"extra outputs, comma-separated: {', '.join(FORMATS)}")
     p.add_argument("--save-probabilities", action="store_true",
