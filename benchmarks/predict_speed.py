@@ -3,7 +3,8 @@
 Run from the repository root (a few minutes on 2 cores):
 
     .venv/bin/python benchmarks/predict_speed.py [--images 32] [--modes fast accurate] [--large 8000]
-        [--variants sequential pipelined threads] [--paired 3] [--json OUT]
+        [--variants default sequential pipelined threads] [--paired 3]
+        [--same-outputs CACHE] [--json OUT]
 
 For each mode, in one process, with the model loaded once and the default
 options (precision auto, default outputs: labels, mask, overlay, table):
@@ -25,6 +26,9 @@ options (precision auto, default outputs: labels, mask, overlay, table):
   timed image by image in turn, robust to the machine's drift; and folder by
   folder (:func:`paired_folder_ratio`): network-only on as many inputs, then
   ``predict_files`` on the folder (the default, and one image at a time), in turn;
+- with ``--same-outputs CACHE``: the validation images of a prepared cache
+  predicted the default way and one image at a time, each output file
+  compared byte for byte;
 - with ``--large SIDE``: one SIDE x SIDE mosaic of DSB crops, accurate mode,
   the default path, as seconds per megapixel against the 256x256 folder's
   (timed just before and after it).
@@ -203,6 +207,32 @@ def side_by_side_throughput(net: Any, level: int | None, bf16: bool, min_time: f
     return sum(counts) / seconds
 
 
+def same_outputs(cache: Path, model: Any, mode: str, device: str = "auto") -> dict[str, Any]:
+    """``predict_files`` on the validation images of a prepared cache, the default path and one image at a
+    time (``workers=0``): every output file compared byte for byte (``summary.csv`` by its findings)."""
+    import pandas as pd
+
+    from nucleiseg.batch import predict_files
+
+    split = pd.read_csv(cache / "split.csv")
+    paths = [cache / "images" / f"{i}.png" for i in split.loc[split["split"] == "val", "image_id"]]
+    tmp = Path(tempfile.mkdtemp(prefix="nucleiseg-same-outputs-"))
+    try:
+        for name, workers in (("default", None), ("sequential", 0)):
+            summary = predict_files(paths, tmp / name, model=model, options={"mode": mode, "device": device},
+                                    progress=False, say=lambda kind, text: None, workers=workers)
+            assert (summary["status"] == "ok").all(), summary
+        files = sorted(f.name for f in (tmp / "sequential").iterdir() if f.is_file() and f.name != "summary.csv")
+        differ = [f for f in files if (tmp / "default" / f).read_bytes() != (tmp / "sequential" / f).read_bytes()]
+        columns = ["image", "nuclei", "mean_area", "status"]
+        if not pd.read_csv(tmp / "default" / "summary.csv")[columns].equals(
+                pd.read_csv(tmp / "sequential" / "summary.csv")[columns]):
+            differ.append("summary.csv")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"images": len(paths), "files": len(files), "differ": differ}
+
+
 def stage_cpu_seconds(folder: Path, model: Any, mode: str) -> dict[str, float]:
     """CPU seconds (all threads of this process) per image of each stage of predict_files, run one after the other.
 
@@ -258,6 +288,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="passes of the image-by-image paired measurement (paired_ratio; 0: none)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="predict_files variants to time: sequential (the default path), pipelined, threads")
+    parser.add_argument("--same-outputs", type=Path, default=None, metavar="CACHE",
+                        help="also predict the validation images of a prepared cache the default way and one at "
+                        "a time, in each mode, and compare every output file byte for byte")
     parser.add_argument("--json", metavar="OUT", default=None)
     args = parser.parse_args(argv)
 
@@ -362,6 +395,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"of network-only batch 8, {100 * r['of_network_batch1']:.0f}% of batch 1, "
                     f"{100 * r['of_network_side_by_side']:.0f}% of side by side (load {r['load']:.1f}"
                     f"{', UNDER LOAD' if r['load'] > cores else ''})")
+        if args.same_outputs:
+            for mode in args.modes:
+                same = results.setdefault("same_outputs", {})[mode] = same_outputs(args.same_outputs, model, mode,
+                                                                                  args.device)
+                say(f"\n{mode}: {same['images']} validation images, {same['files']} output files: "
+                    + (f"DIFFERENT: {', '.join(same['differ'])}" if same["differ"] else
+                       "the default path's are byte-identical to one image at a time's"))
         if args.large:
 
             big = folder.parent / "large"
