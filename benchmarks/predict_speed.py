@@ -4,7 +4,7 @@ Run from the repository root (a few minutes on 2 cores):
 
     .venv/bin/python benchmarks/predict_speed.py [--images 32] [--modes fast accurate] [--large 8000]
         [--variants default sequential pipelined threads] [--paired 3]
-        [--same-outputs CACHE] [--json OUT]
+        [--tile-side-by-side 976] [--same-outputs CACHE] [--json OUT]
 
 For each mode, in one process, with the model loaded once and the default
 options (precision auto, default outputs: labels, mask, overlay, table):
@@ -26,6 +26,9 @@ options (precision auto, default outputs: labels, mask, overlay, table):
   timed image by image in turn, robust to the machine's drift; and folder by
   folder (:func:`paired_folder_ratio`): network-only on as many inputs, then
   ``predict_files`` on the folder (the default, and one image at a time), in turn;
+- with ``--tile-side-by-side SIDE``: the accurate network alone on one
+  SIDE x SIDE input, on all threads against two side by side (a large
+  image's tiles);
 - with ``--same-outputs CACHE``: the validation images of a prepared cache
   predicted the default way and one image at a time, each output file
   compared byte for byte;
@@ -171,9 +174,10 @@ def paired_folder_ratio(folder: Path, model: Any, mode: str, passes: int, device
     return out
 
 
-def side_by_side_throughput(net: Any, level: int | None, bf16: bool, min_time: float, lanes: int = 2) -> float:
-    """Images/s of ``lanes`` threads each running ``predict_proba`` on random 256x256 batches of one, with
-    :func:`nucleiseg.device.share_threads` (as ``predict_files`` runs networks by default on a CPU)."""
+def side_by_side_throughput(net: Any, level: int | None, bf16: bool, min_time: float, lanes: int = 2,
+                            side: int = SIDE) -> float:
+    """Images/s of ``lanes`` threads each running ``predict_proba`` on random ``side`` x ``side`` batches of
+    one, with :func:`nucleiseg.device.share_threads` (as ``predict_files`` runs networks by default on a CPU)."""
     import threading
 
     import torch
@@ -185,7 +189,7 @@ def side_by_side_throughput(net: Any, level: int | None, bf16: bool, min_time: f
     start = threading.Barrier(lanes + 1)
 
     def lane(i: int, until: list[float]) -> None:
-        x = torch.rand(1, 3, SIDE, SIDE).contiguous(memory_format=torch.channels_last)
+        x = torch.rand(1, 3, side, side).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast(bf16, "cpu"):
             net.predict_proba(x, prune_level=level)  # warm-up
             start.wait()
@@ -288,6 +292,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="passes of the image-by-image paired measurement (paired_ratio; 0: none)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="predict_files variants to time: sequential (the default path), pipelined, threads")
+    parser.add_argument("--tile-side-by-side", type=int, default=None, metavar="SIDE",
+                        help="also the network alone (accurate) on SIDE x SIDE inputs: one on all threads against "
+                        "two side by side, in Mpixel/s (large images' tiles)")
     parser.add_argument("--same-outputs", type=Path, default=None, metavar="CACHE",
                         help="also predict the validation images of a prepared cache the default way and one at "
                         "a time, in each mode, and compare every output file byte for byte")
@@ -395,6 +402,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"of network-only batch 8, {100 * r['of_network_batch1']:.0f}% of batch 1, "
                     f"{100 * r['of_network_side_by_side']:.0f}% of side by side (load {r['load']:.1f}"
                     f"{', UNDER LOAD' if r['load'] > cores else ''})")
+        if args.tile_side_by_side:
+            side = args.tile_side_by_side
+            level = resolve_prune_level(model.depth, model.metadata, "accurate")
+            x = torch.rand(1, 3, side, side).contiguous(memory_format=torch.channels_last)
+            runs = []
+            for _ in range(args.rounds):
+                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    model.network.predict_proba(x, prune_level=level)  # warm-up
+                    t0, count = time.perf_counter(), 0
+                    while count < 2 or time.perf_counter() - t0 < args.net_time:
+                        model.network.predict_proba(x, prune_level=level)
+                        count += 1
+                    one = count / (time.perf_counter() - t0)
+                two = side_by_side_throughput(model.network, level, bf16, args.net_time, side=side)
+                runs.append({"one_network": one * side * side / 1e6, "side_by_side": two * side * side / 1e6})
+            results["tile_side_by_side"] = {"side": side, "mpixel_per_s": runs}
+            say(f"\naccurate network alone on {side}x{side}, Mpixel/s per round: one on all threads "
+                + ", ".join(f"{r['one_network']:.2f}" for r in runs) + "; two side by side "
+                + ", ".join(f"{r['side_by_side']:.2f}" for r in runs))
         if args.same_outputs:
             for mode in args.modes:
                 same = results.setdefault("same_outputs", {})[mode] = same_outputs(args.same_outputs, model, mode,
