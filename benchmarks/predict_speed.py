@@ -34,8 +34,7 @@ options (precision auto, default outputs: labels, mask, overlay, table):
   compared byte for byte;
 - with ``--large SIDE``: one SIDE x SIDE mosaic of DSB crops, accurate mode,
   the default path, as seconds per megapixel against the 256x256 folder's
-  (timed just before and after it); with ``--tile-lanes 1 2 ...``, once per
-  number of tile batches predicted at a time, in turn.
+  (timed just before and after it).
 
 The machine is shared: the measurements are interleaved in ``--rounds``
 rounds and the best of each kept; the load average (``uptime``'s) is recorded
@@ -293,9 +292,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="passes of the image-by-image paired measurement (paired_ratio; 0: none)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="predict_files variants to time: sequential (the default path), pipelined, threads")
-    parser.add_argument("--tile-lanes", type=int, nargs="+", default=[2], metavar="N",
-                        help="with --large: the large image with its tiles' batches N at a time (nucleiseg."
-                        "inference.TILE_LANES, default 2; 1: one after the other), each in turn")
     parser.add_argument("--tile-side-by-side", type=int, default=None, metavar="SIDE",
                         help="also the network alone (accurate) on SIDE x SIDE inputs: one on all threads against "
                         "two side by side, in Mpixel/s (large images' tiles)")
@@ -440,26 +436,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             # The 256x256 folder just before and just after the large image, both in accurate mode, the default
             # path: this machine's speed drifts by tens of per cent over minutes, so the reference is taken
             # around the measurement rather than from the best of the rounds above.
-            from nucleiseg import inference
-
-            default_lanes = inference.TILE_LANES
-            results["large"] = []
-            try:
-                for lanes in args.tile_lanes:
-                    inference.TILE_LANES = lanes
-                    first, _ = timed_predict(folder, model, "accurate", None, 1, device=args.device)
-                    seconds, before = timed_predict(big, model, "accurate", None, 1, images=1, device=args.device)
-                    last, _ = timed_predict(folder, model, "accurate", None, 1, device=args.device)
-                    mpix = args.large**2 / 1e6
-                    per_small = (first + last) / 2 / (args.images * SIDE * SIDE / 1e6)
-                    results["large"].append({"side": args.large, "tile_lanes": lanes, "seconds": seconds,
-                                             "s_per_mpixel": seconds / mpix, "s_per_mpixel_256": per_small,
-                                             "load": max(before, load())})
-                    say(f"\n{args.large}x{args.large} accurate, tiles {lanes} at a time: {seconds:.1f} s = "
-                        f"{seconds / mpix:.2f} s/Mpixel = {seconds / mpix / per_small:.2f}x the 256x256 folder's "
-                        f"{per_small:.2f} s/Mpixel (load {results['large'][-1]['load']:.1f})")
-            finally:
-                inference.TILE_LANES = default_lanes
+            first, _ = timed_predict(folder, model, "accurate", None, 1, device=args.device)
+            seconds, before = timed_predict(big, model, "accurate", None, 1, images=1, device=args.device)
+            last, _ = timed_predict(folder, model, "accurate", None, 1, device=args.device)
+            mpix = args.large**2 / 1e6
+            per_small = (first + last) / 2 / (args.images * SIDE * SIDE / 1e6)
+            results["large"] = {"side": args.large, "seconds": seconds, "s_per_mpixel": seconds / mpix,
+                                "s_per_mpixel_256": per_small, "load": max(before, load())}
+            say(f"\n{args.large}x{args.large} accurate: {seconds:.1f} s = {seconds / mpix:.2f} s/Mpixel"
+                f" = {seconds / mpix / per_small:.2f}x the 256x256 folder's {per_small:.2f} s/Mpixel"
+                f" (load {results['large']['load']:.1f})")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     say(f"\nload average at the end: {load():.2f}")

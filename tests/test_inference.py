@@ -270,38 +270,6 @@ def test_tiling_independent_of_batch_size(model: Model, mosaic: np.ndarray) -> N
     assert np.abs(one - many).max() < 1e-5  # batched convolutions may round differently
 
 
-def test_tiles_predicted_side_by_side_sum_as_in_turn(model: Model, mosaic: np.ndarray, monkeypatch) -> None:
-    """With two of PyTorch's threads, batches of tiles run two at a time in two threads of one thread each;
-    the probabilities equal those predicted in turn bit for bit (added in the layout's order), fp32 and bf16."""
-    import threading
-
-    seen: set[tuple[str, int]] = set()
-    real = model.network.predict_proba
-
-    def predict_proba(*args, **kwargs):
-        seen.add((threading.current_thread().name, torch.get_num_threads()))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(model.network, "predict_proba", predict_proba)
-    before = torch.get_num_threads()
-    for precision in ("fp32", "bf16"):
-        torch.set_num_threads(2)
-        try:
-            monkeypatch.setattr(inference, "TILE_LANES", 1)
-            seen.clear()
-            in_turn = predict_probabilities(model, mosaic, tile=128, overlap=64, batch_size=2, precision=precision)
-            assert seen == {(threading.current_thread().name, 2)}
-            monkeypatch.setattr(inference, "TILE_LANES", 2)
-            seen.clear()
-            side_by_side = predict_probabilities(model, mosaic, tile=128, overlap=64, batch_size=2,
-                                                 precision=precision)
-            assert torch.get_num_threads() == 2  # restored
-        finally:
-            torch.set_num_threads(before)
-        assert len(seen) == 2 and {threads for _, threads in seen} == {1}, seen
-        assert np.array_equal(side_by_side, in_turn)
-
-
 @pytest.mark.parametrize("n", [16, 64, 65, 100, 127, 128, 129, 191, 200, 333, 1000])
 def test_tile_layout(n: int) -> None:
     tile, overlap, align = 64, 24, 4

@@ -370,26 +370,16 @@ def _predict_tiled(
     scale: float,
     counter: _TileCounter,
 ) -> None:
-    """Add ``scale`` x the blended tile predictions of ``x`` (3, H, W) into ``acc`` (C, H, W).
-
-    On a CPU with several of PyTorch's threads, an image of several batches has its batches predicted
-    :data:`TILE_LANES` at a time, each in a thread with its share of the threads; they are added into ``acc``
-    in the layout's order all the same, so the sums (and the labels) do not depend on which finished first.
-    """
+    """Add ``scale`` x the blended tile predictions of ``x`` (3, H, W) into ``acc`` (C, H, W)."""
     layout = tiles(x.shape[1:], tile, overlap, align)
     log.debug("%dx%d image: %d tiles, %d per batch", x.shape[1], x.shape[2], len(layout), batch_size)
     device = model.device
-    batches = list(iter_batches(layout, batch_size))
-
-    def predict(batch: list) -> np.ndarray:
+    for batch in iter_batches(layout, batch_size):
         inputs = np.stack([x[(slice(None),) + t.slices] for t in batch])
         tensor = torch.from_numpy(inputs).to(device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             probs = model.network.predict_proba(tensor, prune_level=level)
-        return probs.float().cpu().numpy()
-
-    lanes = TILE_LANES if device.type == "cpu" and len(batches) >= 2 and torch.get_num_threads() >= 2 else 1
-    for batch, probs in zip(batches, _in_lanes(predict, batches, lanes)):
+        probs = probs.float().cpu().numpy()
         for k, t in enumerate(batch):
             p = probs[k]
             if len(layout) > 1:  # a lone tile's weight is 1 everywhere
@@ -401,39 +391,6 @@ def _predict_tiled(
                 p *= scale
             acc[(slice(None),) + t.slices] += p
         counter.add(len(batch))
-
-
-#: Batches of tiles of one image predicted at a time on a CPU, each in a thread with its share of PyTorch's
-#: threads. Accurate network alone on a 976² input (a large image's tile), 2-core VM, four interleaved rounds:
-#: 0.47, 0.48, 0.51, 0.48 Mpixel/s on both threads against 0.63, 0.61, 0.59, 0.41 for two side by side
-#: (``benchmarks/predict_speed.py --tile-side-by-side 976``, docs/benchmarks.md). The price: two tiles'
-#: activations held at once.
-TILE_LANES = 2
-
-
-def _in_lanes(fn: Callable[[Any], Any], items: list, lanes: int) -> Any:
-    """``fn(item)`` for each item, in order; with ``lanes`` > 1, that many run at once in threads that share
-    PyTorch's threads (:func:`~nucleiseg.device.share_threads`), at most ``lanes`` results waiting."""
-    if lanes <= 1:
-        yield from map(fn, items)
-        return
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .device import share_threads
-
-    with share_threads(lanes):
-        pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="nucleiseg-tiles")
-        try:
-            pending: deque = deque()
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= lanes:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------- nuclei
