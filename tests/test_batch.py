@@ -255,8 +255,10 @@ def _rss_bytes() -> int:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident memory from /proc")
-def test_memory_does_not_grow_over_2000_images(tmp_path: Path, model) -> None:
-    """A long batch holds one image at a time: resident memory after 2,000 images is what it was after 200."""
+@pytest.mark.parametrize("threads", [1, 2], ids=["one-at-a-time", "side-by-side"])
+def test_memory_does_not_grow_over_2000_images(tmp_path: Path, model, threads: int) -> None:
+    """A long batch holds one image at a time (two side by side with two threads): resident memory after
+    2,000 images is what it was after 200."""
     folder = tmp_path / "in"
     folder.mkdir()
     tile = _fixture(FLUO, 256)
@@ -269,8 +271,13 @@ def test_memory_does_not_grow_over_2000_images(tmp_path: Path, model) -> None:
         if done in (200, 2000):
             samples[done] = _rss_bytes()
 
-    summary = predict_files([folder], tmp_path / "out", model=model, options={"precision": "fp32"},
-                            progress=progress, say=lambda kind, text: None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        summary = predict_files([folder], tmp_path / "out", model=model, options={"precision": "fp32"},
+                                progress=progress, say=lambda kind, text: None)
+    finally:
+        torch.set_num_threads(before)
     assert len(summary) == 2000 and (summary["status"] == "ok").all()
     growth = samples[2000] - samples[200]
     print(f"resident memory after 200 images {samples[200] / 2**20:.0f} MiB, after 2000 "

@@ -884,7 +884,7 @@ def _run_side_by_side(jobs: Sequence[ImageJob], todo: Sequence[int], model: Any,
     Rows and lines are handed to ``put`` in this thread as images finish. On an interruption, the images
     in hand are finished (their outputs complete) and no other is started.
     """
-    from concurrent.futures import ThreadPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     from .device import share_threads
 
@@ -902,12 +902,24 @@ def _run_side_by_side(jobs: Sequence[ImageJob], todo: Sequence[int], model: Any,
     # The first image alone in this thread, so that the first imports of the stages (scikit-image's lazily
     # loaded submodules, imageio's plugins) happen in one thread only.
     put(small[0], *one(small[0]))
+    rest = iter(small[1:])
     with share_threads(lanes):
         pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="nucleiseg-image")
+        pending: dict[Any, int] = {}
+
+        def submit_next() -> None:
+            k = next(rest, None)
+            if k is not None:
+                pending[pool.submit(one, k)] = k
+
         try:
-            futures = {pool.submit(one, k): k for k in small[1:]}
-            for future in as_completed(futures):
-                put(futures[future], *future.result())
+            for _ in range(2 * lanes):  # a few queued, not the whole batch: a long batch holds no more
+                submit_next()
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    put(pending.pop(future), *future.result())
+                    submit_next()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
     done = set(small)
