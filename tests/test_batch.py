@@ -447,3 +447,48 @@ def test_images_side_by_side_equal_one_at_a_time(tmp_path: Path, images: Path, m
     assert len(errors) == 1 and "third.png" in errors[0] and "cannot write its outputs" in errors[0]
     assert "\n" not in errors[0]
     assert not list(failing.glob("third*")) and (failing / "fourth_labels.tif").is_file()
+
+
+def test_interrupted_side_by_side_finishes_the_images_in_hand(tmp_path: Path, images: Path, model,
+                                                              monkeypatch) -> None:
+    """Ctrl-C (KeyboardInterrupt in the calling thread) while images run side by side: the images in hand are
+    finished, no other is started, nothing half-written is left; a re-run does the rest, and the outputs equal
+    an uninterrupted run's."""
+    for k in range(6):
+        write_png(images / f"more{k}.png", _fixture(FLUO, 72)[4 * k :, 2 * k :, :3])
+    sequential = tmp_path / "sequential"
+    _run(images, sequential, model, workers=0)
+
+    started: list[str] = []
+    real_infer = batch._infer
+
+    def infer(job, *args):
+        started.append(job.name)
+        return real_infer(job, *args)
+
+    def progress(done: int, total: int) -> None:
+        if done == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "_infer", infer)
+    out = tmp_path / "out"
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            predict_files([images], out, model=model, options=PredictOptions(precision="fp32"), formats=FORMATS,
+                          save_probabilities=True, progress=progress, say=lambda kind, text: None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    done = sorted(p.stem for p in (out / ".nucleiseg" / "done").glob("*.json"))
+    assert sorted(started) == done  # every image started was finished
+    assert 3 <= len(done) < 8  # and the batch stopped
+    assert not list((out / ".nucleiseg" / "staging").iterdir())
+    assert sorted(p.name.split("_")[0] for p in out.glob("*_labels.tif")) == done
+
+    monkeypatch.setattr(batch, "_infer", real_infer)
+    summary = _run(images, out, model)
+    assert sorted(summary.loc[summary["status"] == "skipped", "name"]) == done
+    assert (summary.loc[summary["status"] != "skipped", "status"] == "ok").all() and len(summary) == 8
+    assert _snapshot(out) == _snapshot(sequential)
