@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     cores = os.cpu_count() or 1
+    on_cpu = args.device == "cpu"
     say = lambda text="": print(text, flush=True)
     results: dict[str, Any] = {"machine": machine(), "images": args.images, "modes": {}}
     m = results["machine"]
@@ -337,9 +338,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 l0 = load()
                 keep((mode, "network_batch1"), network_throughput(model.network, level, bf16, True, True,
                                                                   args.net_time, batch=1), max(l0, load()))
-                l0 = load()
-                keep((mode, "network_side_by_side"), side_by_side_throughput(model.network, level, bf16,
-                                                                              args.net_time), max(l0, load()))
+                if on_cpu:  # what predict_files runs on a CPU; on a GPU the network runs one batch at a time
+                    l0 = load()
+                    keep((mode, "network_side_by_side"), side_by_side_throughput(model.network, level, bf16,
+                                                                                  args.net_time), max(l0, load()))
                 for name in args.variants:
                     workers = VARIANTS[name] if VARIANTS[name] != "many" else (args.workers or cores)
                     if name == "threads":  # the pipeline with worker threads instead of processes
@@ -386,23 +388,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"network (incl. normalising) {cpu['network']:.3f}, labels + measurements + writing {cpu['finish']:.3f}; "
                 f"a pipeline sharing the cores reaches at best {row['bound_from_cpu']:.0%} of network-only")
             net8, net1 = row["network_batch8"]["images_per_s"], row["network_batch1"]["images_per_s"]
-            net2 = row["network_side_by_side"]["images_per_s"]
+            net2 = row["network_side_by_side"]["images_per_s"] if on_cpu else None
             for name in args.variants:
                 row[name]["of_network_batch8"] = row[name]["images_per_s"] / net8
                 row[name]["of_network_batch1"] = row[name]["images_per_s"] / net1
-                row[name]["of_network_side_by_side"] = row[name]["images_per_s"] / net2
+                if net2:
+                    row[name]["of_network_side_by_side"] = row[name]["images_per_s"] / net2
                 row[name]["seconds"] = args.images / row[name]["images_per_s"]
             results["modes"][mode] = row
             say(f"\n{mode}: network only {net8:.2f} images/s (batch 8, load {row['network_batch8']['load']:.1f}), "
-                f"{net1:.2f} (batch 1, load {row['network_batch1']['load']:.1f}), {net2:.2f} (two of batch 1 side "
-                f"by side, load {row['network_side_by_side']['load']:.1f})")
+                f"{net1:.2f} (batch 1, load {row['network_batch1']['load']:.1f})"
+                + (f", {net2:.2f} (two of batch 1 side by side, load {row['network_side_by_side']['load']:.1f})"
+                   if net2 else ""))
             for name in args.variants:
                 r = row[name]
                 say(f"  predict_files {name:10s}: {r['images_per_s']:.2f} images/s = {100 * r['of_network_batch8']:.0f}% "
-                    f"of network-only batch 8, {100 * r['of_network_batch1']:.0f}% of batch 1, "
-                    f"{100 * r['of_network_side_by_side']:.0f}% of side by side (load {r['load']:.1f}"
-                    f"{', UNDER LOAD' if r['load'] > cores else ''})")
-        if args.tile_side_by_side:
+                    f"of network-only batch 8, {100 * r['of_network_batch1']:.0f}% of batch 1"
+                    + (f", {100 * r['of_network_side_by_side']:.0f}% of side by side" if net2 else "")
+                    + f" (load {r['load']:.1f}{', UNDER LOAD' if r['load'] > cores else ''})")
+        if args.tile_side_by_side and on_cpu:
             side = args.tile_side_by_side
             level = resolve_prune_level(model.depth, model.metadata, "accurate")
             x = torch.rand(1, 3, side, side).contiguous(memory_format=torch.channels_last)
