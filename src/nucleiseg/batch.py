@@ -841,10 +841,12 @@ READ_AHEAD_MAX_BYTES = 64 * 1024**2
 
 #: Images segmented side by side by default on a CPU, each in its own thread with its share of PyTorch's
 #: threads: each thread's labelling, measurements and writing (which hold the GIL or one core) overlap the
-#: other's network, and a network on fewer threads wastes fewer cycles waiting at each operator's end (fast
-#: mode, batch 1, 2-core VM: two single-thread networks side by side ran 35.6–38.5 images/s together, one on
-#: both threads 21.4–26.2; ``benchmarks/predict_speed.py``, docs/benchmarks.md). More than 2 threads would
-#: wait for each other's GIL on machines with many cores, where each network has many threads anyway.
+#: other's network, and a network on fewer threads wastes fewer cycles waiting at each operator's end (256²,
+#: batch 1, 2-core VM, best of 2 rounds: two single-thread networks side by side ran 36.95 and 28.33 images/s
+#: together in fast mode, one on both threads 30.72 and 22.40; accurate 7.80 against 6.55). ``predict`` of 64
+#: crops: +40% and +50% (fast), +33% (accurate) against one image at a time, byte-identical outputs
+#: (``benchmarks/predict_speed.py``, docs/benchmarks.md). Not measured beyond 2 cores: more threads would
+#: contend for the GIL, and on many cores each network keeps several threads anyway.
 SIDE_BY_SIDE = 2
 
 #: Images that decode to more than this (about a megapixel: 1024 x 1024 RGBA is 4 MiB) are segmented after
