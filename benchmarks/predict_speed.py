@@ -60,8 +60,12 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 #: predict_files variants: name -> workers ("many": --workers, default one per core). "default": what predict runs
-#: (on a CPU, images side by side in threads); "threads": the pipeline with worker threads instead of processes.
-VARIANTS = {"default": None, "sequential": 0, "pipelined": "many", "threads": "many"}
+#: (on a CPU, images side by side in threads); "threads": the pipeline with worker threads instead of processes;
+#: "default-overlay-thread" / "-inline": see OVERLAY_THREAD_MODES.
+VARIANTS = {"default": None, "sequential": 0, "pipelined": "many", "threads": "many", "default-overlay-thread": None,
+            "default-overlay-inline": None}
+#: The default with each image's overlay PNG encoded in a thread of its own, or in the image's thread, in every mode.
+OVERLAY_THREAD_MODES = {"default-overlay-thread": ("fast", "accurate"), "default-overlay-inline": ()}
 
 
 def load() -> float:
@@ -274,7 +278,7 @@ def stage_cpu_seconds(folder: Path, model: Any, mode: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
-    from nucleiseg import pipeline
+    from nucleiseg import batch, pipeline
     from nucleiseg.inference import load_model, resolve_prune_level
     from nucleiseg.io import write_png
     from nucleiseg.device import resolve_precision, reuse_freed_memory
@@ -291,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--paired", type=int, default=3, metavar="PASSES",
                         help="passes of the image-by-image paired measurement (paired_ratio; 0: none)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                        help="predict_files variants to time: sequential (the default path), pipelined, threads")
+                        help="predict_files variants to time (see VARIANTS)")
     parser.add_argument("--tile-side-by-side", type=int, default=None, metavar="SIDE",
                         help="also the network alone (accurate) on SIDE x SIDE inputs: one on all threads against "
                         "two side by side, in Mpixel/s (large images' tiles)")
@@ -346,11 +350,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     workers = VARIANTS[name] if VARIANTS[name] != "many" else (args.workers or cores)
                     if name == "threads":  # the pipeline with worker threads instead of processes
                         pipeline.PROCESS_MIN_IMAGES, saved = 1 << 30, pipeline.PROCESS_MIN_IMAGES
+                    if name in OVERLAY_THREAD_MODES:
+                        batch.OVERLAY_THREAD_SIDE_BY_SIDE, saved = OVERLAY_THREAD_MODES[name], batch.OVERLAY_THREAD_SIDE_BY_SIDE
                     try:
                         seconds, at = timed_predict(folder, model, mode, workers, 1, device=args.device)
                     finally:
                         if name == "threads":
                             pipeline.PROCESS_MIN_IMAGES = saved
+                        if name in OVERLAY_THREAD_MODES:
+                            batch.OVERLAY_THREAD_SIDE_BY_SIDE = saved
                     keep((mode, name), args.images / seconds, at)
                 say(f"round {round_ + 1}: {mode} " + ", ".join(f"{k[1]} {v[0]:.2f}" for k, v in best.items()
                                                               if k[0] == mode) + f" (best so far); load {load():.1f}")

@@ -389,11 +389,17 @@ def test_next_image_is_read_while_one_is_segmented(tmp_path: Path, images: Path,
     assert _snapshot(tmp_path / "out") == _snapshot(tmp_path / "plain")
 
 
-def test_images_side_by_side_equal_one_at_a_time(tmp_path: Path, images: Path, model, monkeypatch) -> None:
+@pytest.mark.parametrize("mode", ["accurate", "fast"])  # the overlay's PNG in a thread of its own, or not
+def test_images_side_by_side_equal_one_at_a_time(tmp_path: Path, images: Path, model, monkeypatch, mode) -> None:
     """By default on a CPU two images are segmented at once, in two threads with one PyTorch thread each (after
     the first, alone); an image over SIDE_BY_SIDE_MAX_BYTES afterwards with both. The files equal a run one image at a time, byte
     for byte; a failure in one thread fails that image alone, in one line; PyTorch's setting is restored."""
     import threading
+
+    def _run(images: Path, out: Path, model, **kwargs) -> pd.DataFrame:
+        return predict_files([images], out, model=model, options=PredictOptions(precision="fp32", mode=mode),
+                             formats=FORMATS, save_probabilities=True, progress=False, say=lambda kind, text: None,
+                             **kwargs)
 
     write_png(images / "third.png", _fixture(FLUO, 96)[40:, 30:, :3])
     write_png(images / "fourth.png", _fixture(TISSUE, 64)[..., :3][::-1])
@@ -414,6 +420,16 @@ def test_images_side_by_side_equal_one_at_a_time(tmp_path: Path, images: Path, m
         return real_infer(job, *args)
 
     monkeypatch.setattr(batch, "_infer", infer)
+    from nucleiseg import pipeline
+
+    overlay_threads: list[str] = []
+    real_background = pipeline.Background
+
+    def background(fn, *args):
+        overlay_threads.append(Path(args[0]).name)
+        return real_background(fn, *args)
+
+    monkeypatch.setattr(pipeline, "Background", background)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -429,6 +445,9 @@ def test_images_side_by_side_equal_one_at_a_time(tmp_path: Path, images: Path, m
     side = {seen[name] for name in ("third", "tissue")}
     assert {threads for _, threads in side} == {1} and len({name for name, _ in side}) == 2
     assert seen["fluo"] == (threading.main_thread().name, 2)  # the large image: afterwards, with both threads
+    # the overlay's PNG in a thread of its own: alone always, side by side in accurate mode only
+    expected = ["fourth", "fluo"] if mode == "fast" else ["fourth", "third", "tissue", "fluo"]
+    assert sorted(overlay_threads) == sorted(f"{name}_overlay.png" for name in expected)
 
     monkeypatch.setattr(batch, "_infer", real_infer)
     failing = tmp_path / "failing"
@@ -437,7 +456,7 @@ def test_images_side_by_side_equal_one_at_a_time(tmp_path: Path, images: Path, m
     lines: list[tuple[str, str]] = []
     torch.set_num_threads(2)
     try:
-        summary = predict_files([images], failing, model=model, options=PredictOptions(precision="fp32"),
+        summary = predict_files([images], failing, model=model, options=PredictOptions(precision="fp32", mode=mode),
                                 progress=False, say=lambda kind, text: lines.append((kind, text)))
     finally:
         torch.set_num_threads(before)

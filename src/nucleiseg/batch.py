@@ -433,9 +433,11 @@ def _infer(job: ImageJob, image: np.ndarray, notes: list[tuple[str, str]], model
                       options.scale == "auto", notes)
 
 
-def _finish(predicted: _Predicted, folder: OutputFolder | Path) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+def _finish(predicted: _Predicted, folder: OutputFolder | Path,
+            overlay_thread: bool = True) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """Label (unless done), measure, write and commit one image: its summary row and the lines to say.
 
+    ``overlay_thread``: encode the overlay's PNG in a second thread meanwhile (else in this one).
     Never raises for a problem of this image: the row says ``failed``.
     """
     from .measure import measure_nuclei
@@ -459,9 +461,14 @@ def _finish(predicted: _Predicted, folder: OutputFolder | Path) -> tuple[dict[st
         # The overlay's PNG is encoded in a second thread (zlib releases the GIL) while this one writes the
         # mask, measures and writes the rest: the finishing stage then uses two cores. The thread gets little
         # NumPy work of its own: with the drawing and the mask there too, it waited for the GIL behind this
-        # thread's long C calls and became the stage's critical path (twelfth session, profiled).
+        # thread's long C calls and became the stage's critical path (twelfth session, profiled). Images side by
+        # side encode it in their own thread in fast mode (OVERLAY_THREAD_SIDE_BY_SIDE).
         overlay = _io.draw_overlay(to_rgb_uint8(predicted.image), labels)
-        pngs = Background(_io.write_png, staged["overlay"], overlay)
+        if overlay_thread:
+            pngs = Background(_io.write_png, staged["overlay"], overlay)
+        else:
+            _io.write_png(staged["overlay"], overlay)
+            pngs = None
         try:
             _io.write_png(staged["mask"], (labels > 0).astype(np.uint8) * np.uint8(255))
             table = measure_nuclei(labels, predicted.image)
@@ -473,9 +480,11 @@ def _finish(predicted: _Predicted, folder: OutputFolder | Path) -> tuple[dict[st
                 table.to_csv(tmp, index=False)
             _io.write_labels_tiff(staged["labels"], labels)
         except BaseException:
-            pngs.thread.join()  # done with the staging folder before it is discarded; this error is reported
+            if pngs is not None:
+                pngs.thread.join()  # done with the staging folder before it is discarded; this error is reported
             raise
-        pngs.result()  # the PNGs' own error, if any
+        if pngs is not None:
+            pngs.result()  # the PNG's own error, if any
         n = len(table)
         row.update(nuclei=n, mean_area=round(float(table["area"].mean()), 2) if n else 0.0)
         if predicted.auto_scale and predicted.scale != 1.0:
@@ -536,9 +545,9 @@ def predict_one(
 
 
 def _predict_read(job: ImageJob, read: Any, model: Any, options: PredictOptions, folder: OutputFolder, say: Say,
-                  progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+                  progress: Callable[[int, int], None] | None, overlay_thread: bool = True) -> dict[str, Any]:
     """:func:`predict_one` with the image already read: ``read`` is :func:`_read`'s result, its
-    :class:`~nucleiseg.pipeline.Failed`, or None (read it here)."""
+    :class:`~nucleiseg.pipeline.Failed`, or None (read it here); ``overlay_thread`` as :func:`_finish`'s."""
     from .pipeline import Failed
 
     try:
@@ -551,7 +560,7 @@ def _predict_read(job: ImageJob, read: Any, model: Any, options: PredictOptions,
         row, said = _failed(job, exc, folder)
     else:
         del image
-        row, said = _finish(predicted, folder)
+        row, said = _finish(predicted, folder, overlay_thread)
     for kind, text in said:
         say(kind, text)
     return row
@@ -855,6 +864,13 @@ SIDE_BY_SIDE = 2
 #: that use the threads well.
 SIDE_BY_SIDE_MAX_BYTES = 4 * 1024**2
 
+#: Modes in which images side by side encode their overlay's PNG in a thread of its own, as one image at a time
+#: does; in the others, in the image's own thread. Side by side both cores are busy. 64 crops, 2-core VM,
+#: interleaved rounds (``benchmarks/predict_speed.py --variants default-overlay-thread default-overlay-inline``,
+#: docs/benchmarks.md): fast mode ran 16% faster encoding in its own thread (best of 3 rounds, 23.86 against
+#: 20.49 images/s, ahead in every round), accurate mode 3–4% slower (9.04 against 9.35, 8.42 against 8.76).
+OVERLAY_THREAD_SIDE_BY_SIDE = ("accurate",)
+
 #: Images that decode to more than this are segmented in the calling process with all its threads, after
 #: the others, rather than by an image worker: two at once would double the memory of the largest (an 8000²
 #: RGB image needed 3.6 GiB in one process), and a worker's share of the cores would leave it waiting alone.
@@ -895,15 +911,16 @@ def _run_side_by_side(jobs: Sequence[ImageJob], todo: Sequence[int], model: Any,
     if len(small) < 3:
         return list(todo)
 
-    def one(k: int) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    def one(k: int, alone: bool = False) -> tuple[dict[str, Any], list[tuple[str, str]]]:
         said: list[tuple[str, str]] = []
-        row = _predict_read(jobs[k], None, model, opts, folder, lambda kind, text: said.append((kind, text)), None)
+        row = _predict_read(jobs[k], None, model, opts, folder, lambda kind, text: said.append((kind, text)), None,
+                            alone or opts.mode in OVERLAY_THREAD_SIDE_BY_SIDE)
         return row, said
 
     log.debug("%d images: %d side by side", len(small), lanes)
     # The first image alone in this thread, so that the first imports of the stages (scikit-image's lazily
     # loaded submodules, imageio's plugins) happen in one thread only.
-    put(small[0], *one(small[0]))
+    put(small[0], *one(small[0], alone=True))
     rest = iter(small[1:])
     with share_threads(lanes):
         pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="nucleiseg-image")
