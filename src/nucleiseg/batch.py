@@ -865,10 +865,11 @@ SIDE_BY_SIDE = 2
 SIDE_BY_SIDE_MAX_BYTES = 4 * 1024**2
 
 #: Modes in which images side by side encode their overlay's PNG in a thread of its own, as one image at a time
-#: does; in the others, in the image's own thread. Side by side both cores are busy. 64 crops, 2-core VM,
-#: interleaved rounds (``benchmarks/predict_speed.py --variants default-overlay-thread default-overlay-inline``,
-#: docs/benchmarks.md): fast mode ran 16% faster encoding in its own thread (best of 3 rounds, 23.86 against
-#: 20.49 images/s, ahead in every round), accurate mode 3–4% slower (9.04 against 9.35, 8.42 against 8.76).
+#: does; in the others, in the image's own thread. Side by side both cores are busy. 64 crops, 2-core VM, two
+#: runs of interleaved rounds (``benchmarks/predict_speed.py --variants default-overlay-inline
+#: default-overlay-thread``, docs/benchmarks.md), best images/s, in its own thread against a thread of its own:
+#: fast 23.86 against 20.49 and 25.00 against 21.20 (ahead in every round); accurate 9.04 against 9.35 and 8.54
+#: against 9.44 (behind in every round).
 OVERLAY_THREAD_SIDE_BY_SIDE = ("accurate",)
 
 #: Images that decode to more than this are segmented in the calling process with all its threads, after
