@@ -4,7 +4,7 @@ Run from the repository root (a few minutes on 2 cores):
 
     .venv/bin/python benchmarks/predict_speed.py [--images 32] [--modes fast accurate] [--large 8000]
         [--variants default sequential pipelined threads] [--paired 3]
-        [--tile-side-by-side 976] [--same-outputs CACHE] [--json OUT]
+        [--large-stages] [--tile-side-by-side 976] [--same-outputs CACHE] [--json OUT]
 
 For each mode, in one process, with the model loaded once and the default
 options (precision auto, default outputs: labels, mask, overlay, table):
@@ -26,6 +26,8 @@ options (precision auto, default outputs: labels, mask, overlay, table):
   timed image by image in turn, robust to the machine's drift; and folder by
   folder (:func:`paired_folder_ratio`): network-only on as many inputs, then
   ``predict_files`` on the folder (the default, and one image at a time), in turn;
+- with ``--large-stages``: that image once more, its reading, network and
+  finishing stage timed apart;
 - with ``--tile-side-by-side SIDE``: the accurate network alone on one
   SIDE x SIDE input, on all threads against two side by side (a large
   image's tiles);
@@ -241,6 +243,30 @@ def same_outputs(cache: Path, model: Any, mode: str, device: str = "auto") -> di
     return {"images": len(paths), "files": len(files), "differ": differ}
 
 
+def large_stages(path: Path, model: Any, device: str) -> dict[str, float]:
+    """Wall seconds of each stage of ``predict_files`` for one image (accurate mode, default outputs), in turn."""
+    from nucleiseg.batch import ImageJob, OutputFolder, _finish, _infer, _read, plan_outputs
+    from nucleiseg.options import PredictOptions
+
+    opts = PredictOptions(mode="accurate", device=device).resolved(model.depth, model.nucleus_diameter)
+    out = Path(tempfile.mkdtemp(prefix="nucleiseg-predict-speed-"))
+    try:
+        target = OutputFolder(out).open()
+        job = ImageJob(path, path.stem, plan_outputs(out, path.stem))
+        t0 = time.perf_counter()
+        read = _read(job, opts)
+        t1 = time.perf_counter()
+        predicted = _infer(job, *read, model, opts, None)
+        t2 = time.perf_counter()
+        row, _ = _finish(predicted, target)
+        t3 = time.perf_counter()
+        assert row["status"] == "ok", row
+        target.close()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return {"read": t1 - t0, "network": t2 - t1, "finish": t3 - t2}
+
+
 def stage_cpu_seconds(folder: Path, model: Any, mode: str) -> dict[str, float]:
     """CPU seconds (all threads of this process) per image of each stage of predict_files, run one after the other.
 
@@ -296,6 +322,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="passes of the image-by-image paired measurement (paired_ratio; 0: none)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="predict_files variants to time (see VARIANTS)")
+    parser.add_argument("--large-stages", action="store_true",
+                        help="with --large: the large image once more, timing reading, the network (with "
+                        "normalising) and the finishing stage (labels, measurements, writing) apart")
     parser.add_argument("--tile-side-by-side", type=int, default=None, metavar="SIDE",
                         help="also the network alone (accurate) on SIDE x SIDE inputs: one on all threads against "
                         "two side by side, in Mpixel/s (large images' tiles)")
@@ -458,6 +487,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             say(f"\n{args.large}x{args.large} accurate: {seconds:.1f} s = {seconds / mpix:.2f} s/Mpixel"
                 f" = {seconds / mpix / per_small:.2f}x the 256x256 folder's {per_small:.2f} s/Mpixel"
                 f" (load {results['large']['load']:.1f})")
+            if args.large_stages:
+                stages = large_stages(big / "large.png", model, args.device)
+                results["large"]["stages_seconds"] = stages
+                say(f"{args.large}x{args.large} accurate, once more stage by stage: " + ", ".join(
+                    f"{name} {value:.1f} s" for name, value in stages.items()))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     say(f"\nload average at the end: {load():.2f}")
