@@ -181,13 +181,13 @@ def mosaic(size: int, tiles: list[np.ndarray]) -> np.ndarray:
 # ----------------------------------------------------------------------------- parts
 def network_throughput(net: UNetPlusPlus, level: int | None, bf16: bool, channels_last: bool,
                        inference_mode: bool, min_time: float, batch: int = BATCH,
-                       min_runs: int | None = None, warmup: int = 1) -> float:
-    """Images/s of ``predict_proba`` on batches of ``batch`` random SIDE x SIDE images (median batch time).
+                       min_runs: int | None = None, warmup: int = 1, side: int = SIDE) -> float:
+    """Images/s of ``predict_proba`` on batches of ``batch`` random ``side`` x ``side`` images (median batch time).
 
     Runs on the network's device; on a GPU each batch is timed to its end (synchronised).
     """
     device = next(net.parameters()).device
-    x = torch.rand(batch, 3, SIDE, SIDE, device=device)
+    x = torch.rand(batch, 3, side, side, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     grad = torch.inference_mode if inference_mode else torch.no_grad

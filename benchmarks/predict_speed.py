@@ -446,16 +446,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.tile_side_by_side and on_cpu:
             side = args.tile_side_by_side
             level = resolve_prune_level(model.depth, model.metadata, "accurate")
-            x = torch.rand(1, 3, side, side).contiguous(memory_format=torch.channels_last)
             runs = []
             for _ in range(args.rounds):
-                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    model.network.predict_proba(x, prune_level=level)  # warm-up
-                    t0, count = time.perf_counter(), 0
-                    while count < 2 or time.perf_counter() - t0 < args.net_time:
-                        model.network.predict_proba(x, prune_level=level)
-                        count += 1
-                    one = count / (time.perf_counter() - t0)
+                one = network_throughput(model.network, level, bf16, True, True, args.net_time, batch=1,
+                                         min_runs=2, side=side)
                 two = side_by_side_throughput(model.network, level, bf16, args.net_time, side=side)
                 runs.append({"one_network": one * side * side / 1e6, "side_by_side": two * side * side / 1e6})
             results["tile_side_by_side"] = {"side": side, "mpixel_per_s": runs}

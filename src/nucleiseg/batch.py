@@ -766,12 +766,14 @@ def _run_all(jobs: Sequence[ImageJob], model: Any, opts: PredictOptions, folder:
     lanes = _side_by_side_lanes(model, len(todo)) if workers is None else 1
     workers = 0 if workers is None else workers
     if workers == 0 or not todo:
+        sizes: dict[int, int | None] = {}  # decoded bytes, from the headers, read once
         if lanes > 1:
-            todo = _run_side_by_side(jobs, todo, model, opts, folder, put, lanes)
+            sizes = {k: _io.header_bytes(jobs[k].path) for k in todo}
+            todo = _run_side_by_side(jobs, todo, sizes, model, opts, folder, put, lanes)
         # The next image is read (decoding releases the GIL) while this one is segmented; one of more than
         # READ_AHEAD_MAX_BYTES is read in its turn instead, so that no two large images are held at once.
         def read_small(k: int) -> Any:
-            size = _io.header_bytes(jobs[k].path)
+            size = sizes[k] if k in sizes else _io.header_bytes(jobs[k].path)
             return None if size is None or size > READ_AHEAD_MAX_BYTES else _read(jobs[k], opts)
 
         for k, read in pipeline.read_ahead(read_small, todo, depth=1):
@@ -894,9 +896,10 @@ def _side_by_side_lanes(model: Any, images: int) -> int:
     return max(1, min(SIDE_BY_SIDE, torch.get_num_threads()))
 
 
-def _run_side_by_side(jobs: Sequence[ImageJob], todo: Sequence[int], model: Any, opts: PredictOptions,
-                      folder: OutputFolder, put: Callable[..., None], lanes: int) -> list[int]:
-    """Segment the images of ``todo`` up to :data:`SIDE_BY_SIDE_MAX_BYTES` in ``lanes`` threads, each
+def _run_side_by_side(jobs: Sequence[ImageJob], todo: Sequence[int], sizes: Mapping[int, int | None], model: Any,
+                      opts: PredictOptions, folder: OutputFolder, put: Callable[..., None], lanes: int) -> list[int]:
+    """Segment the images of ``todo`` up to :data:`SIDE_BY_SIDE_MAX_BYTES` (``sizes``: decoded bytes, None when
+    the header cannot be read) in ``lanes`` threads, each
     reading, segmenting and writing whole images (:func:`predict_one`) with its share of PyTorch's threads
     (the first of them alone, in this thread); the larger images, left to run one at a time.
 
@@ -907,7 +910,6 @@ def _run_side_by_side(jobs: Sequence[ImageJob], todo: Sequence[int], model: Any,
 
     from .device import share_threads
 
-    sizes = {k: _io.header_bytes(jobs[k].path) for k in todo}
     small = [k for k in todo if sizes[k] is None or sizes[k] <= SIDE_BY_SIDE_MAX_BYTES]  # None: fails at once
     if len(small) < 3:
         return list(todo)
