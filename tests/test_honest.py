@@ -114,6 +114,27 @@ def test_tune_and_evaluate_print_the_honest_estimate_first(tmp_path, capsys, syn
                      "--no-honest"]) == 0
     assert "honest" not in capsys.readouterr().out
 
+    # half of the tuning images (the val split): the thresholds were chosen on them, but tune's estimate was not
+    assert cli.main(["-q", "evaluate", str(cache), "--model", str(path), "--split", "val", "--out", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "chosen on these same images" in out
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["tuned_on_images"] == summary["overall"]["n_images"] == 3 and "source" not in summary["honest"]
+    # other images, in a split of the same name and size: no claim that the thresholds were chosen on them,
+    # and no estimate computed unasked
+    other, _ = synthetic_cache(tmp_path / "other", n=6, shape=(40, 56))
+    assert cli.main(["-q", "evaluate", str(other), "--model", str(path), "--split", "all", "--out", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "honest" not in out and "chosen on" not in out
+    summary = json.loads((report / "summary.json").read_text())
+    assert "tuned_on_split" not in summary and "honest" not in summary
+
+    # tune never overwrites a file that is not a model
+    precious = tmp_path / "notes.csv"
+    precious.write_text("keep me\n")
+    assert cli.main(["-q", "tune", str(cache), "--model", str(path), "--split", "all", "--out", str(precious)]) == 2
+    assert "is not a nucleiseg model file" in capsys.readouterr().err and precious.read_text() == "keep me\n"
+
 
 def test_score_grid_rows_are_what_the_estimate_reads(synthetic_cache, tmp_path):
     """One image scored alone (as evaluate does, image by image) gives its row of the whole grid."""

@@ -296,6 +296,15 @@ def _json_ready(value):
 
 
 # ------------------------------------------------------------------ reporting
+def _stored_thresholds(summary: Mapping[str, Any]) -> str:
+    """The line above the validation table: were the thresholds chosen on the images scored?"""
+    if not summary.get("tuned_on_split"):
+        return "with the model's stored thresholds"
+    n, total = summary.get("tuned_on_images"), summary.get("overall", {}).get("n_images")
+    chosen = "these same images" if n is None or n == total else f"{n} of these {total} images"
+    return f"validation: the model's stored thresholds, chosen on {chosen} (optimistic; quote the honest estimate above)"
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A short fixed-width table of the summary: one line overall, one per kind.
 
@@ -311,8 +320,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
         source = summary["honest"].get("source")
         first = [format_estimate(summary["honest"], "honest estimate" + (f", {source}" if source else "")), "",
-                 "validation: the model's stored thresholds, chosen on these same images (optimistic; quote the "
-                 "honest estimate above)" if summary.get("tuned_on_split") else "with the model's stored thresholds"]
+                 _stored_thresholds(summary)]
     with_auc = "auc" in summary["overall"]
     with_cc = "dsb_cc" in summary["overall"]
     head = f"{'kind':<14}{'images':>7}{'DSB':>8}{'AP50':>8}{'F1':>8}{'IoU':>8}"
@@ -472,6 +480,19 @@ def find_prediction(folder: Path, image_id: str) -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+def _tuned_on(tuning: Mapping[str, Any], images: Mapping[str, np.ndarray], split: str) -> int:
+    """How many of ``images`` (by id) a model's ``tuning`` record says its thresholds were chosen on.
+
+    Models tuned since the fourteenth session record their tuning images (:func:`nucleiseg.tuning.image_digests`);
+    for older records the split's name and its number of images must both match (then all, else none).
+    """
+    if tuning.get("images"):
+        from .tuning import image_digests
+
+        return len(set(tuning["images"]).intersection(image_digests(images[i] for i in images)))
+    return len(images) if tuning.get("split") in (split, "all") and tuning.get("n_images") == len(images) else 0
 
 
 def open_dataset(data: str | Path, split: str | None, fallback_dir: str | Path | None = None, progress: bool = True):
@@ -661,12 +682,14 @@ def evaluate_dataset(
         channels = list(net.channels)
         params = net.postprocess
         tuning = net.metadata.get("tuning") or {}
-        tuned_on_split = tuning.get("split") is not None and tuning.get("split") in (split, "all")
+        tuned_on = _tuned_on(tuning, images, split)
+        tuned_on_split = tuned_on > 0
         stored = tuning.get("honest_estimate") or {}
-        if honest is None and tuned_on_split and stored.get("overall", {}).get("n_images") == len(ids):
+        if honest is None and tuned_on == len(ids) == tuning.get("n_images") and stored.get("overall"):
             # tune's own estimate on these images (accurate mode): printed at no cost; --honest recomputes it
             about["honest"] = {**stored, "source": "stored by tune (accurate mode)"}
             about["tuned_on_split"] = True
+            about["tuned_on_images"] = tuned_on
             honest = False
         honest = tuned_on_split if honest is None else honest
         evaluator = Evaluator(channels=channels, params=params)
@@ -691,6 +714,7 @@ def evaluate_dataset(
                     combos, np.stack(grid_rows), [kinds[i] for i in ids], table["group"].tolist(), ids
                 ).summary
                 about["tuned_on_split"] = tuned_on_split
+                about["tuned_on_images"] = tuned_on
             except ValueError as exc:  # a single image or mosaic: nothing to hold out
                 log.warning("no honest estimate: %s", exc)
         if net.postprocess_by_kind:
@@ -699,7 +723,7 @@ def evaluate_dataset(
                      **{k: v for k, v in dataclasses.asdict(opts).items()
                         if k != "mode" and v != getattr(_DEFAULTS, k) and isinstance(v, (bool, int, float, str))})
     per_image, summary = evaluator.result()
-    extra = {k: about.pop(k) for k in ("honest", "tuned_on_split") if k in about}
+    extra = {k: about.pop(k) for k in ("honest", "tuned_on_split", "tuned_on_images") if k in about}
     summary = {**extra, "evaluated": about, **summary}
     paths = write_report(out_dir, per_image, summary, images, truth, preds)
     return per_image, summary, paths

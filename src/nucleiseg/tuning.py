@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ __all__ = [
     "best_of_grid",
     "choose_prune_level",
     "grid_key",
+    "image_digests",
     "mean_dsb",
     "score_grid",
     "tune_model",
@@ -445,6 +446,14 @@ def tune_model(
     out = path if out is None else Path(out)
     if out.is_dir():
         raise NucleisegError("is a folder; expected the model file to write", out)
+    if out != path and out.exists():
+        from .models.metadata import ModelMetadata
+
+        try:
+            ModelMetadata.read(out)
+        except NucleisegError:
+            raise NucleisegError("exists and is not a nucleiseg model file; tune writes a model file there: "
+                                 "choose a new name", out) from None
     if split not in ("val", "train", "all"):
         raise NucleisegError(f"unknown split {split!r}; choose val, train or all")
     cache = Cache.open(cache_dir)
@@ -519,6 +528,7 @@ def tune_model(
     record = {
         "split": split,
         "n_images": len(ids),
+        "images": image_digests(images),
         "dsb_before": dsb_before,
         "dsb_after": dsb_after,
         "previous_postprocess": previous.to_dict(),
@@ -535,6 +545,33 @@ def tune_model(
     _, metadata = load_model_file(out)  # the file written must load again
     return TuneResult(params, previous, dsb_before, dsb_after, level, fast_dsb, len(ids), results, out, by_kind,
                       kind_record, metadata, honest)
+
+
+def image_digests(images: Iterable[np.ndarray]) -> list[str]:
+    """Short fingerprints of images' pixels, sorted: the first 12 hex digits of each one's SHA-256.
+
+    ``tune`` stores them with its record (``"images"``), so that ``evaluate``
+    can tell which of the images it scores the thresholds were chosen on,
+    whatever their names or cache (12 digits: 48 bits, a few bytes an image
+    in the model file). The shape and dtype are part of the fingerprint.
+
+    Examples
+    --------
+    >>> a, b = np.zeros((2, 3), np.uint8), np.ones((2, 3), np.uint8)
+    >>> image_digests([a, b]) == image_digests([b, a.copy()])
+    True
+    >>> image_digests([a]) == image_digests([a.reshape(3, 2)])
+    False
+    """
+    import hashlib
+
+    out = []
+    for image in images:
+        image = np.ascontiguousarray(image)
+        digest = hashlib.sha256(f"{image.dtype.str}{image.shape}".encode())
+        digest.update(memoryview(image).cast("B"))
+        out.append(digest.hexdigest()[:12])
+    return sorted(out)
 
 
 def _key(params: PostprocessParams) -> tuple:
