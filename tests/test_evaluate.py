@@ -154,6 +154,9 @@ def test_find_prediction_names(tmp_path):
     assert find_prediction(tmp_path, "x").name == "x_labels.tif"
     assert find_prediction(tmp_path, "y").name == "y.png"
     assert find_prediction(tmp_path, "z") is None
+    # predict writes its labels beside the image when the output folder is the input folder: the labels win
+    (tmp_path / "x.png").write_bytes(b"")
+    assert find_prediction(tmp_path, "x").name == "x_labels.tif"
 
 
 def test_cli_evaluate_labels_end_to_end(tmp_path, capsys, caplog, synthetic_cache):

@@ -112,3 +112,24 @@ def test_imagej_composite_rois_read_back(tmp_path):
         every = np.concatenate(rings)
         assert roi.left <= every[:, 0].min() and roi.right >= every[:, 0].max()
         assert roi.top <= every[:, 1].min() and roi.bottom >= every[:, 1].max()
+
+
+def test_sparse_label_values_cost_no_memory_per_value(tmp_path):
+    """Global ids (a Dask run's ``1 + row * width + col``) give the same polygons as the labels numbered 1..n,
+    without find_objects' list of one entry per value up to the largest (2**40 here: terabytes)."""
+    import tracemalloc
+
+    labels = _labels().astype(np.int64)
+    sparse = np.where(labels > 0, labels * 2**38, 0)
+    tracemalloc.start()
+    found = dict(nucleus_polygons(sparse))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 10 * 2**20
+    assert sorted(found) == [k * 2**38 for k in range(1, 6)]
+    dense = dict(nucleus_polygons(labels))
+    for k in range(1, 6):
+        assert all(np.array_equal(a, b) for p, q in zip(found[k * 2**38], dense[k]) for a, b in zip(p, q))
+    write_geojson(tmp_path / "n.geojson", sparse)
+    labels_out = [f["properties"]["label"] for f in json.loads((tmp_path / "n.geojson").read_text())["features"]]
+    assert labels_out == [k * 2**38 for k in range(1, 6)]

@@ -469,8 +469,9 @@ def write_report(
 
 
 # ------------------------------------------------------------ whole data sets
-#: File names looked for in a folder of predicted labels, in this order.
-PREDICTION_PATTERNS = ("{id}.tif", "{id}.tiff", "{id}.png", "{id}_labels.tif", "{id}_labels.tiff", "{id}_labels.png")
+#: File names looked for in a folder of predicted labels, in this order: ``_labels`` first, because
+#: ``nucleiseg predict`` may write its labels beside the input image itself (``<id>.png``).
+PREDICTION_PATTERNS = ("{id}_labels.tif", "{id}_labels.tiff", "{id}_labels.png", "{id}.tif", "{id}.tiff", "{id}.png")
 
 
 def find_prediction(folder: Path, image_id: str) -> Path | None:
@@ -603,8 +604,8 @@ def evaluate_dataset(
     model : str or Path, optional
         Model file, run folder or ``"default"``; used when ``labels_dir`` is None.
     labels_dir : str or Path, optional
-        Folder of predicted label images named ``<image_id>.tif|.tiff|.png`` or
-        ``<image_id>_labels.tif`` (what ``nucleiseg predict`` writes). Images
+        Folder of predicted label images named ``<image_id>_labels.tif`` (what
+        ``nucleiseg predict`` writes; looked for first) or ``<image_id>.tif|.tiff|.png``. Images
         without one are warned about and scored as an empty prediction.
     split : {'val', 'train', 'all'}, optional
         Images to score; default ``val`` for a cache, ``all`` for a new data

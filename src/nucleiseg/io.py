@@ -640,6 +640,39 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
     return labels
 
 
+def dense_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Sparse label values (global ids, e.g. ``1 + row * width + col``) numbered ``1..n``.
+
+    Code that allocates per label value (``scipy.ndimage.find_objects``,
+    ``np.bincount``) would otherwise need memory for every value up to the
+    largest. Labels whose largest value is under twice their pixel count
+    (plus 1024) are returned as they are.
+
+    Returns
+    -------
+    labels : ndarray
+        The labels, or their dense numbering (int64, 0 kept for background).
+    ids : ndarray or None
+        ``ids[k]`` is the original value of dense label ``k``; None when the labels were returned as they are.
+
+    Examples
+    --------
+    >>> dense, ids = dense_labels(np.array([[0, 10**9], [7, 10**9]]))
+    >>> dense.tolist(), ids.tolist()
+    ([[0, 2], [1, 2]], [0, 7, 1000000000])
+    >>> dense_labels(np.array([[0, 3]]))[1] is None
+    True
+    """
+    top = int(labels.max(initial=0))
+    if top <= 2 * labels.size + 1024:
+        return labels, None
+    ids, dense = np.unique(labels, return_inverse=True)
+    dense = dense.reshape(labels.shape).astype(np.int64)
+    if ids[0] != 0:  # no background pixel: keep label 0 free
+        ids, dense = np.concatenate([[0], ids]), dense + 1
+    return dense, ids
+
+
 def draw_overlay(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """A copy of ``rgb`` with every nucleus outlined in its own colour.
 
@@ -753,11 +786,12 @@ def nucleus_polygons(labels: np.ndarray) -> Iterator[tuple[int, list[list[np.nda
     labels = _check_labels(labels)
     if not labels.size or labels.max() == 0:
         return
+    labels, ids = dense_labels(labels)
     for index, box in enumerate(ndi.find_objects(labels)):
         if box is None:
             continue
-        label = index + 1
-        mask = np.pad(labels[box] == label, 1)
+        mask = np.pad(labels[box] == index + 1, 1)
+        label = index + 1 if ids is None else int(ids[index + 1])
         pieces, n = ndi.label(mask)  # 4-connected: find_contours' own connectivity of the foreground
         masks = [mask] if n == 1 else [pieces == k for k in range(1, n + 1)]
         polygons = []

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .io import dense_labels
+
 __all__ = ["MEASUREMENT_COLUMNS", "grey_image", "measure_nuclei", "median_diameter", "typical_diameter"]
 
 # The regionprops_table property each column is (its definition) -> the column's name
@@ -117,14 +119,8 @@ def measure_nuclei(labels: np.ndarray, image: np.ndarray) -> pd.DataFrame:
         raise ValueError(f"image of shape {np.shape(image)} does not match labels of shape {labels.shape}")
     if labels.size and labels.min() < 0:
         raise ValueError("labels must be non-negative")
+    labels, ids = dense_labels(labels)  # sparse label values (e.g. global ids): numbered 1..n first
     top = int(labels.max(initial=0))
-    ids = None
-    if top > 2 * labels.size + 1024:  # sparse label values (e.g. global ids): number them 1..n first
-        ids, labels = np.unique(labels, return_inverse=True)
-        labels = labels.reshape(grey.shape).astype(np.int64)
-        top = len(ids) - 1
-        if ids[0] != 0:  # no background pixel: keep label 0 free
-            ids, labels, top = np.concatenate([[0], ids]), labels + 1, top + 1
     if ids is None:
         ids = np.arange(top + 1, dtype=np.int64)
     boxes = ndi.find_objects(labels) if top else []
