@@ -75,3 +75,29 @@ def test_writers_save_a_labels_layer_for_fiji_and_qupath(make_napari_viewer, tmp
     assert sorted(roi.name for roi in rois) == ["3", "7"]
     features = json.loads((tmp_path / "nuclei.geojson").read_text())["features"]
     assert sorted(f["properties"]["label"] for f in features) == [3, 7]
+
+
+@pytest.mark.parametrize("table", [b"", b"label,area\n1,2,3,4\n\"unterminated\n", b"\xff\xfe\x00binary"])
+def test_reader_opens_the_labels_when_their_table_is_damaged(tmp_path, caplog, table):
+    from nucleiseg.io import write_labels_tiff
+
+    labels = np.zeros((20, 30), np.int32)
+    labels[5:15, 5:15] = 1
+    write_labels_tiff(tmp_path / "cells_labels.tif", labels)
+    (tmp_path / "cells_nuclei.csv").write_bytes(table)
+    [(data, kwargs, kind)] = _io.get_reader(str(tmp_path / "cells_labels.tif"))(str(tmp_path / "cells_labels.tif"))
+    np.testing.assert_array_equal(data, labels)
+    assert kind == "labels" and "features" not in kwargs
+    assert "cells_nuclei.csv: not read" in caplog.text
+
+
+def test_fine_tune_refuses_a_layer_painted_with_one_value(tmp_path):
+    from nucleiseg.errors import NucleisegError
+    from nucleiseg.napari._finetune import fine_tune
+
+    image = np.zeros((64, 64), np.uint8)
+    labels = np.zeros((64, 64), np.uint8)
+    labels[5:15, 5:15] = labels[30:40, 30:40] = 1  # two nuclei, one value: a mask, not instances
+    with pytest.raises(NucleisegError, match="labels 'cells': a binary mask .*give each nucleus its own label") as info:
+        fine_tune([("cells", image, labels)], None, tmp_path / "m.safetensors", steps=1)
+    assert "nucleiseg-finetune" not in str(info.value) and not (tmp_path / "m.safetensors").exists()

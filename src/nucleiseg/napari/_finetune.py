@@ -83,6 +83,7 @@ def fine_tune(
         No pairs, labels without a nucleus, or labels of another size than their image.
     """
     from ..data.cache import prepare_dataset
+    from ..data.paired import BinaryMaskError, check_binary_mask
     from ..io import atomic_path, write_labels_tiff
     from ..training import TrainConfig, train
 
@@ -102,6 +103,12 @@ def fine_tune(
                                      f"{image.shape[0]}x{image.shape[1]}")
             if not labels.any():
                 raise NucleisegError(f"labels '{name}' hold no nucleus: nothing to learn from")
+            try:
+                check_binary_mask(labels, f"labels '{name}'")
+            except BinaryMaskError as exc:  # its advice names prepare's option, not offered here
+                what = str(exc).split(": each nucleus needs")[0]
+                raise NucleisegError(f"{what}: give each nucleus its own label (a new label value for each, "
+                                     "e.g. with the layer's 'new label' button before painting it)") from None
             import tifffile
 
             stem = _safe_name(name, taken)

@@ -10,10 +10,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "SAMPLES",
@@ -82,7 +85,11 @@ def read_nucleiseg_labels(path: str | Path) -> list[tuple[np.ndarray, dict, str]
                                                                                       "source": str(path)}}}
     table = _table_path(path)
     if table is not None and table.is_file():
-        kwargs["features"] = labels_features(pd.read_csv(table))
+        try:  # the table is optional: a damaged one costs its features, not the labels
+            kwargs["features"] = labels_features(pd.read_csv(table))
+        except (OSError, ValueError, KeyError) as exc:  # pandas' parser and empty-file errors are ValueErrors
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.warning("%s: not read (%s); the labels open without their measurements", table, first)
     return [(labels, kwargs, "labels")]
 
 
