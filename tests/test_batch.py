@@ -219,6 +219,7 @@ def test_options_checked_once_with_the_cli_words(tmp_path: Path, images: Path, m
     for args, message in [
         (["--tile", "100", "--overlap", "32"], "--tile must be a multiple of 16 pixels (the network's pooling grid), got 100: 96 or 112"),
         (["--tile", "64", "--overlap", "48"], "--overlap must be at most half the tile (32 pixels), got 48"),
+        (["--tile", "96"], "--overlap must be at most half the tile (48 pixels), got 192 (the default): give a smaller"),
         (["--min-size", "-3"], "--min-size must be a whole number of pixels >= 0, got -3"),
         (["--device", "tpu"], "--device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
         (["--threads", "0"], "--threads must be at least 1, got 0"),

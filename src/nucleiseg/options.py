@@ -155,6 +155,8 @@ class PredictOptions:
             check_tiling(self.tile, self.overlap, 1)
         except ValueError as exc:
             option, message = str(exc).split(" ", 1)
+            if option == "overlap" and self.overlap == DEFAULT_OVERLAP:  # the user gave a small tile, not the overlap
+                message += " (the default): give a smaller overlap with tiles this small"
             raise OptionError(option, message) from None
         if self.batch_size is not None:
             put("batch_size", _whole("batch_size", self.batch_size, 1))
