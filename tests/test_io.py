@@ -86,6 +86,18 @@ def test_labels_tiff_round_trip_16_and_32_bit(tmp_path: Path) -> None:
     assert back.dtype == np.uint32 and np.array_equal(back, big)
 
 
+def test_label_stacks_are_refused_in_words_that_fit(tmp_path: Path) -> None:
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "two.tif", np.zeros((2, 20, 30), np.uint16))
+    with pytest.raises(ImageReadError, match=r"two.tif: expected a single-channel label image, got 2 channels or "
+                                             r"pages of 20x30: save the labels as one plane"):
+        read_labels(tmp_path / "two.tif")
+    grey_rgb = np.repeat(_labels()[..., None].astype(np.uint8), 3, axis=2)  # a grey RGB PNG: its first channel
+    write_png(tmp_path / "rgb.png", grey_rgb)
+    assert np.array_equal(read_labels(tmp_path / "rgb.png"), grey_rgb[..., 0])
+
+
 def test_probabilities_tiff(tmp_path: Path) -> None:
     import tifffile
 

@@ -597,7 +597,9 @@ def read_labels(path: str | Path, *, max_bytes: int | None = None) -> np.ndarray
         if labels.shape[-1] in (3, 4) and np.all(labels[..., 0:1] == labels[..., :3]):
             labels = labels[..., 0]
         else:
-            raise ImageReadError("expected a single-channel label image, got colour channels", path)
+            h, w, n = labels.shape
+            raise ImageReadError(f"expected a single-channel label image, got {n} channels or pages of {h}x{w}: "
+                                 "save the labels as one plane", path)
     if not np.issubdtype(labels.dtype, np.integer):
         if np.any(labels != np.round(labels)):
             raise ImageReadError("label image holds non-integer values", path)
