@@ -190,7 +190,15 @@ def test_cli_evaluate_labels_end_to_end(tmp_path, capsys, caplog, synthetic_cach
 
 
 def test_cli_evaluate_user_errors(tmp_path, capsys, synthetic_cache):
-    cache, _ = synthetic_cache(tmp_path, n=2)
+    from nucleiseg.io import write_labels_tiff
+
+    cache, truth = synthetic_cache(tmp_path, n=2)
+    (tmp_path / "small").mkdir()
+    write_labels_tiff(tmp_path / "small" / "img0_labels.tif", truth["img0"][:20])
+    rc = cli.main(["evaluate", str(cache), "--labels", str(tmp_path / "small"), "--split", "all",
+                   "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "img0_labels.tif: labels of 20x48 pixels, but image img0 is 40x48" in err[0]
     rc = cli.main(["evaluate", str(cache), "--labels", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "prediction folder not found" in err and len(err.strip().splitlines()) == 1

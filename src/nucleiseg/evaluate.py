@@ -670,9 +670,13 @@ def evaluate_dataset(
         for image_id in tqdm(ids, **bar):
             path = found[image_id]
             pred = None if path is None else _compact(read_labels(path))
+            true = truth[image_id]
             if pred is not None:
+                if pred.shape != true.shape:
+                    raise NucleisegError(f"labels of {pred.shape[0]}x{pred.shape[1]} pixels, but image {image_id} "
+                                         f"is {true.shape[0]}x{true.shape[1]}", path)
                 preds[image_id] = pred
-            evaluator.add(image_id, truth[image_id], pred, kinds[image_id])
+            evaluator.add(image_id, true, pred, kinds[image_id])
         about["labels"] = str(labels_dir)
     else:
         from .inference import load_model, predict_labels, resolve_device
