@@ -369,3 +369,93 @@ def test_cli_defaults_are_the_library_defaults() -> None:
     args = build_parser().parse_args(["predict", "x.png", "-o", "out"])
     assert _predict_options(args) == PredictOptions()
     assert PredictOptions().precision == "auto" and PredictOptions().tile == 1024
+
+
+# ----------------------------------------------------------------------------- whose outputs these are
+def test_files_no_run_wrote_are_never_deleted_or_replaced(tmp_path: Path, capsys, model: str) -> None:
+    import tifffile
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    _good(folder, "cells.png")
+    tifffile.imwrite(folder / "cells_probabilities.tif", _fixture(TISSUE, 64)[..., 0])  # another input image
+    (folder / "cells_rois.zip").write_bytes(b"my hand-drawn ROIs")
+    (folder / "cells.geojson").write_text('{"my": "annotations"}')
+    status, lines = _run(capsys, folder, "-o", folder, "--model", model)
+    assert status == 0, lines
+    assert (folder / "cells_rois.zip").read_bytes() == b"my hand-drawn ROIs"
+    assert (folder / "cells.geojson").read_text() == '{"my": "annotations"}'
+    assert (folder / "cells_probabilities.tif").is_file() and (folder / "cells_labels.tif").is_file()
+    assert (folder / "cells_probabilities_labels.tif").is_file()  # it was segmented as the input it is
+
+    # a hand-made ground truth where the labels would go: that image fails in one line, the file is kept
+    truth, images = tmp_path / "truth", tmp_path / "images"
+    truth.mkdir(), images.mkdir()
+    _good(images, "cells.png")
+    _good(images, "other.png", TISSUE)
+    (truth / "cells_labels.tif").write_bytes(b"my ground truth")
+    status, lines = _run(capsys, images, "-o", truth, "--model", model)
+    assert status == 1
+    assert [line for line in lines if "error" in line] == [
+        f"nucleiseg predict: error: {images / 'cells.png'}: cells_labels.tif already in {truth}, not written by "
+        "nucleiseg: overwrite replaces them; or choose another output folder"]
+    assert (truth / "cells_labels.tif").read_bytes() == b"my ground truth" and (truth / "other_labels.tif").is_file()
+    status, lines = _run(capsys, images, "-o", truth, "--model", model, "--overwrite")
+    assert status == 0 and read_labels(truth / "cells_labels.tif").max() > 0
+
+
+def test_each_image_keeps_its_own_outputs_across_runs(tmp_path: Path, capsys, model: str) -> None:
+    for plate, image_id in (("plate1", FLUO), ("plate2", TISSUE)):
+        (tmp_path / plate).mkdir()
+        _good(tmp_path / plate, "well.png", image_id)
+    out = tmp_path / "out"
+    assert _run(capsys, tmp_path / "plate1", tmp_path / "plate2", "-o", out, "--model", model)[0] == 0
+    first = pd.read_csv(out / "summary.csv").set_index("name")["nuclei"].to_dict()
+    assert set(first) == {"well", "well-2"}
+
+    # plate2 alone: its outputs are well-2's, skipped with its own count; plate1's are not touched
+    status, lines = _run(capsys, tmp_path / "plate2", "-o", out, "--model", model)
+    assert status == 0
+    row = pd.read_csv(out / "summary.csv").iloc[0]
+    assert (row["name"], row["status"], row["nuclei"]) == ("well-2", "skipped", first["well-2"])
+
+    # a new acquisition under the same file name is segmented again, not skipped
+    before = (out / "well_labels.tif").read_bytes()
+    _good(tmp_path / "plate1", "well.png", TISSUE)
+    status, lines = _run(capsys, tmp_path / "plate1", "-o", out, "--model", model)
+    assert status == 0 and any("changed since its outputs were written: segmenting it again" in l for l in lines)
+    row = pd.read_csv(out / "summary.csv").iloc[0]
+    assert (row["name"], row["status"], row["nuclei"]) == ("well", "ok", first["well-2"])
+    assert (out / "well_labels.tif").read_bytes() != before
+
+    # a folder moved elsewhere keeps its outputs' names: nothing redone
+    (tmp_path / "plate2").rename(tmp_path / "moved")
+    status, lines = _run(capsys, tmp_path / "moved", "-o", out, "--model", model)
+    assert status == 0 and pd.read_csv(out / "summary.csv")[["name", "status"]].values.tolist() == [["well-2", "skipped"]]
+
+
+def test_formats_asked_for_later_are_written(tmp_path: Path, capsys, model: str) -> None:
+    _good(tmp_path, "cells.png")
+    out = tmp_path / "out"
+    assert _run(capsys, tmp_path / "cells.png", "-o", out, "--model", model)[0] == 0
+    status, lines = _run(capsys, tmp_path / "cells.png", "-o", out, "--model", model, "--formats", "geojson")
+    assert status == 0 and any("its outputs lack geojson: segmenting it again" in line for line in lines)
+    assert (out / "cells.geojson").is_file() and pd.read_csv(out / "summary.csv")["status"].tolist() == ["ok"]
+    # fewer formats than last time: the complete outputs are kept, the image skipped
+    assert _run(capsys, tmp_path / "cells.png", "-o", out, "--model", model)[0] == 0
+    assert pd.read_csv(out / "summary.csv")["status"].tolist() == ["skipped"] and (out / "cells.geojson").is_file()
+
+
+def test_a_run_into_its_input_folder_can_be_run_again(tmp_path: Path, capsys, model: str) -> None:
+    _good(tmp_path, "a.png")
+    _good(tmp_path, "b.png", TISSUE)
+    assert _run(capsys, tmp_path, "-o", tmp_path, "--model", model)[0] == 0
+    # as if killed while b's outputs were moved in: its journal lists them, the labels not there yet
+    state = tmp_path / ".nucleiseg"
+    (state / "done" / "b.json").rename(state / "journal" / "b.json")
+    (tmp_path / "b_labels.tif").unlink()
+    status, lines = _run(capsys, tmp_path, "-o", tmp_path, "--model", model)
+    assert status == 0, lines
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert summary["name"].tolist() == ["a", "b"]  # a's own outputs are not taken for inputs
+    assert summary["status"].tolist() == ["skipped", "ok"]

@@ -17,7 +17,10 @@ area) is written last. An image is *done* when its record exists and all the
 files it lists do; a run killed at any moment leaves an image either done or
 not, and the next run redoes the ones that are not. ``--overwrite`` replaces
 an image's whole output set, removing outputs of formats not asked for this
-time. One run at a time writes into a folder: a second one is refused in one
+time. A record names its image (path, size, modification time): a re-run
+keeps each image's output name, redoes images whose file changed or that lack
+a format asked for now, and never removes or replaces a file that no record
+lists. One run at a time writes into a folder: a second one is refused in one
 line (an advisory lock, released by the system when a run dies).
 
 Examples
@@ -137,10 +140,13 @@ def expand_inputs(specs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[s
     return list(unique.values()), problems
 
 
-def output_names(paths: Sequence[Path]) -> tuple[list[str], list[str]]:
+def output_names(paths: Sequence[Path], folder: OutputFolder | None = None) -> tuple[list[str], list[str]]:
     """A unique output name per input (its stem, or ``<stem>-2``, ``-3``, ...), and a note per renaming.
 
     Names are compared ignoring case: outputs may land on such a file system.
+    With the output ``folder``, an image keeps the name its outputs were
+    recorded under by an earlier run (:meth:`OutputFolder.recorded_name`),
+    and a name whose outputs belong to another image is not given to it.
 
     Examples
     --------
@@ -150,12 +156,16 @@ def output_names(paths: Sequence[Path]) -> tuple[list[str], list[str]]:
     taken: dict[str, Path] = {}
     names, notes = [], []
     for path in paths:
-        name, k = path.stem, 2
-        while name.lower() in taken:
-            name, k = f"{path.stem}-{k}", k + 1
+        name = folder.recorded_name(path) if folder is not None else None
+        if name is None or name.lower() in taken:
+            name, k = path.stem, 2
+            while name.lower() in taken or (folder is not None and not folder.free_for(name, path)):
+                name, k = f"{path.stem}-{k}", k + 1
         if name != path.stem:
-            notes.append(f"{display(path)}: same name as {display(taken[path.stem.lower()])}; "
-                         f"its outputs are named {display(name)}_*")
+            other = taken.get(path.stem.lower())
+            owner = f"same name as {display(other)}" if other is not None else (
+                f"{display(path.stem)}_* in {display(folder.path)} belong to another image" if folder else "renamed")
+            notes.append(f"{display(path)}: {owner}; its outputs are named {display(name)}_*")
         taken[name.lower()] = path
         names.append(name)
     return names, notes
@@ -308,22 +318,80 @@ class OutputFolder:
     def _entry(self, where: str, name: str) -> Path:
         return self.state / where / f"{name}.json"
 
+    def _read_entry(self, where: str, name: str) -> dict[str, Any] | None:
+        try:
+            entry = json.loads(self._entry(where, name).read_text())
+        except (OSError, ValueError):
+            return None
+        return entry if isinstance(entry, dict) else None
+
     def record(self, name: str) -> dict[str, Any] | None:
         """The record of a done image (its files all present), or None."""
+        record = self._read_entry("done", name)
         try:
-            record = json.loads(self._entry("done", name).read_text())
-            files = [self.path / f for f in record["files"].values()]
-        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            files = [self.path / f for f in record["files"].values()]  # type: ignore[index]
+        except (KeyError, AttributeError, TypeError):
             return None
         return record if all(f.is_file() for f in files) else None
 
+    def _entries(self, where: str) -> list[str]:
+        """The names with an entry in ``done`` or ``journal`` (not a killed write's temporary file)."""
+        # io.atomic_path's temporary files are ".<name>.<random>.tmp<suffix>" (a killed write's, until _tidy)
+        return sorted(e.stem for e in (self.state / where).glob("*.json")
+                      if not (e.name.startswith(".") and ".tmp" in e.name))
+
+    def _records(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        for name in self._entries("done"):
+            record = self._read_entry("done", name)
+            if record is not None:
+                yield name, record
+
+    def recorded_files(self, name: str) -> set[str]:
+        """The file names that this folder's bookkeeping says ``name``'s outputs are (done record and journal)."""
+        files: set[str] = set()
+        for where in ("done", "journal"):
+            entry = self._read_entry(where, name) or {}
+            listed = entry.get("files")
+            files.update(str(f) for f in (listed.values() if isinstance(listed, dict) else ()))
+            files.update(str(f) for f in entry.get("stale", ()) if isinstance(entry.get("stale"), list))
+        return {f for f in files if f and Path(f).name == f}  # plain names in this folder, nothing else
+
+    def owned_paths(self) -> set[Path]:
+        """Every output file this folder's records list, resolved: never an input of a run into this folder."""
+        if not (self.state / "done").is_dir():
+            return set()
+        names = {name for where in ("done", "journal") for name in self._entries(where)}
+        return {(self.path / f).resolve() for name in names for f in self.recorded_files(name)}
+
+    def recorded_name(self, path: Path) -> str | None:
+        """The name under which an earlier run recorded ``path``'s outputs here, or None."""
+        if not (self.state / "done").is_dir():
+            return None
+        found = [name for name, record in self._records() if _same_image(record, path) == "same"]
+        return found[0] if found else None
+
+    def free_for(self, name: str, path: Path) -> bool:
+        """Whether ``name`` may name ``path``'s outputs: unrecorded, or recorded for this very image (or
+        recorded before records named their image)."""
+        record = self._read_entry("done", name)
+        return record is None or _same_image(record, path) != "other"
+
     def status(self, job: ImageJob) -> tuple[str, dict[str, Any] | None]:
-        """``("done", record)``, ``("earlier", None)`` (complete outputs of a version without records),
-        ``("partial", None)`` (outputs of an unfinished run, to redo) or ``("absent", None)``."""
+        """Where ``job``'s outputs stand, and its record when done:
+
+        ``("done", record)``; ``("changed", record)`` (done, but the image file changed since);
+        ``("incomplete", record)`` (done, without outputs asked for now); ``("earlier", None)``
+        (complete outputs of a version without records); ``("partial", None)`` (outputs of an unfinished
+        run, to redo); ``("foreign", None)`` (files at the outputs' names that no run here wrote);
+        ``("absent", None)``."""
         record = self.record(job.name)
         if record is not None:  # a run killed just after recording it may have left its journal and staging
             self._entry("journal", job.name).unlink(missing_ok=True)
             self.discard(job.name)
+            if _same_image(record, job.path) == "changed":
+                return "changed", record
+            if any(kind not in record["files"] for kind in job.outputs):
+                return "incomplete", record
             return "done", record
         if self._entry("journal", job.name).exists() or self._entry("done", job.name).exists():
             return "partial", None
@@ -333,7 +401,7 @@ class OutputFolder:
         # Before records existed, the labels were written last: they mark a finished image.
         if job.outputs["labels"].is_file() and job.outputs["table"].is_file():
             return "earlier", None
-        return "partial", None
+        return "foreign", None
 
     def staging(self, name: str) -> Path:
         """A fresh, empty staging folder for the outputs of ``name``."""
@@ -349,12 +417,14 @@ class OutputFolder:
     def commit(self, job: ImageJob, staged: Mapping[str, Path], about: Mapping[str, Any]) -> None:
         """Move the staged outputs of ``job`` into the folder as a unit, and record the image as done.
 
-        Every output of the image's name that is not in ``staged`` (formats not
-        asked for this time, files of an earlier run) is removed, so the folder
-        holds exactly this run's set.
+        The outputs an earlier run recorded for the name and this run did not
+        write (formats not asked for this time) are removed, so the folder holds
+        exactly this run's set; files that no run here wrote are left alone.
+        The record names the image (its resolved path, size and modification
+        time), so that a later run knows whose outputs these are.
         """
         final = {kind: job.outputs[kind] for kind in staged}
-        stale = [self.path / pattern.format(job.name) for kind, pattern in _OUTPUT_NAMES.items() if kind not in final]
+        stale = [self.path / f for f in sorted(self.recorded_files(job.name) - {p.name for p in final.values()})]
         journal = self._entry("journal", job.name)
         _write_json(journal, {"files": {k: p.name for k, p in final.items()}, "stale": [p.name for p in stale]})
         self._entry("done", job.name).unlink(missing_ok=True)
@@ -363,17 +433,44 @@ class OutputFolder:
         for path in stale:
             path.unlink(missing_ok=True)
         _write_json(self._entry("done", job.name),
-                    {**about, "image": display(job.path), "files": {k: p.name for k, p in final.items()}})
+                    {**about, "image": display(job.path), "source": _source(job.path),
+                     "files": {k: p.name for k, p in final.items()}})
         journal.unlink()
         self.discard(job.name)
 
     def forget(self, job: ImageJob) -> None:
-        """Remove what an unfinished run left of ``job`` (its partial outputs, journal and staging)."""
-        for pattern in _OUTPUT_NAMES.values():
-            (self.path / pattern.format(job.name)).unlink(missing_ok=True)
+        """Remove what an unfinished run left of ``job`` (the outputs its record and journal list, both, and
+        its staging)."""
+        for name in self.recorded_files(job.name):
+            (self.path / name).unlink(missing_ok=True)
         self._entry("journal", job.name).unlink(missing_ok=True)
         self._entry("done", job.name).unlink(missing_ok=True)
         self.discard(job.name)
+
+
+def _source(path: Path) -> dict[str, Any]:
+    """What identifies an image file in a record: its resolved path, size and modification time."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return {"path": str(path.resolve())}
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _same_image(record: Mapping[str, Any], path: Path) -> str:
+    """Whether a done record is of the image file ``path``: ``"same"``, ``"changed"`` (the same file,
+    rewritten since), or ``"other"``. A record without ``source`` (written before records named their
+    image) counts as the same. A file moved with its folder (same name, size and time) is the same."""
+    source = record.get("source")
+    if not isinstance(source, dict):
+        return "same"
+    now = _source(path)
+    stamp = lambda s: (s.get("size"), s.get("mtime_ns"))  # noqa: E731
+    if source.get("path") == now["path"]:
+        return "same" if stamp(source) == stamp(now) else "changed"
+    if Path(str(source.get("path"))).name == path.name and stamp(source) == stamp(now) and "size" in now:
+        return "same"
+    return "other"
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -683,7 +780,10 @@ def predict_files(
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     paths, problems = expand_inputs(inputs)
-    names, notes = output_names(paths)
+    existing = OutputFolder(out_dir)  # read before the lock is taken: a second run is refused there anyway
+    owned = existing.owned_paths()
+    paths = [p for p in paths if p.resolve() not in owned]  # an earlier run's outputs in its own input folder
+    names, notes = output_names(paths, existing)
     jobs = [ImageJob(p, n, plan_outputs(out_dir, n, formats, save_probabilities)) for p, n in zip(paths, names)]
     _refuse_overwriting_inputs(jobs, out_dir, formats)
 
@@ -1038,14 +1138,16 @@ def _run_image_workers(jobs: Sequence[ImageJob], todo: Sequence[int], model: Any
 def skipped_row(job: ImageJob, folder: OutputFolder, overwrite: bool, say: Say) -> dict[str, Any] | None:
     """The row of an image done earlier (unless overwrite), else None, with what an unfinished run left removed."""
     state, record = folder.status(job)
+    if state == "foreign" and not overwrite:
+        present = [display(f.name) for f in job.outputs.values() if f.exists()]
+        row, lines = _failed(job, f"{', '.join(present)} already in {display(folder.path)}, not written by "
+                                  "nucleiseg: overwrite replaces them; or choose another output folder", folder)
+        for kind, text in lines:
+            say(kind, text)
+        return row
     if state in ("done", "earlier") and not overwrite:
         row = {"image": display(job.path), "name": display(job.name), "nuclei": None, "mean_area": None,
-               "status": "skipped", "message": ""}
-        missing = [k for k in job.outputs if record is not None and k not in record["files"]]
-        if missing:
-            row["message"] = f"done earlier without {', '.join(missing)} (overwrite redoes it)"
-        else:
-            row["message"] = "done earlier (overwrite redoes it)"
+               "status": "skipped", "message": "done earlier (overwrite redoes it)"}
         say("note", f"{display(job.path)}: skipped, its outputs in {display(folder.path)} are complete "
                     "(overwrite replaces them)")
         if record is not None and record.get("nuclei") is not None:
@@ -1056,6 +1158,11 @@ def skipped_row(job: ImageJob, folder: OutputFolder, overwrite: bool, say: Say) 
     if state == "partial":
         say("note", f"{display(job.path)}: an earlier run left its outputs unfinished: redoing it")
         folder.forget(job)
+    elif state == "changed" and not overwrite:
+        say("note", f"{display(job.path)}: changed since its outputs were written: segmenting it again")
+    elif state == "incomplete" and not overwrite:
+        missing = [kind for kind in job.outputs if kind not in record["files"]]  # type: ignore[index]
+        say("note", f"{display(job.path)}: its outputs lack {', '.join(missing)}: segmenting it again")
     return None
 
 
