@@ -165,3 +165,150 @@ def test_bioimageio_package_passes_bioimageio_test_and_reproduces_predict(model_
     rgb = test_input[0].transpose(1, 2, 0).astype(np.uint8)
     expected = predict_probabilities(load_model(model_file), rgb, tile=0, precision="fp32")
     np.testing.assert_allclose(test_output[0], expected, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- opsets and output files
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if the export loads the model: what is refused must be refused before any work."""
+    import nucleiseg.export
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(nucleiseg.export, "_load", refuse)
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("nucleiseg export: error: ")
+    return err[0]
+
+
+def _opset(path: Path) -> int:
+    import onnx
+
+    return max(o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx"))
+
+
+@pytest.mark.parametrize("opset", [11, 17, 20])  # below dynamo's lowest (TorchScript), converted by dynamo
+def test_opset_is_written_as_asked(model_file, image, tmp_path, capsys, opset):
+    pytest.importorskip("onnxscript")
+    out = tmp_path / f"m{opset}.onnx"
+    assert main(["-q", "export", str(model_file), "--opset", str(opset), "-o", str(out)]) == 0
+    assert f"opset {opset}" in capsys.readouterr().out
+    assert _opset(out) == opset
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    net, _ = load_model_file(model_file)
+    with torch.no_grad():
+        expected = net.predict_proba(torch.from_numpy(image)).numpy()
+    assert np.abs(session.run(None, {"image": image})[0] - expected).max() <= 1e-3
+
+
+@pytest.mark.parametrize("opset", ["5", "8", "99"])
+def test_unsupported_opset_is_refused_in_one_line_before_any_work(model_file, tmp_path, capsys, no_work, opset):
+    from nucleiseg.export import onnx_opsets
+
+    out = tmp_path / "x.onnx"
+    assert main(["export", str(model_file), "--opset", opset, "-o", str(out)]) == 2
+    line = _one_error_line(capsys)
+    assert f"--opset must be in 9..{onnx_opsets('dynamo').stop - 1}" in line and line.endswith(f"got {opset}")
+    assert not out.exists()
+
+
+def test_an_exporter_refuses_the_opsets_it_does_not_write(model_file, tmp_path, no_work):
+    from nucleiseg.errors import OptionError
+    from nucleiseg.export import export_onnx
+
+    pytest.importorskip("onnxscript")
+    with pytest.raises(OptionError, match="opset must be in 18..* with the dynamo exporter, got 17"):
+        export_onnx(model_file, tmp_path / "d.onnx", opset=17, exporter="dynamo")
+    with pytest.raises(OptionError, match="opset must be in 9..20 with the torchscript exporter, got 21"):
+        export_onnx(model_file, tmp_path / "t.onnx", opset=21, exporter="torchscript")
+    with pytest.raises(OptionError, match="opset must be a whole number, got 17.5"):
+        export_onnx(model_file, tmp_path / "t.onnx", opset=17.5)
+
+
+def test_a_graph_of_another_opset_than_asked_is_never_written(model_file, tmp_path, monkeypatch):
+    """Where the exporter falls back to another opset than the one asked for (dynamo's version conversion
+    failing), the export fails in one line and writes nothing."""
+    import nucleiseg.export
+    from nucleiseg.errors import NucleisegError
+
+    pytest.importorskip("onnxscript")
+    monkeypatch.setattr(nucleiseg.export, "onnx_opsets", lambda exporter: range(9, 100))  # as if torch allowed 99
+    out = tmp_path / "x.onnx"
+    with pytest.raises(NucleisegError, match="wrote ONNX opset 18, not the 99 asked for; nothing was written"):
+        nucleiseg.export.export_onnx(model_file, out, opset=99, exporter="dynamo")
+    assert not out.exists()
+
+
+def test_output_folder_is_refused_in_one_line_before_any_work(model_file, tmp_path, capsys, no_work):
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    for fmt in ("onnx", "bioimageio"):
+        assert main(["export", "--format", fmt, str(model_file), "-o", str(folder)]) == 2
+        line = _one_error_line(capsys)
+        assert str(folder) in line and "is a folder" in line
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["export", str(model_file), "-o", str(tmp_path / "notes.txt" / "m.onnx")]) == 2
+    assert "notes.txt: is a file" in _one_error_line(capsys)
+
+
+def test_only_an_earlier_export_of_the_same_kind_is_replaced(model_file, tmp_path, capsys, monkeypatch):
+    notes = tmp_path / "a.txt"
+    notes.write_text("my notes")
+    with monkeypatch.context() as patch:
+        import nucleiseg.export
+
+        patch.setattr(nucleiseg.export, "_load", lambda *a: (_ for _ in ()).throw(AssertionError("work done")))
+        for fmt, name in (("onnx", "an ONNX model"), ("bioimageio", "a bioimage.io model package")):
+            assert main(["export", "--format", fmt, str(model_file), "-o", str(notes)]) == 2
+            line = _one_error_line(capsys)
+            assert str(notes) in line and f"exists and is not {name}" in line
+        assert notes.read_text() == "my notes"
+        empty = tmp_path / "empty.onnx"
+        empty.write_bytes(b"")
+        assert main(["export", str(model_file), "-o", str(empty)]) == 2
+        assert "is not an ONNX model" in _one_error_line(capsys)
+    # an earlier ONNX export is replaced; it is not a bioimage.io package
+    out = tmp_path / "m.onnx"
+    assert main(["-q", "export", str(model_file), "-o", str(out), "--prune-level", "1"]) == 0
+    assert main(["-q", "export", str(model_file), "-o", str(out), "--mode", "accurate"]) == 0
+    from nucleiseg.export import read_onnx_metadata
+
+    assert read_onnx_metadata(out)["mode"] == "accurate"
+    capsys.readouterr()
+    assert main(["export", "--format", "bioimageio", str(model_file), "-o", str(out)]) == 2
+    assert "is not a bioimage.io model package" in _one_error_line(capsys)
+
+
+def test_bioimageio_package_takes_the_opset(model_file, tmp_path, capsys):
+    """--opset reaches the package's ONNX weights (and their RDF entry); one it cannot write is refused first."""
+    pytest.importorskip("bioimageio.spec")
+    import zipfile
+
+    import yaml
+
+    import nucleiseg.export
+
+    out = tmp_path / "package.zip"
+    real = nucleiseg.export._load
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nucleiseg.export, "_load", lambda *a: (_ for _ in ()).throw(AssertionError("work done")))
+        assert main(["export", "--format", "bioimageio", str(model_file), "--opset", "99", "-o", str(out)]) == 2
+        assert "--opset must be in 9.." in _one_error_line(capsys)
+        with pytest.raises(nucleiseg.export.OptionError, match="no ONNX weights"):
+            nucleiseg.export.export_bioimageio(model_file, out, weight_formats=("pytorch_state_dict",), opset=17)
+    assert nucleiseg.export._load is real and not out.exists()
+
+    assert main(["-q", "export", "--format", "bioimageio", str(model_file), "--opset", "17", "-o", str(out)]) == 0
+    assert "onnx (opset 17)" in capsys.readouterr().out
+    with zipfile.ZipFile(out) as package:
+        rdf = yaml.safe_load(package.read("rdf.yaml"))
+        package.extract(rdf["weights"]["onnx"]["source"], tmp_path / "unzipped")
+    assert rdf["weights"]["onnx"]["opset_version"] == 17
+    assert _opset(tmp_path / "unzipped" / rdf["weights"]["onnx"]["source"]) == 17
+    # an earlier package is replaced
+    assert main(["-q", "export", "--format", "bioimageio", str(model_file), "-o", str(out)]) == 0

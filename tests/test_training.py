@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -56,6 +57,9 @@ def test_sampler_is_seeded_by_epoch_and_splits_across_ranks():
     for r in ranks:
         r.set_epoch(1)
     assert sorted(list(ranks[0]) + list(ranks[1])) == sorted(first)
+    # a resumed epoch skips the pairs trained before; the epoch's length stays
+    sampler.set_epoch(1, start=4)
+    assert list(sampler) == first[4:] and len(sampler) == 10
 
 
 def test_crops_are_reproducible_from_their_seed(fixture_cache):
@@ -173,6 +177,7 @@ def test_fine_tuning_starts_from_the_model_and_keeps_its_thresholds(fixture_cach
     train(fixture_cache, tmp_path / "run", config, max_steps=1)
     child, meta = load_model_file(tmp_path / "run" / "last.safetensors")
     assert child.config.widths == (4, 8, 16)  # the parent's architecture, whatever widths said
+    assert TrainConfig.from_json(tmp_path / "run" / "train_config.json").widths == (4, 8, 16)  # recorded as trained
     assert meta["postprocess"] == thresholds and meta["postprocess_by_kind"] == by_kind
     # the size of the nuclei it was trained on, for --diameter (the three training images: 14.5-17.7 px)
     from nucleiseg.measure import typical_diameter
@@ -215,3 +220,118 @@ def test_channel_weights_errors_are_one_line(tmp_path, capsys):
     assert "at least one channel needs a weight above 0" in capsys.readouterr().err
     with pytest.raises(NucleisegError, match="channel_weights must name each of the channels body, contour, touch"):
         TrainConfig(channel_weights={"body": 1.0})
+
+
+# ----------------------------------------------------------------------------- resume, and runs that cannot start
+TINY_CLI = ["--widths", "4,8,16", "--crop", "64", "--batch-size", "2", "--threads", "1", "--workers", "0"]
+
+
+def test_resume_after_max_steps_continues_mid_epoch_to_the_same_weights(fixture_cache, tmp_path, capsys):
+    """Epochs of 5 steps: 2 steps, resumed to 7, then to the end, trains all 15 steps, as one run does."""
+    run, straight = tmp_path / "m", tmp_path / "straight"
+    args = ["--epochs", "3", "--samples-per-epoch", "10", "--val-every", "3", *TINY_CLI]
+    assert main(["-q", "train", str(fixture_cache), "--out", str(straight), *args]) == 0
+    assert main(["-q", "train", str(fixture_cache), "--out", str(run), *args, "--max-steps", "2"]) == 0
+    rows = _rows(run)
+    assert [(r["epoch"], r["steps"]) for r in rows] == [("1", "2")]  # an epoch cut short says so
+    assert main(["-q", "train", "--resume", str(run), "--max-steps", "7"]) == 0
+    assert [(r["epoch"], r["steps"]) for r in _rows(run)] == [("1", "5"), ("2", "2")]
+    assert main(["-q", "train", "--resume", str(run)]) == 0
+    capsys.readouterr()
+    assert [(r["epoch"], r["steps"]) for r in _rows(run)] == [("1", "5"), ("2", "5"), ("3", "5")]
+    # the schedule ran to its end: the same learning rates and the same weights as the run never stopped
+    assert [r["lr"] for r in _rows(run)] == [r["lr"] for r in _rows(straight)]
+    assert float(_rows(run)[-1]["train_loss"]) == pytest.approx(float(_rows(straight)[-1]["train_loss"]))
+    resumed, whole = load_file(run / "last.safetensors"), load_file(straight / "last.safetensors")
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=0, msg=key)
+    # asking to stop at a step already passed trains nothing and says why
+    assert main(["train", "--resume", str(run), "--epochs", "4", "--max-steps", "15"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [("nucleiseg train: error: --max-steps counts the run's steps from its start, and 15 are done "
+                    "already; give more than 15 to continue")]
+    assert TrainConfig.from_json(run / "train_config.json").epochs == 3  # the refused resume changed nothing
+
+
+def test_resume_takes_epochs_even_at_their_default_value(fixture_cache, tmp_path, capsys):
+    run = tmp_path / "a"
+    assert main(["-q", "train", str(fixture_cache), "--out", str(run), "--epochs", "1", "--samples-per-epoch", "4",
+                 "--val-every", "5", *TINY_CLI]) == 0
+    default = TrainConfig().epochs
+    assert main(["-q", "train", "--resume", str(run), "--epochs", str(default), "--max-steps", "3"]) == 0
+    assert TrainConfig.from_json(run / "train_config.json").epochs == default
+    assert [(r["epoch"], r["steps"]) for r in _rows(run)] == [("1", "2"), ("2", "1")]
+
+
+def test_resume_refuses_other_options_in_one_line(tmp_path, capsys):
+    run = tmp_path / "d"
+    run.mkdir()
+    (run / "train_config.json").write_text(json.dumps({"epochs": 2}))
+    before = (run / "train_config.json").read_bytes()
+    argv = ["train", "--resume", str(run), "--out", str(tmp_path / "elsewhere"), "--lr", "1", "--crop", "32",
+            "--batch-size", "0", "--augment", "0.5"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [(f"nucleiseg train: error: --out, --batch-size, --crop, --lr, --augment cannot be combined with "
+                    f"--resume: the run keeps its own settings (in {run / 'train_config.json'}); --resume takes only "
+                    "--epochs, --max-steps and DATA")]
+    assert (run / "train_config.json").read_bytes() == before and not (tmp_path / "elsewhere").exists()
+
+
+def test_kind_weights_that_leave_no_training_image_are_one_line(synthetic_cache, tmp_path, capsys):
+    cache, _ = synthetic_cache(tmp_path)  # fluorescence images only
+    assert main(["train", str(cache), "--out", str(tmp_path / "run"), "--kind-weights", "fluorescence=0,tissue=0",
+                 "--max-steps", "1", *TINY_CLI]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [("nucleiseg train: error: --kind-weights gives weight 0 to every image of the training split "
+                    "(its kinds: fluorescence)")]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("damage", ["labels missing", "labels damaged", "image missing", "image damaged"])
+def test_a_missing_or_damaged_cache_file_is_one_line(synthetic_cache, tmp_path, capsys, damage):
+    cache, _ = synthetic_cache(tmp_path)
+    what, how = damage.split()
+    path = cache / "labels" / "img1.tif" if what == "labels" else cache / "images" / "img1.png"
+    if how == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:40])
+    assert main(["train", str(cache), "--out", str(tmp_path / "run"), "--max-steps", "1", *TINY_CLI]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"nucleiseg train: error: {path}: "), err
+    assert err[0].endswith(f"the cache is damaged: run 'nucleiseg prepare DATA_DIR --out {cache} --force' to "
+                           "rebuild it"), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_in_a_raw_data_folder_prepares_the_cache_beside_it(synthetic_cache, tmp_path, monkeypatch):
+    synthetic_cache(tmp_path)  # tmp_path/src: a paired data folder
+    monkeypatch.chdir(tmp_path / "src")
+    assert main(["-q", "train", ".", "--out", str(tmp_path / "run"), "--max-steps", "1", *TINY_CLI]) == 0
+    assert (tmp_path / "src-cache" / "manifest.json").is_file()
+    assert not (tmp_path / "src" / "-cache").exists()
+    assert TrainConfig.from_json(tmp_path / "run" / "train_config.json").cache == str(tmp_path / "src-cache")
+
+
+def test_a_run_that_cannot_start_leaves_no_run_folder_and_the_same_command_works_later(synthetic_cache, tmp_path,
+                                                                                       capsys):
+    from nucleiseg.models import save_model
+
+    cache, _ = synthetic_cache(tmp_path)
+    parent, run = tmp_path / "parent.safetensors", tmp_path / "run"
+    argv = ["-q", "train", str(cache), "--out", str(run), "--init", str(parent), "--crop", "32", "--batch-size", "2",
+            "--threads", "1", "--workers", "0", "--max-steps", "1"]
+    assert main(argv) == 2  # no such model file yet
+    assert f"{parent}: no such model file" in capsys.readouterr().err
+    assert not run.exists()
+    # a cache whose prepare was interrupted
+    manifest = json.loads((cache / "manifest.json").read_text())
+    (cache / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    save_model(parent, UNetPlusPlus(3, 3, (4, 8, 16)), {})
+    assert main(argv) == 2
+    assert "the prepare that wrote this cache was interrupted" in capsys.readouterr().err
+    assert not run.exists()
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    assert main(argv) == 0
+    assert (run / "last_state.pt").is_file()

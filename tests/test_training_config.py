@@ -24,6 +24,7 @@ TINY = ["--widths", "4,8,16", "--crop", "64", "--batch-size", "2", "--samples-pe
         ("lr", "0.1", "must be a number > 0"),
         ("crop", 17, "must be a multiple of 16"),
         ("crop", 8, "must be an integer >= 16"),
+        ("crop", 16, "must be at least 32 for a network of depth 4"),
         ("widths", (16,), "must be 2 to 9 channel counts"),
         ("widths", (16, 0), "must be 2 to 9 channel counts"),
         ("widths", (8,) * 12, "must be 2 to 9 channel counts"),
@@ -41,6 +42,8 @@ TINY = ["--widths", "4,8,16", "--crop", "64", "--batch-size", "2", "--samples-pe
         ("weight_decay", -0.1, "must be a number >= 0"),
         ("warmup_epochs", math.inf, "must be a number >= 0"),
         ("augment_strength", 1.5, "must be a number in [0, 1]"),
+        ("stain_augment", 5.0, "must be a number in [0, 1]"),
+        ("stain_augment", -1.0, "must be a number in [0, 1]"),
         ("schedule", "linear", "must be 'cosine' or 'plateau'"),
         ("precision", "fp16", "must be 'auto', 'fp32' or 'bf16'"),
         ("kind_weights", {"phase": 1.0}, "must name the kinds"),
@@ -61,13 +64,23 @@ def test_every_setting_is_checked_in_the_librarys_words(field, value, expected):
 def test_the_defaults_and_a_crop_for_a_shallow_network_are_fine():
     TrainConfig()
     assert TrainConfig(widths=(4, 8, 16), crop=20).crop == 20  # depth 2: multiples of 4
+    assert TrainConfig(crop=32).crop == 32  # depth 4: the deepest level 2x2 pixels
+    # with a model to start from, its depth decides (train checks the crop once it has read the model)
+    assert TrainConfig(crop=36, init="parent.safetensors").crop == 36
 
 
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
         (["--lr", "-1"], "--lr (learning rate) must be a number > 0, got -1.0"),
-        (["--crop", "17"], "--crop must be a multiple of 16 (2**depth for a network of depth 4), got 17; e.g. 16 or 32"),
+        (["--crop", "17"], "--crop must be a multiple of 16 (2**depth for a network of depth 4), got 17; e.g. 32 or 48"),
+        (["--crop", "16", "--batch-size", "1"],
+         ("--crop must be at least 32 for a network of depth 4 (its deepest level, 1/16 of the crop, needs 2x2 pixels), "
+          "got 16")),
+        (["--stain-augment", "5"], "--stain-augment must be a number in [0, 1], got 5.0"),
+        (["--stain-augment", "-1"], "--stain-augment must be a number in [0, 1], got -1.0"),
+        (["--max-steps", "0"], "--max-steps must be an integer >= 1, got 0"),
+        (["--max-steps", "-3"], "--max-steps must be an integer >= 1, got -3"),
         (["--widths", "16"], "--widths must be 2 to 9 channel counts"),
         (["--augment", "3"], "--augment must be a number in [0, 1]"),
         (["--warmup-epochs", "-1"], "--warmup-epochs must be a number >= 0"),
@@ -78,18 +91,46 @@ def test_the_defaults_and_a_crop_for_a_shallow_network_are_fine():
 def test_cli_maps_settings_to_its_options_in_one_line(tmp_path, capsys, argv, expected):
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "run"), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0] == f"nucleiseg train: error: {expected}" or expected in err[0], err
+    assert len(err) == 1 and err[0].startswith(f"nucleiseg train: error: {expected}"), err
+    assert not (tmp_path / "run").exists() and not (tmp_path.parent / f"{tmp_path.name}-cache").exists()
 
 
 def test_fine_tuning_checks_the_crop_against_the_parents_depth(fixture_cache, tmp_path, capsys):
     from nucleiseg.models import UNetPlusPlus, save_model
 
     save_model(tmp_path / "parent.safetensors", UNetPlusPlus(widths=(4, 8, 16, 32)), {})
-    # a crop of 36 suits the given widths (depth 1) but not the parent's depth 3, which replaces them
+    # a crop of 36 is no multiple of the default widths' 16, but the parent's depth 3 replaces them: it decides
     assert main(["train", str(fixture_cache), "--out", str(tmp_path / "run"), "--init", str(tmp_path / "parent.safetensors"),
-                 "--widths", "4,8", "--crop", "36", "--epochs", "1"]) == 2
+                 "--crop", "36", "--epochs", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "nucleiseg train: error: --crop must be a multiple of 8 (2**depth for a network of depth 3), got 36; e.g. 32 or 40"
+    assert not (tmp_path / "run").exists()  # refused before the run folder was written
+
+
+def test_widths_other_than_the_init_models_are_refused_in_one_line(fixture_cache, tmp_path, capsys):
+    """The network takes the init model's widths: other widths asked for would be recorded but not trained."""
+    from nucleiseg.models import UNetPlusPlus, save_model
+
+    assert main(["train", str(fixture_cache), "--out", str(tmp_path / "run"), "--init", "default",
+                 "--widths", "8,16", "--crop", "64", "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [("nucleiseg train: error: --widths 8,16 cannot be combined with --init default, whose widths are "
+                    "32,64,128,256,512: a fine-tuned network keeps the widths of the model it starts from; leave "
+                    "--widths out")]
+    assert not (tmp_path / "run").exists()
+    # the model's own widths, as a recipe may spell them out, are fine
+    save_model(tmp_path / "parent.safetensors", UNetPlusPlus(widths=(4, 8, 16)), {})
+    assert main(["-q", "train", str(fixture_cache), "--out", str(tmp_path / "run"), "--init",
+                 str(tmp_path / "parent.safetensors"), *TINY, "--epochs", "1", "--max-steps", "1"]) == 0
+    assert TrainConfig.from_json(tmp_path / "run" / "train_config.json").widths == (4, 8, 16)
+
+
+def test_smallest_crop_trains_a_single_crop_batch(fixture_cache, tmp_path):
+    """The minimum crop (twice 2**depth) works with batches of one crop, where BatchNorm sees the least."""
+    config = TrainConfig(epochs=1, samples_per_epoch=2, widths=(4, 4, 4, 4, 4), crop=32, batch_size=1, threads=1,
+                         workers=0, val_every=5)
+    train(fixture_cache, tmp_path / "run", config, max_steps=1, progress=False)
+    assert (tmp_path / "run" / "last_state.pt").is_file()
 
 
 def _short_run(fixture_cache, run, capsys, *extra, quiet=False):
@@ -116,7 +157,7 @@ def test_resume_from_a_truncated_or_damaged_state_is_one_line(fixture_cache, tmp
         assert len(err) == 1, (what, err)
         assert err[0].startswith(f"nucleiseg train: error: {run / 'last_state.pt'}: training state "), (what, err)
         assert "weights_only" not in err[0]
-        assert "last.safetensors holds the weights of its last complete epoch" in err[0]
+        assert "last.safetensors holds the weights saved last" in err[0]
     # a state from another network
     torch.save({"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 1, "best_score": 0.0,
                 "torch_rng": torch.get_rng_state()}, run / "last_state.pt")

@@ -42,7 +42,8 @@ def _add_prepare_parser(sub: argparse._SubParsersAction) -> None:
             "  paired      images/<name>.<ext> + labels/<name>.<ext> (instance label images,\n"
             "              TIFF or PNG, 8/16/32-bit, as napari, Fiji or StarDist write them)\n"
             "  kaggle-rle  Kaggle image folders (or a folder of images) + --rle-csv\n\n"
-            "Running it again only redoes images whose files changed; the split is kept.\n\n"
+            "Running it again only redoes images whose files changed or whose cache files were damaged\n"
+            "(a damaged index.csv is rebuilt); the split is kept (a damaged split.csv is drawn again, with a warning).\n\n"
             "Example:\n"
             "  nucleiseg prepare ../shared/data/dsb2018 --out cache/dsb2018"
         ),
@@ -173,7 +174,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
             "Train a UNet++ (deep supervision, BCE + Dice loss, Adam with AMSGrad) on a prepared cache,\n"
             "or on a raw data folder, which is prepared into DATA/../<name>-cache first.\n"
             "After every epoch the run folder gets metrics.csv, curves.png, last.safetensors,\n"
-            "best.safetensors (best validation DSB score) and last_state.pt (for --resume).\n\n"
+            "best.safetensors (best validation DSB score) and last_state.pt (for --resume).\n"
+            "--resume continues a run with its own settings (its train_config.json) from the step it\n"
+            "reached; only --epochs (the run's new length), --max-steps and DATA go with it.\n\n"
             "Examples:\n"
             "  nucleiseg train cache/dsb2018 --out runs/dsb --epochs 60\n"
             "  nucleiseg train --resume runs/dsb                 continue an interrupted run\n"
@@ -184,15 +187,21 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("data", nargs="?", help="prepared cache, or a folder in a layout 'prepare' reads")
     p.add_argument("--out", help="run folder for checkpoints and metrics (required unless --resume)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    p.add_argument("--init", metavar="PATH|default", help="start from a trained model file (fine-tuning)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from the step it reached (within an epoch after --max-steps), "
+                   "with the settings in its train_config.json; only --epochs, --max-steps and DATA go with it")
+    p.add_argument("--init", metavar="PATH|default",
+                   help="start from a trained model file (fine-tuning); the network keeps that model's widths")
     p.add_argument("--epochs", type=int, default=d.epochs, help="number of epochs (with --resume: change the run's length to this many)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="crops per step (per process)")
     p.add_argument("--micro-batch", type=int, default=None,
                    help="crops per forward/backward pass, gradients accumulated over the batch (default: 4 on a CPU, the whole batch on a GPU)")
-    p.add_argument("--crop", type=int, default=d.crop, help="side of the square training crops, in pixels")
+    p.add_argument("--crop", type=int, default=d.crop,
+                   help="side of the square training crops, in pixels: a multiple of 2**depth, at least twice 2**depth "
+                   "(the default widths: a multiple of 16, at least 32)")
     p.add_argument("--samples-per-epoch", type=int, default=None, help="crops per epoch (default: number of training images)")
-    p.add_argument("--widths", default=_TrainDefault("widths", lambda w: ",".join(map(str, w))), help="channels per level, comma-separated; depth = count - 1")
+    p.add_argument("--widths", default=_TrainDefault("widths", lambda w: ",".join(map(str, w))), help="channels per level, comma-separated; depth = count - 1 (with --init: those of the model, "
+                   "which fine-tuning keeps)")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="Adam weight decay")
     p.add_argument("--schedule", choices=["cosine", "plateau"], default=d.schedule,
@@ -203,9 +212,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--augment", type=float, default=d.augment_strength, dest="augment_strength",
                    help="photometric augmentation strength, 0 = flips/rotations/crops only")
     p.add_argument("--stain-augment", type=float, default=d.stain_augment, metavar="P",
-                   help="probability of an H&E stain jitter (colour deconvolution) on stained-tissue crops")
+                   help="probability (0 to 1) of an H&E stain jitter (colour deconvolution) on stained-tissue crops")
     p.add_argument("--kind-weights", metavar="KIND=W,...", default=_TrainDefault("kind_weights", _weights_text),
-                   help="how often each image kind is drawn relative to the others")
+                   help="how often each image kind is drawn relative to the others (not 0 for all the kinds trained on)")
     p.add_argument("--channel-weights", metavar="CHANNEL=W,...",
                    default=_TrainDefault("channel_weights", _weights_text),
                    help="weight of each output channel in the loss, e.g. touch=3 to stress where nuclei meet")
@@ -213,12 +222,18 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for weights, sampling and augmentation")
     p.add_argument("--val-every", type=int, default=d.val_every, help="validate every N epochs")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (quick checks)")
-    p.set_defaults(func=_run_train)
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimisation steps, counted from the run's start (quick checks); "
+                   "the state is saved there, and --resume continues from that step")
+    # each option's name on the command line, to say which ones do not go with --resume
+    p.set_defaults(func=_run_train, train_options={a.dest: a.option_strings[0] if a.option_strings else a.dest.upper()
+                                                   for a in p._actions if a.dest != "help"})
 
 
 # TrainConfig fields whose option is not "--" + the field with dashes
 _TRAIN_OPTIONS = {"augment_strength": "--augment", "lr": "--lr"}
+#: what may go with --resume: the run's new length, a stop, the data (by default the run's own cache)
+_RESUME_OPTIONS = ("resume", "epochs", "max_steps", "data")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -233,18 +248,27 @@ def _run_train(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .training import TrainConfig, train
+    from .training import TrainConfig, check_max_steps, init_widths, train
 
+    # an option left out holds None or its _TrainDefault: given ones are told apart before the defaults are filled in
+    given = [name for name in args.train_options
+             if getattr(args, name) is not None and not isinstance(getattr(args, name), _TrainDefault)]
     for name, value in vars(args).items():
         if isinstance(value, _TrainDefault):
             setattr(args, name, value.resolve())
+    check_max_steps(args.max_steps)  # before a raw data folder is prepared
     if args.resume:
         run_dir = Path(args.resume)
+        refused = [args.train_options[name] for name in given if name not in _RESUME_OPTIONS]
+        if refused:
+            raise NucleisegError(f"{', '.join(refused)} cannot be combined with --resume: the run keeps its own settings "
+                                 f"(in {run_dir / 'train_config.json'}); --resume takes only --epochs, --max-steps "
+                                 "and DATA")
         saved = run_dir / "train_config.json"
         if not saved.is_file():
             raise NucleisegError("not a training run folder (no train_config.json)", run_dir)
         data = args.data or _cache_of_run(run_dir)
-        config = TrainConfig(epochs=args.epochs) if args.epochs != TrainConfig().epochs else None
+        config = TrainConfig(epochs=args.epochs) if "epochs" in given else None
         best = train(data, run_dir, config, resume=True, max_steps=args.max_steps, progress=not args.quiet)
     else:
         if not args.data or not args.out:
@@ -253,6 +277,10 @@ def _train(args: argparse.Namespace) -> int:
             widths = tuple(int(w) for w in str(args.widths).split(","))
         except ValueError:
             raise NucleisegError(f"--widths must be comma-separated integers, got {args.widths!r}") from None
+        if args.init and "widths" in given and widths != init_widths(args.init):
+            raise NucleisegError(f"--widths {args.widths} cannot be combined with --init {args.init}, whose widths are "
+                                 f"{','.join(map(str, init_widths(args.init)))}: a fine-tuned network keeps the widths "
+                                 "of the model it starts from; leave --widths out")
         out = Path(args.out)
         if (out / "last_state.pt").exists():
             raise NucleisegError("already holds a training run; use --resume to continue it or choose another --out", out)
@@ -301,7 +329,8 @@ def _as_cache(data: Path) -> Path:
         raise NucleisegError("no such folder", data)
     if Cache.is_cache(data):
         return data
-    cache = data.parent / f"{data.name}-cache"
+    folder = data.resolve()  # "." or "..": named after the folder itself
+    cache = folder.parent / f"{folder.name}-cache"
     log.info("preparing %s into %s", data, cache)
     prepare_dataset(data, cache)
     return cache
@@ -675,14 +704,19 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL_IN", nargs="?", default="default",
                    help="model file, training run folder (its best.safetensors) or 'default' (the shipped model)")
     p.add_argument("--out", "-o", metavar="OUT", required=True, default=argparse.SUPPRESS,
-                   help="file to write, e.g. nuclei.onnx or nucleiseg.zip (required)")
+                   help="file to write, e.g. nuclei.onnx or nucleiseg.zip (required); an existing file is replaced "
+                   "only when it is an earlier export of the same format (an ONNX model, a bioimage.io package)")
     p.add_argument("--format", choices=("onnx", "bioimageio"), default="onnx",
                    help="onnx: an ONNX graph; bioimageio: a bioimage.io model package (.zip)")
     p.add_argument("--mode", choices=("accurate", "fast"), default="accurate",
                    help="accurate: mean of all UNet++ heads; fast: only the pruned network stored with the model")
     p.add_argument("--prune-level", type=int, default=None, metavar="K",
                    help="export head K alone (1..depth), whatever --mode says; None: as --mode says")
-    p.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset version; None: the exporter's default")
+    p.add_argument("--opset", type=int, default=None, metavar="N",
+                   help="ONNX opset of the graph (with --format bioimageio: of its onnx weights), written as asked or "
+                   "refused: torch's dynamo exporter writes 18 and above, its TorchScript exporter 9 to 17 (the "
+                   "newest depends on the torch installed; an opset it cannot write is refused, naming those it "
+                   "can); None: the exporter's default")
     p.set_defaults(func=_run_export)
 
 
@@ -690,8 +724,9 @@ def _run_export(args: argparse.Namespace) -> int:
     from .export import export_bioimageio, export_onnx, read_onnx_metadata
 
     if args.format == "bioimageio":
-        path = export_bioimageio(args.model, args.out, mode=args.mode, prune_level=args.prune_level)
-        print(f"wrote {path}: bioimage.io model package (spec 0.5), weights pytorch_state_dict, torchscript, onnx; "
+        path = export_bioimageio(args.model, args.out, mode=args.mode, prune_level=args.prune_level, opset=args.opset)
+        onnx = "onnx" if args.opset is None else f"onnx (opset {args.opset})"
+        print(f"wrote {path}: bioimage.io model package (spec 0.5), weights pytorch_state_dict, torchscript, {onnx}; "
               f"check it with: bioimageio test {path}")
         return 0
 
@@ -699,6 +734,7 @@ def _run_export(args: argparse.Namespace) -> int:
     meta = read_onnx_metadata(path)
     level = meta.get("prune_level")
     how = "accurate mode (all heads)" if level is None else f"fast mode (head {level})"
+    how += "" if args.opset is None else f", opset {args.opset}"
     print(f"wrote {path}: {how}; input 'image' N x 3 x H x W with H, W multiples of {meta.get('input_multiple')}, "
           f"output 'probabilities' ({', '.join(meta.get('channels', []))})")
     return 0

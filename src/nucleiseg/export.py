@@ -30,6 +30,11 @@ Needs the optional packages ``onnx`` (and ``onnxscript`` for torch's default,
 dynamo-based exporter; without it the TorchScript exporter is used):
 ``pip install 'nucleiseg[onnx]'``.
 
+An ONNX opset asked for is written as asked or refused: the dynamo exporter writes
+opsets 18 and above, the TorchScript exporter those below (from 9, the first with the
+network's upsampling), up to the newest each exporter of the installed torch declares
+(:func:`onnx_opsets`); a graph whose opset is not the one asked for is never written.
+
 Examples
 --------
 >>> export_onnx("default", "nuclei.onnx", mode="fast")     # doctest: +SKIP
@@ -44,6 +49,7 @@ import inspect
 import io
 import json
 import logging
+import numbers
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -58,7 +64,7 @@ from .models.unetplusplus import heads_to_probabilities
 
 __all__ = [
     "BIOIMAGEIO_HALO", "ONNX_INPUT", "ONNX_OUTPUT", "ProbabilityNetwork", "export_bioimageio", "export_onnx",
-    "read_onnx_metadata",
+    "onnx_opsets", "read_onnx_metadata",
 ]
 
 log = logging.getLogger("nucleiseg.export")
@@ -68,6 +74,10 @@ ONNX_INPUT = "image"
 ONNX_OUTPUT = "probabilities"
 
 _INSTALL_HINT = "pip install 'nucleiseg[onnx]'"
+
+#: The lowest ONNX opset the network exports to: its nearest-neighbour upsampling to a given size needs
+#: opset 9's ``Upsample`` (torch's TorchScript exporter refuses 7 and 8).
+MIN_OPSET = 9
 
 
 class ProbabilityNetwork(nn.Module):
@@ -108,25 +118,141 @@ def _load(model: Any) -> tuple[UNetPlusPlus, dict[str, Any], str | None]:
     return network, metadata, path.name
 
 
-def _use_dynamo(exporter: str) -> bool:
+def onnx_opsets(exporter: Literal["dynamo", "torchscript"]) -> range:
+    """The ONNX opsets ``exporter`` writes for the network as asked, with the installed torch and onnx.
+
+    The dynamo exporter builds opset 18 (lower ones only by a version conversion that fails on this
+    network and leaves the graph at 18) and converts to newer ones up to the newest torch declares;
+    the TorchScript exporter writes :data:`MIN_OPSET` up to its own newest. Neither beyond the
+    newest opset the installed ``onnx`` knows.
+
+    Examples
+    --------
+    >>> onnx_opsets("dynamo")  # doctest: +SKIP
+    range(18, 24)
+    """
+    import onnx
+
+    # torch's own limits are private: read with the values of torch 2.5-2.13 as fallbacks
+    try:
+        from torch.onnx import _constants
+    except ImportError:  # pragma: no cover - a torch that moved them
+        _constants = None
+    newest = onnx.defs.onnx_opset_version()
+    if exporter == "dynamo":
+        low = getattr(_constants, "TORCHLIB_OPSET", 18)
+        try:
+            from torch.onnx._internal.exporter import _constants as dynamo_constants
+
+            low = getattr(dynamo_constants, "TORCHLIB_OPSET", low)
+        except ImportError:  # pragma: no cover - older or newer torch
+            pass
+        return range(low, min(getattr(_constants, "ONNX_MAX_OPSET", 23), newest) + 1)
+    return range(MIN_OPSET, min(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20), newest) + 1)
+
+
+def _span(opsets: range) -> str:
+    return f"{opsets.start}..{opsets.stop - 1}"
+
+
+def _use_dynamo(exporter: str, opset: int | None = None) -> bool:
+    """Whether the dynamo exporter writes the graph; an ``opset`` the exporter(s) cannot write is an :class:`OptionError`.
+
+    With ``exporter="auto"`` the dynamo exporter writes the opsets it can (and the default one) where
+    ``onnxscript`` is installed, the TorchScript exporter the others.
+    """
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, numbers.Integral)):
+        raise OptionError("opset", f"must be a whole number, got {opset!r}")
     has_kwarg = "dynamo" in inspect.signature(torch.onnx.export).parameters
+    available = has_kwarg and importlib.util.find_spec("onnxscript") is not None
     if exporter == "dynamo":
         if not has_kwarg:
             raise NucleisegError(f"torch {torch.__version__} has no dynamo ONNX exporter; use exporter='torchscript'")
         _require("onnxscript", "the dynamo ONNX exporter")
-        return True
-    if exporter == "torchscript":
-        return False
-    if exporter != "auto":
+        dynamo = True
+    elif exporter == "torchscript":
+        dynamo = False
+    elif exporter != "auto":
         raise ValueError(f"exporter must be 'auto', 'dynamo' or 'torchscript', got {exporter!r}")
-    return has_kwarg and importlib.util.find_spec("onnxscript") is not None
+    else:
+        dynamo = available and (opset is None or int(opset) in onnx_opsets("dynamo"))
+    if opset is None or int(opset) in onnx_opsets("dynamo" if dynamo else "torchscript"):
+        return dynamo
+    if exporter != "auto":
+        opsets = onnx_opsets(exporter)
+        raise OptionError("opset", f"must be in {_span(opsets)} with the {exporter} exporter, got {opset}")
+    ours, theirs = onnx_opsets("torchscript"), onnx_opsets("dynamo")
+    if available:
+        span = f"{min(ours.start, theirs.start)}..{max(ours.stop, theirs.stop) - 1}"
+        raise OptionError("opset", f"must be in {span} (the opsets torch {torch.__version__.split('+')[0]} "
+                          f"writes for this network), got {opset}")
+    raise OptionError("opset", f"must be in {_span(ours)} (install onnxscript for torch's dynamo exporter, which "
+                      f"writes {_span(theirs)}), got {opset}")
+
+
+def _opset_of(proto: Any) -> int:
+    """The default (``ai.onnx``) domain's opset of an ONNX model."""
+    return max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _is_onnx_file(path: Path) -> bool:
+    """Whether ``path`` holds an ONNX model (a protobuf ``ModelProto`` with a graph)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    proto = onnx.ModelProto()
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(1) != b"\x08":  # onnx writes ir_version (field 1, a varint) first
+                return False
+            proto.ParseFromString(b"\x08" + handle.read())  # whatever the file's name (onnx.load guesses by it)
+    except (OSError, DecodeError):
+        return False
+    return proto.ir_version > 0 and len(proto.graph.node) > 0
+
+
+def _is_bioimageio_package(path: Path) -> bool:
+    """Whether ``path`` is a zip holding a bioimage.io description (``rdf.yaml`` or ``bioimageio.yaml``)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as package:
+            return any(name in ("rdf.yaml", "bioimageio.yaml") for name in package.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+_KINDS = {  # output kind -> (what it is, example name, test)
+    "onnx": ("an ONNX model", "nuclei.onnx", _is_onnx_file),
+    "bioimageio": ("a bioimage.io model package", "nucleiseg.zip", _is_bioimageio_package),
+}
+
+
+def _check_output(path: str | Path, kind: str) -> Path:
+    """The file to write, refused before any work when it is a folder, lies under a file, or holds
+    something other than an earlier export of the same ``kind`` (which is replaced)."""
+    path = Path(path)
+    what, example, is_kind = _KINDS[kind]
+    if path.is_dir():
+        raise NucleisegError(f"is a folder; expected the file to write, e.g. {path / example}", path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NucleisegError(f"is a file, so {path} cannot be written under it", parent)
+            break
+    if path.exists() and not is_kind(path):
+        raise NucleisegError(f"exists and is not {what}; export replaces only an earlier export of that kind: "
+                             "choose a new name or remove the file", path)
+    return path
 
 
 @contextlib.contextmanager
 def _quiet_loggers():
     """Silence the exporters' own chatter (onnxscript's optimizer at INFO, torch's "torchvision is not
     installed" warnings): the user asked for a file, not for its passes."""
-    names = {"torch.onnx": logging.ERROR, "onnxscript": logging.WARNING, "onnx_ir": logging.WARNING}
+    # (a failed version conversion is reported by export_onnx in one line, without onnxscript's traceback)
+    names = {"torch.onnx": logging.ERROR, "onnxscript": logging.WARNING, "onnx_ir": logging.WARNING,
+             "onnxscript.version_converter": logging.ERROR}
     saved = {name: logging.getLogger(name).level for name in names}
     try:
         for name, level in names.items():
@@ -199,9 +325,10 @@ def export_onnx(
     prune_level : int, optional
         Export head ``prune_level`` alone, whatever the mode.
     opset : int, optional
-        ONNX opset; default: the exporter's.
+        ONNX opset; default: the exporter's. Written as asked or refused (:func:`onnx_opsets`).
     exporter : {"auto", "dynamo", "torchscript"}
-        torch's exporter: auto takes dynamo where ``onnxscript`` is installed.
+        torch's exporter: auto takes dynamo where ``onnxscript`` is installed, except for the opsets
+        below its lowest (18), which the TorchScript exporter writes.
 
     Returns
     -------
@@ -211,7 +338,9 @@ def export_onnx(
     Raises
     ------
     NucleisegError
-        Missing optional packages (one line naming them), a bad model file or prune level.
+        Missing optional packages (one line naming them), a bad model file or prune level, an opset
+        the exporter does not write (:class:`OptionError` ``opset``, naming those it writes), or a
+        ``path`` that is a folder or an existing file other than an ONNX model (refused before any work).
     """
     _require("onnx", "ONNX export")
     import onnx
@@ -219,16 +348,20 @@ def export_onnx(
     from . import __version__
     from .io import atomic_path
 
+    path = _check_output(path, "onnx")
+    dynamo = _use_dynamo(exporter, opset)
     network, metadata, source = _load(model)
     depth = network.depth
     level = _resolve_level(depth, metadata, mode, prune_level)
     multiple = 2**depth
-    dynamo = _use_dynamo(exporter)
     fused = fuse_batchnorm(network).to(device="cpu", dtype=torch.float32, memory_format=torch.contiguous_format)
     module = ProbabilityNetwork(fused, level).eval()
     log.info("exporting %s mode%s with the %s exporter", "accurate" if level is None else "fast",
              "" if level is None else f" (head {level})", "dynamo" if dynamo else "TorchScript")
     proto = _export_proto(module, multiple, opset, dynamo)
+    if opset is not None and _opset_of(proto) != int(opset):  # never another opset than the one asked for
+        raise NucleisegError(f"torch's {'dynamo' if dynamo else 'TorchScript'} exporter wrote ONNX opset "
+                             f"{_opset_of(proto)}, not the {opset} asked for; nothing was written")
 
     channels = list(metadata.get("channels") or DEFAULT_CHANNELS[: network.config.out_channels])
     props = {key: value for key, value in metadata.items() if key != "nucleiseg_version"}
@@ -256,7 +389,6 @@ def export_onnx(
         f"nucleiseg UNet++ nuclei segmentation ({props['mode']} mode). {props['input']}; {props['output']}."
     )
     onnx.checker.check_model(proto)
-    path = Path(path)
     with atomic_path(path) as tmp:
         onnx.save_model(proto, str(tmp))
     return path
@@ -346,6 +478,7 @@ def export_bioimageio(
     weight_formats: tuple[str, ...] = ("pytorch_state_dict", "torchscript", "onnx"),
     test_image: str | Path | None = None,
     test_size: int = 256,
+    opset: int | None = None,
 ) -> Path:
     """Write a model as a bioimage.io model package (spec 0.5 zip), ``image -> probabilities``.
 
@@ -379,6 +512,8 @@ def export_bioimageio(
     test_image : str or Path, optional
         Image for the test tensors and the cover (default: the fluorescence example), cropped to
         ``test_size`` (rounded down to a multiple of ``2**depth``).
+    opset : int, optional
+        ONNX opset of the ``onnx`` weights (as for :func:`export_onnx`); only with ONNX weights.
 
     Returns
     -------
@@ -388,7 +523,10 @@ def export_bioimageio(
     Raises
     ------
     NucleisegError
-        ``bioimageio.spec`` (or, for ONNX weights, ``onnx``) missing; a bad model file or prune level.
+        ``bioimageio.spec`` (or, for ONNX weights, ``onnx``) missing; a bad model file or prune level;
+        an opset the exporter does not write, or one given without ONNX weights (:class:`OptionError`
+        ``opset``); a ``path`` that is a folder or an existing file other than a bioimage.io package
+        (refused before any work).
     """
     _require("bioimageio.spec", "bioimage.io export")
     import tempfile
@@ -405,6 +543,12 @@ def export_bioimageio(
     unknown = set(weight_formats) - {"pytorch_state_dict", "torchscript", "onnx"}
     if unknown:
         raise NucleisegError(f"unknown bioimage.io weight formats: {', '.join(sorted(unknown))}")
+    path = _check_output(path, "bioimageio")
+    if "onnx" in weight_formats:
+        _require("onnx", "the bioimage.io package's ONNX weights")
+        _use_dynamo("auto", opset)  # an opset no exporter writes: refused now, not after the other weights
+    elif opset is not None:
+        raise OptionError("opset", "sets the ONNX weights' opset; this package has no ONNX weights")
     network, metadata, source = _load(model)
     if is_fused(network):  # a loaded inference.Model: its BatchNorms are folded, the state dict must keep them
         if getattr(model, "path", None) is None:
@@ -465,10 +609,9 @@ def export_bioimageio(
             import onnx
 
             onnx_path = export_onnx(model if not isinstance(model, UNetPlusPlus) else network, tmp / "weights.onnx",
-                                    mode=mode, prune_level=prune_level)
-            opset = max(o.version for o in onnx.load_model(str(onnx_path), load_external_data=False).opset_import
-                        if o.domain in ("", "ai.onnx"))
-            weights["onnx"] = bio.OnnxWeightsDescr(source=onnx_path, opset_version=opset, parent="pytorch_state_dict")
+                                    mode=mode, prune_level=prune_level, opset=opset)
+            written = _opset_of(onnx.load_model(str(onnx_path), load_external_data=False))
+            weights["onnx"] = bio.OnnxWeightsDescr(source=onnx_path, opset_version=written, parent="pytorch_state_dict")
 
         space = bio.ParameterizedSize(min=min_size, step=multiple)
         inputs = bio.InputTensorDescr(
@@ -521,7 +664,6 @@ def export_bioimageio(
                                  "nucleus_diameter": metadata.get("nucleus_diameter"),
                                  "mode": "accurate" if level is None else "fast", "prune_level": level}}),
         )
-        path = Path(path)
         with atomic_path(path) as tmp_zip:  # a temporary name ending in .zip, as the packager wants
             save_bioimageio_package(descr, output_path=tmp_zip)
     return path

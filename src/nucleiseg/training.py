@@ -4,14 +4,18 @@ A run folder holds everything about one training::
 
     RUN_DIR/
       train_config.json    the settings (resume reads them back)
-      last_state.pt        model + optimizer + scheduler + epoch, after every epoch
+      last_state.pt        model + optimizer + scheduler + the epoch and step reached, after every epoch
+                           (and where max_steps stopped the run, mid-epoch)
       last.safetensors     the latest weights as a model file (predict, --init)
       best.safetensors     the weights with the best validation score so far
-      metrics.csv          one row per epoch
+      metrics.csv          one row per epoch (``steps``: the steps it holds; fewer in an epoch stopped midway)
       curves.png           training vs validation curves
 
 Crops and augmentations are seeded by (seed, epoch, sample), so a run resumed
-from ``last_state.pt`` continues exactly as if it had never stopped.
+from ``last_state.pt`` continues exactly as if it had never stopped, from the
+step it reached (an epoch that ``max_steps`` cut short is finished first).
+Every setting, the data and the model to start from are checked before the run
+folder is written: a run that cannot start leaves no run folder behind.
 Under ``torchrun`` the same code trains with DistributedDataParallel; only
 rank 0 validates and writes.
 """
@@ -54,7 +58,7 @@ from .losses import DeepSupervisionLoss
 from .measure import typical_diameter
 from .metrics import PixelScoreAccumulator, instance_scores
 from .models import UNetPlusPlus, load_model_file, resolve_model_path, save_model
-from .models.metadata import MAX_DEPTH
+from .models.metadata import MAX_DEPTH, ModelMetadata
 from .postprocess import PostprocessParams, instances_from_probabilities
 from .preprocess import normalize
 
@@ -62,7 +66,7 @@ log = logging.getLogger("nucleiseg.train")
 
 METRIC_COLUMNS = [
     "epoch", "train_loss", "val_loss", "val_f1", "val_iou", "val_auc", "val_dsb", "val_ap50",
-    "lr", "seconds", "images_per_s",
+    "lr", "seconds", "images_per_s", "steps",
 ]
 
 
@@ -83,7 +87,9 @@ class TrainConfig:
         ``benchmarks/train_speed.py``, +6-9% in a real run; BatchNorm then
         normalises over 4 crops), and the whole batch on a GPU.
     crop : int
-        Side of the square training crops: a multiple of ``2**depth`` (16 for 5 widths).
+        Side of the square training crops: a multiple of ``2**depth`` (16 for 5 widths), at least twice
+        that, so that the deepest level holds 2x2 pixels (BatchNorm needs more than one value per
+        channel, whatever the batch); with ``init``, checked against that model's depth.
     samples_per_epoch : int or None
         Crops per epoch; None = the number of training images.
     widths : tuple of int
@@ -106,17 +112,18 @@ class TrainConfig:
     augment_strength : float
         Scales the photometric augmentations' probabilities (0 = geometric only).
     stain_augment : float
-        Probability of the H&E stain jitter on a stained crop (:class:`~nucleiseg.data.augment.StainJitter`);
-        0 leaves it out.
+        Probability (0 to 1) of the H&E stain jitter on a stained crop
+        (:class:`~nucleiseg.data.augment.StainJitter`); 0 leaves it out.
     kind_weights : dict
-        How much more often each image kind is drawn.
+        How much more often each image kind is drawn; kinds of the training split must not all weigh 0.
     channel_weights : dict
         Weight of each output channel (body, contour, touch) in the loss,
         e.g. a heavier ``touch`` to stress where nuclei meet. On DSB2018,
         touch or contour at 3 did not split more tissue nuclei and lowered
         the pixel IoU (docs/model-card.md); the default weighs all alike.
     init : str or None
-        Model file to start from (fine-tuning); its widths replace ``widths``.
+        Model file to start from (fine-tuning); its widths replace ``widths`` (and are the ones
+        ``train_config.json`` records).
     val_every : int
         Validate every this many epochs (and always after the last).
     threads : int or None
@@ -166,10 +173,12 @@ class TrainConfig:
         if self.seed >= 2**63:
             raise TrainConfigError("seed", f"must be below 2**63, got {self.seed}")
         _check_int(self, "crop", 16)
-        check_crop(self.crop, len(self.widths) - 1)
+        if self.init is None:  # else the model started from decides the depth (checked by train)
+            check_crop(self.crop, len(self.widths) - 1)
         if not (_is_number(self.lr) and 0 < self.lr < math.inf):
             raise TrainConfigError("lr", f"(learning rate) must be a number > 0, got {self.lr!r}")
-        for name, top in (("weight_decay", math.inf), ("warmup_epochs", math.inf), ("augment_strength", 1.0)):
+        for name, top in (("weight_decay", math.inf), ("warmup_epochs", math.inf), ("augment_strength", 1.0),
+                          ("stain_augment", 1.0)):
             value = getattr(self, name)
             if not (_is_number(value) and 0 <= value <= top and math.isfinite(value)):
                 limit = ">= 0" if top == math.inf else f"in [0, {top:g}]"
@@ -238,7 +247,10 @@ def _check_int(config: TrainConfig, name: str, low: int, optional: bool = False)
 
 
 def check_crop(crop: int, depth: int) -> None:
-    """Training crops pool ``depth`` times: their side must be a multiple of ``2**depth``.
+    """Training crops pool ``depth`` times: their side must be a multiple of ``2**depth``, at least twice it.
+
+    At ``2**depth`` itself the deepest level holds one pixel, and its BatchNorm fails on a
+    micro-batch of one crop (a batch of 1, or the rest of a batch split into micro-batches).
 
     Examples
     --------
@@ -246,13 +258,43 @@ def check_crop(crop: int, depth: int) -> None:
     >>> check_crop(17, 4)
     Traceback (most recent call last):
     ...
-    nucleiseg.training.TrainConfigError: crop must be a multiple of 16 (2**depth for a network of depth 4), got 17; e.g. 16 or 32
+    nucleiseg.training.TrainConfigError: crop must be a multiple of 16 (2**depth for a network of depth 4), got 17; e.g. 32 or 48
+    >>> check_crop(16, 4)
+    Traceback (most recent call last):
+    ...
+    nucleiseg.training.TrainConfigError: crop must be at least 32 for a network of depth 4 (its deepest level, 1/16 of the crop, needs 2x2 pixels), got 16
     """
     multiple = 2**depth
     if crop % multiple:
-        below = max(multiple, crop // multiple * multiple)
+        below = max(2 * multiple, crop // multiple * multiple)
         raise TrainConfigError("crop", f"must be a multiple of {multiple} (2**depth for a network of depth {depth}), "
                                        f"got {crop}; e.g. {below} or {below + multiple}")
+    if crop < 2 * multiple:
+        raise TrainConfigError("crop", f"must be at least {2 * multiple} for a network of depth {depth} "
+                                       f"(its deepest level, 1/{multiple} of the crop, needs 2x2 pixels), got {crop}")
+
+
+def check_max_steps(max_steps: int | None) -> None:
+    """:func:`train`'s ``max_steps``: None (no limit) or an integer >= 1.
+
+    Examples
+    --------
+    >>> check_max_steps(0)
+    Traceback (most recent call last):
+    ...
+    nucleiseg.errors.OptionError: max_steps must be an integer >= 1, got 0
+    """
+    if max_steps is not None and not (_is_int(max_steps) and max_steps >= 1):
+        raise OptionError("max_steps", f"must be an integer >= 1, got {max_steps!r}")
+
+
+def init_widths(init: str | Path) -> tuple[int, ...]:
+    """The widths of the model ``init`` (a file, a run folder or ``"default"``) that fine-tuning keeps.
+
+    Read from the file's header alone (no tensor loaded); raises :class:`~nucleiseg.errors.NucleisegError`
+    for a missing or unusable model file.
+    """
+    return tuple(ModelMetadata.read(resolve_model_path(init)).config["widths"])
 
 
 # ----------------------------------------------------------------------------- environment
@@ -355,7 +397,22 @@ def validate(
 
 
 # ----------------------------------------------------------------------------- files
-def _save_state(path: Path, model: torch.nn.Module, optimizer, scheduler, epoch: int, best: float) -> None:
+@dataclass
+class _EpochProgress:
+    """How far an epoch got: its steps, and the crops, loss and seconds they took (what its metrics row sums)."""
+
+    steps: int = 0
+    crops: int = 0
+    loss_sum: float = 0.0
+    seconds: float = 0.0
+
+
+def _save_state(path: Path, model: torch.nn.Module, optimizer, scheduler, epoch: int, best: float,
+                progress: _EpochProgress | None = None) -> None:
+    """``last_state.pt``: everything a resume needs, ``epoch`` being the epoch reached.
+
+    ``progress``: how far that epoch got (``progress.steps`` of its steps done); None: all of it.
+    """
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -364,6 +421,9 @@ def _save_state(path: Path, model: torch.nn.Module, optimizer, scheduler, epoch:
         "best_score": best,
         "torch_rng": torch.get_rng_state(),
     }
+    if progress is not None:
+        state.update(epoch_steps=progress.steps, epoch_crops=progress.crops, epoch_loss_sum=progress.loss_sum,
+                     epoch_seconds=progress.seconds)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -380,11 +440,10 @@ def _load_state(path: Path, device: torch.device) -> dict[str, Any]:
             state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError:  # never unpickled beyond tensors and plain containers
         raise NucleisegError("training state holds objects other than tensors and numbers; not loaded "
-                             "(not written by nucleiseg?); last.safetensors holds the weights of its last complete "
-                             "epoch", path) from None
+                             "(not written by nucleiseg?); last.safetensors holds the weights saved last", path) from None
     except (OSError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         raise NucleisegError(f"training state cannot be read, truncated or damaged ({_first_line(exc)}); "
-                             "last.safetensors holds the weights of its last complete epoch", path) from None
+                             "last.safetensors holds the weights saved last", path) from None
     if not isinstance(state, dict):
         raise NucleisegError("training state is not a nucleiseg checkpoint", path)
     return state
@@ -461,9 +520,13 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
         Settings for a new run; on resume only its ``epochs`` is used, to lengthen or
         shorten the run (the learning-rate schedule follows).
     resume : bool
-        Continue from ``run_dir/last_state.pt``.
+        Continue from ``run_dir/last_state.pt``: from the step it reached, in the
+        middle of an epoch when ``max_steps`` or ``on_step`` stopped the run there.
     max_steps : int, optional
-        Stop after this many optimisation steps in total (tests, quick checks).
+        Stop after this many optimisation steps (>= 1), counted from the run's start
+        (a resumed run's earlier steps included); the state is saved where it stops,
+        and the epoch it cut short gets a metrics row (``steps`` says how many of its
+        steps were trained), replaced when a resume finishes that epoch.
     progress : bool
         Show a progress bar per epoch on stderr (on a terminal every half second, else
         at most twice a minute); False: none.
@@ -476,8 +539,9 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
     Raises
     ------
     NucleisegError
-        Unusable cache, settings (:class:`TrainConfigError`), model to start from,
-        or a damaged ``last_state.pt`` to resume from.
+        Unusable cache (a missing or damaged file named), settings (:class:`TrainConfigError`;
+        ``max_steps``: :class:`~nucleiseg.errors.OptionError`), model to start from, or a
+        damaged ``last_state.pt`` to resume from; all before ``run_dir`` is written.
 
     Returns
     -------
@@ -485,6 +549,7 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
         The best model file (``best.safetensors``).
     """
     cache_dir, run_dir = Path(cache_dir), Path(run_dir)
+    check_max_steps(max_steps)
     ddp = _init_distributed()
     state_path = run_dir / "last_state.pt"
     if resume:
@@ -497,11 +562,8 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
         config = saved
     config = config or TrainConfig()
     config.cache = str(cache_dir.resolve())
-    if ddp.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(run_dir / "train_config.json") as tmp:
-            tmp.write_text(json.dumps(asdict(config), indent=2))
 
+    # Everything that can fail on the user's data or settings comes before the run folder is written.
     device = torch.device(f"cuda:{ddp.local_rank}" if torch.cuda.is_available() else "cpu")
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -523,7 +585,10 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
     if config.init:
         init_model, meta = load_model_file(resolve_model_path(config.init))
         model = init_model.train()
-        config.widths = tuple(init_model.config.widths)
+        if tuple(init_model.config.widths) != config.widths:
+            log.info("fine-tuning %s: its widths %s replace %s", config.init,
+                     ",".join(map(str, init_model.config.widths)), ",".join(map(str, config.widths)))
+        config.widths = tuple(init_model.config.widths)  # recorded in train_config.json as trained
         check_crop(config.crop, len(config.widths) - 1)  # the parent's depth decides
         postprocess_meta = meta.get("postprocess", {})
         if meta.get("postprocess_by_kind"):
@@ -536,6 +601,9 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
 
     samples = config.samples_per_epoch or len(train_split.ids)
     weights = sampling_weights(train_split.kinds, [im.shape[:2] for im in train_split.images], config.kind_weights, config.crop)
+    if not weights.sum() > 0:
+        raise TrainConfigError("kind_weights", "gives weight 0 to every image of the training split (its kinds: "
+                                               f"{', '.join(sorted(set(train_split.kinds)))})")
     sampler = EpochSampler(weights, samples, seed=config.seed, rank=ddp.rank, world_size=ddp.world_size)
     workers = config.workers if config.workers is not None else (0 if (os.cpu_count() or 1) <= 2 else 2)
     # without loader processes, the batch's crops are still prepared side by side, between network steps
@@ -548,7 +616,8 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
     micro_batch = config.micro_batch or (config.batch_size if device.type == "cuda" else min(4, config.batch_size))
     scheduler = _make_scheduler(optimizer, config, steps_per_epoch)
 
-    start_epoch, best_score = 1, -math.inf
+    # Where to start: epoch 1, or where the saved state stopped (within an epoch after max_steps).
+    start_epoch, best_score, carried = 1, -math.inf, _EpochProgress()
     if resume:
         state = _load_state(state_path, device)
         try:
@@ -556,14 +625,29 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["torch_rng"])
-            start_epoch, best_score = int(state["epoch"]) + 1, float(state["best_score"])
+            start_epoch, best_score = int(state["epoch"]), float(state["best_score"])
+            # states written before runs stopped mid-epoch hold complete epochs only
+            carried = _EpochProgress(int(state.get("epoch_steps", steps_per_epoch)), int(state.get("epoch_crops", 0)),
+                                     float(state.get("epoch_loss_sum", 0.0)), float(state.get("epoch_seconds", 0.0)))
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise NucleisegError(f"training state does not fit this run ({_first_line(exc)}); "
-                                 "last.safetensors holds the weights of its last complete epoch", state_path) from None
+                                 "last.safetensors holds the weights saved last", state_path) from None
+        if carried.steps >= steps_per_epoch:  # that epoch is complete: the next one starts afresh
+            start_epoch, carried = start_epoch + 1, _EpochProgress()
         if start_epoch > config.epochs:
             raise NucleisegError(f"already trained {start_epoch - 1} epochs of {config.epochs}; "
                                  "ask for more epochs to continue", run_dir)
-        log.info("resuming %s at epoch %d", run_dir, start_epoch)
+        log.info("resuming %s at epoch %d%s", run_dir, start_epoch,
+                 f", step {carried.steps + 1} of {steps_per_epoch}" if carried.steps else "")
+    steps_done = (start_epoch - 1) * steps_per_epoch + carried.steps
+    if max_steps is not None and steps_done >= max_steps:
+        raise OptionError("max_steps", f"counts the run's steps from its start, and {steps_done} are done already; "
+                                       f"give more than {steps_done} to continue")
+
+    if ddp.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(run_dir / "train_config.json") as tmp:
+            tmp.write_text(json.dumps(asdict(config), indent=2))
 
     net = model
     if ddp.world_size > 1:
@@ -576,16 +660,19 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
     diameter = typical_diameter(train_split.labels)  # what --diameter compares a user's nuclei with
     if diameter is not None:
         meta["nucleus_diameter"] = round(diameter, 2)
-    steps_done = (start_epoch - 1) * steps_per_epoch
     stop = False  # set by on_step
     for epoch in range(start_epoch, config.epochs + 1):
-        sampler.set_epoch(epoch)
+        done = carried if epoch == start_epoch else _EpochProgress()  # this epoch's steps trained before a resume
+        # skip the batches trained before: the rest of the epoch gets the crops it would have had
+        sampler.set_epoch(epoch, start=done.steps * config.batch_size)
         net.train()
         started = time.perf_counter()
-        running, seen = 0.0, 0
+        running, seen = done.loss_sum, done.crops
         # redirected to a log file, the bar updates twice a minute instead of flooding it
         bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not (ddp.is_main and progress), leave=False,
-                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0, initial=done.steps,
+                   total=steps_per_epoch)
+        epoch_steps = done.steps
         for x, y in bar:
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
@@ -597,21 +684,25 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
             running += loss_sum
             seen += len(x)
             steps_done += 1
+            epoch_steps += 1
             # refresh=False: the bar redraws at its own pace (mininterval), not at every step
-            bar.set_postfix(loss=f"{running / seen:.4f}", img_s=f"{seen * ddp.world_size / (time.perf_counter() - started):.2f}",
+            bar.set_postfix(loss=f"{running / seen:.4f}", img_s=f"{seen * ddp.world_size / (time.perf_counter() - started + done.seconds):.2f}",
                             refresh=False)
             stop = on_step is not None and bool(on_step(steps_done, loss_sum / len(x)))
             if stop or (max_steps is not None and steps_done >= max_steps):
                 break
         if ddp.world_size > 1:
             _average_buffers(model, ddp)
-        elapsed = time.perf_counter() - started
+        elapsed = done.seconds + time.perf_counter() - started
+        ending = stop or (max_steps is not None and steps_done >= max_steps)
+        complete = epoch_steps >= steps_per_epoch or not ending
         row: dict[str, Any] = {"epoch": epoch, "train_loss": running / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
-                               "seconds": round(elapsed, 1), "images_per_s": round(seen * ddp.world_size / elapsed, 2)}
-        last_epoch = epoch == config.epochs or stop or (max_steps is not None and steps_done >= max_steps)
+                               "seconds": round(elapsed, 1), "images_per_s": round(seen * ddp.world_size / elapsed, 2),
+                               "steps": epoch_steps}
+        last_epoch = epoch == config.epochs or ending
         if ddp.is_main and val_split.ids and (epoch % config.val_every == 0 or last_epoch):
             row.update(validate(model, val_split, loss_fn, autocast_dtype, val_params))
-            if config.schedule == "plateau":
+            if config.schedule == "plateau" and complete:  # a part of an epoch is validated, but not a plateau step
                 scheduler.step(row["val_loss"])
         if ddp.world_size > 1 and config.schedule == "plateau":
             # keep every replica's learning rate in step with rank 0's decision
@@ -627,12 +718,16 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
             if score > best_score:
                 best_score = score
                 save_model(run_dir / "best.safetensors", model, {**meta, "epoch": epoch})
-            _save_state(state_path, model, optimizer, scheduler, epoch, best_score)
+            _save_state(state_path, model, optimizer, scheduler, epoch, best_score,
+                        _EpochProgress(epoch_steps, seen, running, elapsed))
             plot_curves(run_dir / "metrics.csv", run_dir / "curves.png")
             log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+            if not complete:
+                log.info("stopped after step %d of %d of epoch %d; --resume continues from there",
+                         epoch_steps, steps_per_epoch, epoch)
         if ddp.world_size > 1:
             dist.barrier()
-        if stop or (max_steps is not None and steps_done >= max_steps):
+        if ending:
             break
     if ddp.world_size > 1:
         _check_replicas_identical(model, ddp)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
+import time
 
 import imageio.v3 as iio
 import numpy as np
@@ -232,3 +237,179 @@ def test_interrupted_first_run_leaves_a_usable_folder(tmp_path, monkeypatch):
         prepare_dataset(DSB_TRAIN, out, workers=1, progress=False)
     monkeypatch.undo()
     assert len(prepare_dataset(DSB_TRAIN, out, workers=1, progress=False).processed) == 4
+
+
+# ----------------------------------------------------------------------------- damaged caches
+@pytest.mark.parametrize("force", [False, True])
+def test_a_damaged_index_is_rebuilt(tmp_path, force, caplog):
+    """index.csv not UTF-8 (binary), or garbled: prepare warns and rebuilds it, processing its images again."""
+    out = tmp_path / "cache"
+    first = prepare_dataset(DSB_TRAIN, out, workers=1, progress=False)
+    for damage in (bytes(range(256)), b"image_id,height\nx,abc\n", (out / "index.csv").read_bytes() * 2):
+        (out / "index.csv").write_bytes(damage)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="nucleiseg"):
+            again = prepare_dataset(DSB_TRAIN, out, workers=1, progress=False, force=force)
+        assert sorted(again.processed) == sorted(KINDS)
+        assert any("index.csv" in r.getMessage() and "rebuilding it" in r.getMessage() for r in caplog.records)
+        pd.testing.assert_frame_equal(read_cache(out), first.table)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_damaged_split_is_drawn_again_with_a_warning(tmp_path, force, caplog):
+    out = tmp_path / "cache"
+    first = prepare_dataset(DSB_TRAIN, out, workers=1, progress=False)
+    for damage in (b"\xe9\n", b"\n" + (out / "split.csv").read_bytes().splitlines()[-1] + b"\n"):  # not UTF-8; a row twice
+        with open(out / "split.csv", "ab") as split:
+            split.write(damage)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="nucleiseg"):
+            again = prepare_dataset(DSB_TRAIN, out, workers=1, progress=False, force=force)
+        assert again.processed == ([] if not force else again.processed)
+        assert any("split.csv" in r.getMessage() and "drawing a new split" in r.getMessage() for r in caplog.records)
+        pd.testing.assert_frame_equal(read_cache(out), first.table)  # the same seed draws the same split
+
+
+@pytest.mark.parametrize("name, damage, problem", [
+    ("split.csv", b"\xe9\n", "cannot be read (not UTF-8 text"),
+    ("index.csv", bytes(range(256)), "cannot be read"),
+    ("index.csv", b'"unterminated\n', "cannot be read"),
+    ("split.csv", b"", "cannot be read"),
+    ("split.csv", "{last}", "twice"),
+    ("index.csv", "{last}", "twice"),
+    ("index.csv", b"image_id,kind\n", "lacks the columns"),
+])
+def test_readers_refuse_a_damaged_table_in_one_line(tmp_path, dsb_cache, name, damage, problem):
+    """read_cache (and so evaluate, train, tune, Cache.open) names the file, the problem and the command that
+    rebuilds it; never a traceback."""
+    from nucleiseg.data.cache import Cache
+
+    broken = tmp_path / "broken"
+    shutil.copytree(dsb_cache, broken)
+    path = broken / name
+    if damage == "{last}":
+        damage = path.read_bytes().splitlines()[-1] + b"\n"
+    if damage.startswith(b"image_id") or damage == b"":
+        path.write_bytes(damage)
+    else:
+        with open(path, "ab") as handle:
+            handle.write(damage)
+    for read in (read_cache, Cache.open):
+        with pytest.raises(NucleisegError) as err:
+            read(broken)
+        message = str(err.value)
+        assert message.startswith(f"{path}: ") and problem in message and "\n" not in message
+        assert f"nucleiseg prepare {DSB_TRAIN.parent}" in message and f"--out {broken}' again to rebuild it" in message
+    assert len(prepare_dataset(DSB_TRAIN.parent, broken, workers=1, progress=False).table) == 4
+    read_cache(broken)
+
+
+def test_a_garbled_count_is_refused_by_readers_and_rebuilt_by_prepare(tmp_path, dsb_cache):
+    broken = tmp_path / "broken"
+    shutil.copytree(dsb_cache, broken)
+    index = pd.read_csv(broken / "index.csv", dtype=str, keep_default_na=False)
+    index.loc[1, "height"] = "12.5"
+    index.to_csv(broken / "index.csv", index=False)
+    with pytest.raises(NucleisegError, match=r"index.csv: has height '12.5' for image .*, not a whole number >= 1"):
+        read_cache(broken)
+    result = prepare_dataset(DSB_TRAIN.parent, broken, workers=1, progress=False)
+    assert sorted(result.processed) == sorted(KINDS)
+    pd.testing.assert_frame_equal(read_cache(broken), read_cache(dsb_cache))
+
+
+def test_prepare_cli_on_a_non_utf8_split_is_not_a_traceback(tmp_path, capsys):
+    from nucleiseg.cli import main
+
+    out = tmp_path / "cache1"
+    assert main(["-q", "prepare", str(DSB_TRAIN.parent), "--out", str(out), "--workers", "1"]) == 0
+    with open(out / "split.csv", "ab") as split:
+        split.write(b"image_id,split\n\xe9\n")
+    for extra in ([], ["--force"]):
+        assert main(["-q", "prepare", str(DSB_TRAIN.parent), "--out", str(out), "--workers", "1", *extra]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert len(read_cache(out)) == 4
+
+
+def test_a_damaged_cache_file_is_redone(dsb_copy, tmp_path, caplog):
+    """A cache file truncated, or rewritten with its size kept, is processed again; the rest stays up to date."""
+    out = tmp_path / "cache"
+    prepare_dataset(dsb_copy, out, workers=1, progress=False)
+    image = out / "images" / f"{TISSUE}.png"
+    good = image.read_bytes()
+    image.write_bytes(good[:100])
+    labels = out / "labels" / f"{FLUO_A}.tif"
+    stat = labels.stat()
+    labels.write_bytes(bytes(stat.st_size))  # same size, rewritten an hour later
+    os.utime(labels, ns=(stat.st_atime_ns, stat.st_mtime_ns + 3600 * 10**9))
+    with caplog.at_level(logging.WARNING, logger="nucleiseg"):
+        again = prepare_dataset(dsb_copy, out, workers=1, progress=False)
+    assert sorted(again.processed) == sorted([TISSUE, FLUO_A]) and sorted(again.reused) == sorted([FLUO_B, BRIGHTFIELD])
+    assert sum("cache files changed since prepare wrote them" in r.getMessage() for r in caplog.records) == 2
+    assert image.read_bytes() == good
+    assert read_tif(labels).max() == read_cache(out).set_index("image_id").loc[FLUO_A, "n_nuclei"]
+    before = _mtimes(out)
+    assert prepare_dataset(dsb_copy, out, workers=1, progress=False).processed == []
+    assert _mtimes(out) == before
+
+
+def test_a_cache_of_an_earlier_version_is_still_up_to_date(dsb_copy, tmp_path):
+    """A manifest without the cache files' sizes and times (written before they were recorded): its images are
+    not redone; the record is added once."""
+    out = tmp_path / "cache"
+    prepare_dataset(dsb_copy, out, workers=1, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for entry in manifest["images"].values():
+        del entry["outputs"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert prepare_dataset(dsb_copy, out, workers=1, progress=False).processed == []
+    assert all("outputs" in e for e in json.loads((out / "manifest.json").read_text())["images"].values())
+    before = _mtimes(out)
+    assert prepare_dataset(dsb_copy, out, workers=1, progress=False).processed == []
+    assert _mtimes(out) == before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux: workers die with prepare by PR_SET_PDEATHSIG")
+def test_pool_workers_die_with_a_killed_prepare(tmp_path):
+    """SIGKILL of prepare ends its pool's worker processes too (pipeline.worker_pool), none left running."""
+    psutil = pytest.importorskip("psutil")
+    script = tmp_path / "slow_prepare.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys, time
+        from pathlib import Path
+
+        from nucleiseg.data import cache
+
+        def slow(*args):  # runs in the pool's workers: this file is their __main__ too
+            (Path(__file__).parent / f"worker-{os.getpid()}").touch()
+            time.sleep(120)
+
+        cache._process_sample = slow
+        if __name__ == "__main__":
+            cache.prepare_dataset(sys.argv[1], sys.argv[2], workers=2, progress=False)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script), str(DSB_TRAIN), str(tmp_path / "cache")])
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            workers = [int(p.name.split("-")[1]) for p in tmp_path.glob("worker-*")]
+        assert len(workers) == 2, "the pool's workers did not start"
+        proc.kill()
+        proc.wait()
+
+        def running(pid):
+            try:
+                return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return False
+
+        deadline = time.monotonic() + 10
+        while any(running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(running(pid) for pid in workers), "prepare's workers outlived it"
+    finally:
+        proc.kill()
+        for pid in workers:  # only what this test started, should the assertion above fail
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()

@@ -63,7 +63,9 @@ def test_option_errors(tmp_path, capsys):
     assert main(["prepare", str(DSB), "--out", str(tmp_path / "c"), "--rle-csv", "x.csv", "--layout", "kaggle"]) != 0
     assert "--rle-csv goes with the layout kaggle-rle" in _error_line(capsys)
     assert main(["prepare", str(DSB), "--out", str(tmp_path / "c"), "--layout", "kaggle-rle"]) != 0
-    assert "--layout kaggle-rle needs a run-length CSV" in _error_line(capsys)
+    line = _error_line(capsys)
+    assert "--rle-csv is missing: the layout kaggle-rle reads the nuclei from a run-length CSV" in line
+    assert "rle_csv" not in line  # the option as typed, not the library's parameter
     missing_csv = tmp_path / "labels.csv"
     assert main(["prepare", str(DSB), "--out", str(tmp_path / "c"), "--rle-csv", str(missing_csv)]) != 0
     assert str(missing_csv) in _error_line(capsys)

@@ -4,7 +4,8 @@
 folders, Kaggle run-length CSV, or paired images/labels folders) and writes::
 
     CACHE/
-      manifest.json          format version, source, layout, per-source fingerprints, skipped files
+      manifest.json          format version, source, layout, per-source fingerprints, the cache files'
+                             sizes and times, skipped files
       index.csv              image_id, height, width, kind, n_nuclei, group, source
       split.csv              image_id, split (train | val), reused on later runs
       images/<image_id>.png  8-bit RGB (preprocess.to_rgb_uint8)
@@ -12,9 +13,14 @@ folders, Kaggle run-length CSV, or paired images/labels folders) and writes::
       labels/<image_id>.tif  uint16 instance labels, 0 = background
 
 A source (an image with its masks or label file) is processed again only when
-its fingerprint (sizes and modification times of its files) changed, so a
-re-run on an unchanged folder does no work and touches no file.
-:func:`read_cache` gives the index with the split as one table.
+its fingerprint (sizes and modification times of its files) changed, or when
+one of its cache files is missing or no longer has the size and modification
+time it had when written (a damaged or replaced file; a cache file damaged in
+place with both kept is not noticed: ``force`` redoes everything), so a
+re-run on an unchanged folder does no work and touches no file. A damaged
+index.csv is rebuilt (its images processed again); a damaged split.csv is
+replaced by a new split, with a warning. :func:`read_cache` gives the index
+with the split as one table, and refuses a damaged one in one line.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import io as _stdio
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -156,7 +163,8 @@ def detect_layout(
         root = find_kaggle_root(data_dir)
     else:
         if rle_csv is None:
-            raise OptionError("layout", "kaggle-rle needs a run-length CSV (rle_csv: the ImageId,EncodedPixels table)")
+            raise OptionError("rle_csv", "is missing: the layout kaggle-rle reads the nuclei from a run-length CSV "
+                              "(ImageId,EncodedPixels, one row per nucleus)")
         root = find_kaggle_root(data_dir)
         if root is None:
             for folder in (data_dir, data_dir / "images"):
@@ -229,7 +237,8 @@ def _find_groups_file(data_dir: Path, root: Path) -> Path | None:
 
 # --------------------------------------------------------------- processing
 def _init_pool_worker() -> None:
-    """Pool processes leave Ctrl-C to the main process, which stops the pool and saves what is done."""
+    """Pool processes (:func:`nucleiseg.pipeline.worker_pool`'s: dying with prepare) leave Ctrl-C to the main
+    process, which stops the pool and saves what is done."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -285,7 +294,8 @@ def _process_sample(sample: _Sample, out_dir: Path, source: str, binary_masks: s
 
 
 def _run_all(tasks: list[tuple[_Sample, str]], out_dir: Path, workers: int, progress: bool, binary_masks: str = "refuse"):
-    """Yield results of :func:`_process_sample`, in a process pool when workers > 1."""
+    """Yield results of :func:`_process_sample`, in a process pool (:func:`~nucleiseg.pipeline.worker_pool`)
+    when workers > 1."""
     from tqdm import tqdm
 
     # disable=None: no bar when stderr is not a terminal (a log file would fill with bar updates)
@@ -297,14 +307,14 @@ def _run_all(tasks: list[tuple[_Sample, str]], out_dir: Path, workers: int, prog
                 yield _process_sample(sample, out_dir, source, binary_masks)
                 bar.update()
             return
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import as_completed
 
-        # Not fork: a process that has run torch (train on a raw folder, a test session) has OpenMP and other
-        # threads, and a child forked from it can deadlock (seen: prepare hanging after a session's torch tests).
-        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-        with ProcessPoolExecutor(max_workers=workers, initializer=_init_pool_worker,
-                                 mp_context=multiprocessing.get_context(method)) as pool:
+        from ..pipeline import worker_pool
+
+        # Spawned, not forked: a process that has run torch (train on a raw folder, a test session) has OpenMP and
+        # other threads, and a child forked from it can deadlock (seen: prepare hanging after a session's torch
+        # tests). And the workers die with this process, even SIGKILLed (they would go on writing the cache).
+        with worker_pool(workers, processes=True, init=_init_pool_worker) as pool:
             futures = [pool.submit(_process_sample, sample, out_dir, source, binary_masks) for sample, source in tasks]
             try:
                 for future in as_completed(futures):
@@ -334,6 +344,11 @@ def _read_manifest(out_dir: Path) -> dict | None:
     if manifest.get("format_version") != FORMAT_VERSION:
         log.info("cache format %s differs from %s; rebuilding", manifest.get("format_version"), FORMAT_VERSION)
         return None
+    images, skipped = manifest.get("images", {}), manifest.get("skipped", [])
+    if not (isinstance(images, dict) and all(isinstance(e, dict) for e in images.values())
+            and isinstance(skipped, list)):
+        log.warning("%s: its image records are garbled; rebuilding the cache", path)
+        return None
     return manifest
 
 
@@ -344,32 +359,83 @@ def _load_csv(path: Path) -> pd.DataFrame:
         dtype={c: str for c in ("image_id", "kind", "group", "source", "split")},
         keep_default_na=False,
         na_values=[],
+        encoding="utf-8",
     )
 
 
-def _read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame | None:
-    if not path.is_file():
-        return None
+#: Whole-number columns of index.csv and their smallest value.
+_COUNT_COLUMNS = {"height": 1, "width": 1, "n_nuclei": 0}
+
+
+def _table_problem(table: pd.DataFrame, columns: Sequence[str]) -> str | None:
+    """What makes one of the cache's tables unusable (a garbled file, a wrong edit), in a few words; None if sound.
+
+    Split values other than train and val are allowed (an image set aside by hand is in neither).
+    """
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        return f"lacks the column{'s' * (len(missing) > 1)} {', '.join(missing)}"
+    ids = table["image_id"]
+    if (ids == "").any():
+        return f"row {int((ids == '').to_numpy().argmax()) + 2} has no image_id"
+    if ids.duplicated().any():
+        return f"lists image {ids[ids.duplicated()].iloc[0]} twice"
+    for column, low in _COUNT_COLUMNS.items():
+        if column in columns:
+            values = pd.to_numeric(table[column], errors="coerce")
+            bad = ~(values >= low) | (values != values.round())  # also NaN: not a number
+            if bad.any():
+                return (f"has {column} {str(table[column][bad].iloc[0])!r} for image {ids[bad].iloc[0]}, "
+                        f"not a whole number >= {low}")
+    if "kind" in columns and not table["kind"].isin(KINDS).all():
+        bad = ~table["kind"].isin(KINDS)
+        return f"has kind {table['kind'][bad].iloc[0]!r} for image {ids[bad].iloc[0]}, not one of {', '.join(KINDS)}"
+    return None
+
+
+def _csv_error(exc: BaseException) -> str:
+    """Why a cache table could not be read, in one line."""
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text: a byte 0x{exc.object[exc.start]:02x}"
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _open_table(path: Path, columns: Sequence[str]) -> tuple[pd.DataFrame | None, str | None]:
+    """One of the cache's tables with its integer columns as int64, or None and why it is unusable."""
     try:
         table = _load_csv(path)
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        log.warning("%s: unreadable (%s); rebuilding it", path, exc)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:  # UnicodeDecodeError, EmptyDataError: ValueErrors
+        return None, f"cannot be read ({_csv_error(exc)})"
+    problem = _table_problem(table, columns)
+    if problem is not None:
+        return None, problem
+    for column in _COUNT_COLUMNS:
+        if column in columns:
+            table[column] = pd.to_numeric(table[column]).astype(np.int64)
+    return table, None
+
+
+def _read_table(path: Path, columns: Sequence[str], then: str = "rebuilding it") -> pd.DataFrame | None:
+    """A table of an earlier run; None (warned about, saying what happens ``then``) when missing or unusable."""
+    if not path.is_file():
         return None
-    if any(c not in table.columns for c in columns):
-        log.warning("%s: missing columns; rebuilding it", path)
-        return None
+    table, problem = _open_table(path, columns)
+    if table is None:
+        log.warning("%s: %s; %s", path, problem, then)
     return table
 
 
 def _write_if_changed(path: Path, text: str) -> bool:
     """Write ``text`` atomically unless the file already holds it; True when written."""
+    data = text.encode("utf-8")
     try:
-        if path.read_text(encoding="utf-8") == text:
+        if path.read_bytes() == data:  # bytes: a file that is not UTF-8 (damaged) is simply replaced
             return False
     except OSError:
         pass
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
     return True
 
 
@@ -391,6 +457,37 @@ def _outputs(out_dir: Path, image_id: str) -> list[Path]:
         out_dir / "masks" / f"{image_id}.png",
         out_dir / "labels" / f"{image_id}.tif",
     ]
+
+
+#: Slack on a cache file's modification time against the one recorded (copies to file systems of coarser
+#: timestamps, FAT's 2 s the coarsest, keep a cache up to date).
+_MTIME_SLACK_NS = 2_000_000_000
+
+
+def _output_stats(out_dir: Path, image_id: str) -> list[list[int]] | None:
+    """``[size, mtime_ns]`` of an image's three cache files, as recorded in the manifest; None if one is missing."""
+    try:
+        return [[stat.st_size, stat.st_mtime_ns] for stat in (p.stat() for p in _outputs(out_dir, image_id))]
+    except OSError:
+        return None
+
+
+def _outputs_intact(entry: dict, stats: list[list[int]] | None) -> bool:
+    """Whether an image's cache files are those prepare wrote: present, and of the recorded sizes and times.
+
+    A manifest entry without a record (written by an earlier version) only needs the files present.
+    """
+    recorded = entry.get("outputs")
+    if stats is None:
+        return False
+    if recorded is None:
+        return True
+    try:
+        return len(recorded) == len(stats) and all(
+            int(size) == now_size and abs(int(mtime) - now_mtime) <= _MTIME_SLACK_NS
+            for (size, mtime), (now_size, now_mtime) in zip(recorded, stats))
+    except (TypeError, ValueError):  # a garbled record: redo the image
+        return False
 
 
 def prepare_dataset(
@@ -586,20 +683,20 @@ def _plan(samples, problems, old: _Previous, data_dir: Path, root: Path, layout:
         plan.fingerprints[sample.image_id] = fingerprint
         source = _relative(sample.image, data_dir)
         before = old.images.get(sample.image_id)
-        if (
-            fingerprint is not None
-            and before is not None
-            and before.get("fingerprint") == fingerprint
-            and sample.image_id in old.rows
-            and all(p.is_file() for p in _outputs(out_dir, sample.image_id))
-        ):
+        up_to_date = (fingerprint is not None and before is not None and before.get("fingerprint") == fingerprint
+                      and sample.image_id in old.rows)
+        stats = _output_stats(out_dir, sample.image_id) if up_to_date else None
+        if up_to_date and _outputs_intact(before, stats):
             plan.rows[sample.image_id] = {c: old.rows[sample.image_id][c] for c in INDEX_COLUMNS if c != "group"}
             plan.rows[sample.image_id]["source"] = source
-            plan.entries[sample.image_id] = before
+            plan.entries[sample.image_id] = before if "outputs" in before else dict(before, outputs=stats)
             plan.reused.append(sample.image_id)
         elif fingerprint is not None and old.skipped.get(sample.image_id, {}).get("fingerprint") == fingerprint:
             plan.skipped.append(dict(old.skipped[sample.image_id], source=source))
         else:
+            if up_to_date and stats is not None:
+                log.warning("%s: its cache files changed since prepare wrote them; processing it again",
+                            sample.image_id)
             plan.todo.append((sample, source))
     # biggest sources first, so no large image is left alone at the end of the pool
     plan.todo.sort(key=lambda t: -sum(_size(p) for p in t[0].files()))
@@ -624,7 +721,8 @@ def _process(plan: _Plan, out_dir: Path, workers: int, progress: bool, binary_ma
                                          "fingerprint": plan.fingerprints[image_id]})
                     continue
                 plan.rows[image_id] = {c: result[c] for c in INDEX_COLUMNS if c != "group"}
-                plan.entries[image_id] = {"fingerprint": plan.fingerprints[image_id]}
+                plan.entries[image_id] = {"fingerprint": plan.fingerprints[image_id],
+                                          "outputs": _output_stats(out_dir, image_id)}
                 if result["warnings"]:
                     plan.entries[image_id]["warnings"] = result["warnings"]
                 processed.append(image_id)
@@ -654,7 +752,9 @@ def _split(index: pd.DataFrame, old: _Previous, out_dir: Path, val_fraction: flo
     """The split's settings and table: the earlier split kept where its settings did not change."""
     split_settings = {"seed": int(seed), "val_fraction": float(val_fraction)}
     previous = old.manifest.get("split") if old.manifest else None
-    old_split = _read_table(out_dir / "split.csv", SPLIT_COLUMNS) if old.manifest else None
+    old_split = _read_table(out_dir / "split.csv", SPLIT_COLUMNS,
+                            f"drawing a new split (seed {seed}, validation fraction {val_fraction}): a model trained "
+                            "on the old one may have seen some of the new validation images") if old.manifest else None
     if interrupted:
         # the split is drawn once all images are in: leave split.csv (and its settings) as they were
         return previous or split_settings, old_split
@@ -804,8 +904,10 @@ def read_cache(cache_dir: str | Path) -> pd.DataFrame:
             "the prepare that wrote this cache was interrupted; run the same 'nucleiseg prepare' again to finish it",
             cache_dir,
         )
-    index = _read_cache_table(cache_dir / "index.csv", INDEX_COLUMNS, hint)
-    split = _read_cache_table(cache_dir / "split.csv", SPLIT_COLUMNS, hint)
+    source = shlex.quote(str(manifest["source"])) if manifest.get("source") else "DATA_DIR"
+    again = f"; run 'nucleiseg prepare {source} --out {shlex.quote(str(cache_dir))}' again to rebuild it"
+    index = _read_cache_table(cache_dir / "index.csv", INDEX_COLUMNS, again)
+    split = _read_cache_table(cache_dir / "split.csv", SPLIT_COLUMNS, again)
     table = index.merge(split[list(SPLIT_COLUMNS)], on="image_id", how="left", validate="one_to_one")
     if table["split"].isna().any():
         missing = table.loc[table["split"].isna(), "image_id"].iloc[0]
@@ -813,14 +915,12 @@ def read_cache(cache_dir: str | Path) -> pd.DataFrame:
     return table
 
 
-def _read_cache_table(path: Path, columns: Sequence[str], hint: str) -> pd.DataFrame:
-    try:
-        table = _load_csv(path)
-    except (OSError, ValueError, pd.errors.ParserError):
-        raise NucleisegError(f"not a prepared cache (no readable {path.name})" + hint, path.parent) from None
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise NucleisegError(f"{path.name} lacks columns {', '.join(missing)}" + hint, path.parent)
+def _read_cache_table(path: Path, columns: Sequence[str], again: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise NucleisegError(f"{path.name} is missing" + again, path.parent)
+    table, problem = _open_table(path, columns)
+    if table is None:
+        raise NucleisegError(f"{problem}" + again, path)
     return table[list(columns)]
 
 

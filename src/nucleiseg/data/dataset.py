@@ -7,12 +7,11 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import imageio.v3 as iio
 import numpy as np
-import tifffile
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import ImageReadError, NucleisegError
 from ..preprocess import normalize
 from .augment import train_transform
 from .cache import Cache
@@ -24,10 +23,25 @@ DEFAULT_KIND_WEIGHTS = {"fluorescence": 1.0, "tissue": 2.0, "brightfield": 4.0}
 
 
 def load_cached_image(cache_dir: Path, image_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """The 8-bit RGB image and uint16 instance labels of one cached image."""
+    """The 8-bit RGB image and uint16 instance labels of one cached image.
+
+    Raises
+    ------
+    NucleisegError
+        A file of the image missing or damaged (named), or the two of different sizes,
+        with the command that rebuilds the cache.
+    """
     cache = Cache(Path(cache_dir))
-    image = iio.imread(cache.image_path(image_id))
-    labels = tifffile.imread(cache.labels_path(image_id))
+    rebuild = f"the cache is damaged: run 'nucleiseg prepare DATA_DIR --out {cache.path} --force' to rebuild it"
+    try:
+        image, labels = cache.image(image_id), cache.labels(image_id)
+    except ImageReadError as exc:
+        raise NucleisegError(f"{exc.message}; {rebuild}", exc.path) from None
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise NucleisegError(f"is not the 8-bit RGB image prepare writes; {rebuild}", cache.image_path(image_id))
+    if labels.shape != image.shape[:2]:
+        raise NucleisegError(f"labels of {labels.shape[0]}x{labels.shape[1]} pixels for an image of "
+                             f"{image.shape[0]}x{image.shape[1]}; {rebuild}", cache.labels_path(image_id))
     return image, labels
 
 
@@ -113,10 +127,15 @@ class EpochSampler(torch.utils.data.Sampler):
         self.samples_per_epoch = int(samples_per_epoch)
         self.seed = int(seed)
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Draw the pairs of ``epoch``; skip this rank's first ``start`` of them (a resumed epoch's trained part).
+
+        The length stays the whole epoch's, so a loader's number of batches (and whether it drops
+        the last incomplete one) does not change when an epoch is resumed.
+        """
+        self.epoch, self.start = int(epoch), int(start)
 
     def _draw(self) -> list[tuple[int, int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -124,7 +143,7 @@ class EpochSampler(torch.utils.data.Sampler):
         indices = rng.choice(len(p), size=self.samples_per_epoch, replace=True, p=p)
         seeds = rng.integers(0, 2**31 - 1, size=self.samples_per_epoch)
         pairs = list(zip(indices.tolist(), seeds.tolist()))
-        return pairs[self.rank :: self.world_size]
+        return pairs[self.rank :: self.world_size][self.start :]
 
     def __iter__(self):
         return iter(self._draw())
