@@ -312,6 +312,12 @@ def test_train_in_a_raw_data_folder_prepares_the_cache_beside_it(synthetic_cache
     assert (tmp_path / "src-cache" / "manifest.json").is_file()
     assert not (tmp_path / "src" / "-cache").exists()
     assert TrainConfig.from_json(tmp_path / "run" / "train_config.json").cache == str(tmp_path / "src-cache")
+    # evaluate, run in the same folder, scores the validation split of that same cache
+    assert main(["-q", "evaluate", ".", "--labels", str(tmp_path / "src" / "labels"), "--out",
+                 str(tmp_path / "report")]) == 0
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["evaluated"]["cache"] == str(tmp_path / "src-cache") and summary["evaluated"]["split"] == "val"
+    assert not (tmp_path / "src" / "-cache").exists()
 
 
 def test_a_run_that_cannot_start_leaves_no_run_folder_and_the_same_command_works_later(synthetic_cache, tmp_path,

@@ -323,14 +323,13 @@ def _parse_weights(text: str, option: str, defaults: dict[str, float], what: str
 
 def _as_cache(data: Path) -> Path:
     """A prepared cache as is; a raw data folder is prepared next to itself first."""
-    from .data.cache import Cache, prepare_dataset
+    from .data.cache import Cache, cache_beside, prepare_dataset
 
     if not data.exists():
         raise NucleisegError("no such folder", data)
     if Cache.is_cache(data):
         return data
-    folder = data.resolve()  # "." or "..": named after the folder itself
-    cache = folder.parent / f"{folder.name}-cache"
+    cache = cache_beside(data)
     log.info("preparing %s into %s", data, cache)
     prepare_dataset(data, cache)
     return cache

@@ -519,7 +519,7 @@ def open_dataset(data: str | Path, split: str | None, fallback_dir: str | Path |
     """
     import os
 
-    from .data.cache import Cache, prepare_dataset, read_cache
+    from .data.cache import Cache, cache_beside, prepare_dataset, read_cache
 
     data = Path(data)
     if not data.exists():
@@ -531,7 +531,7 @@ def open_dataset(data: str | Path, split: str | None, fallback_dir: str | Path |
         table = read_cache(data)
         split = split or "val"
     else:
-        cache_dir = data.parent / f"{data.name}-cache"
+        cache_dir = cache_beside(data)
         existed = Cache.is_cache(cache_dir)
         if not existed and not os.access(data.parent, os.W_OK) and fallback_dir is not None:
             cache_dir = Path(fallback_dir)

@@ -50,7 +50,8 @@ from .paired import BINARY_MASK_CHOICES, check_binary_mask, is_paired_layout, li
 from .rle import read_rle_csv, rle_to_labels
 from .split import read_groups, split_train_val
 
-__all__ = ["FORMAT_VERSION", "LAYOUTS", "Cache", "PrepareResult", "detect_layout", "prepare_dataset", "read_cache"]
+__all__ = ["FORMAT_VERSION", "LAYOUTS", "Cache", "PrepareResult", "cache_beside", "detect_layout", "prepare_dataset",
+           "read_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,20 @@ class PrepareResult:
 
 
 # ---------------------------------------------------------------- discovery
+def cache_beside(data_dir: str | Path) -> Path:
+    """The cache that ``train`` and ``evaluate`` prepare a raw data folder into: ``<folder>-cache`` beside it.
+
+    The folder is resolved first, so that ``.`` or ``..`` name the folder itself.
+
+    Examples
+    --------
+    >>> cache_beside("/data/stage1_train").as_posix()
+    '/data/stage1_train-cache'
+    """
+    folder = Path(data_dir).resolve()
+    return folder.parent / f"{folder.name}-cache"
+
+
 def detect_layout(
     data_dir: str | Path, layout: str = "auto", rle_csv: str | Path | None = None
 ) -> tuple[str, Path]:
