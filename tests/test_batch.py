@@ -512,3 +512,40 @@ def test_interrupted_side_by_side_finishes_the_images_in_hand(tmp_path: Path, im
     assert sorted(summary.loc[summary["status"] == "skipped", "name"]) == done
     assert (summary.loc[summary["status"] != "skipped", "status"] == "ok").all() and len(summary) == 8
     assert _snapshot(out) == _snapshot(sequential)
+
+
+@pytest.mark.parametrize("threads, each", [(1, 1), (4, 2)])
+def test_image_workers_share_the_threads_asked_for(tmp_path: Path, images: Path, model, monkeypatch,
+                                                   threads: int, each: int) -> None:
+    """``--threads`` caps the whole run: two image workers get half of the process's threads each."""
+    from nucleiseg import pipeline
+
+    class Started(Exception):
+        pass
+
+    def worker_pool(n, processes, initializer=None, initargs=()):
+        raise Started(n, initargs[2])
+
+    monkeypatch.setattr(pipeline, "PROCESS_MIN_IMAGES", 1)
+    monkeypatch.setattr(pipeline, "worker_pool", worker_pool)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    with pytest.raises(Started) as started:
+        predict_files([images], tmp_path / "out", model=model, progress=False, say=lambda kind, text: None, workers=2)
+    assert started.value.args == (2, each)
+
+
+def test_predict_files_arguments_are_checked_in_words(tmp_path: Path, images: Path, model, capsys) -> None:
+    from nucleiseg.cli import main
+
+    for inputs, kwargs, message in [
+        (b"cells.png", {}, "inputs must be file names, folders or glob patterns (str or Path), got bytes"),
+        (np.zeros((64, 64)), {}, "got ndarray; an image array is segmented with nucleiseg.segment"),
+        ([images], {"overwrite": "no"}, "overwrite must be True or False, got 'no'"),
+        ([images], {"save_probabilities": 1}, "save_probabilities must be True or False, got 1"),
+    ]:
+        with pytest.raises(OptionError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            predict_files(inputs, tmp_path / "out", model=model, progress=False, **kwargs)
+    assert not (tmp_path / "out").exists()
+    assert main(["predict", str(images), "-o", ""]) == 2
+    assert capsys.readouterr().err.strip() == ("nucleiseg predict: error: --out is empty; name the output folder "
+                                               "('.' for this one)")

@@ -776,9 +776,19 @@ def predict_files(
     formats = check_formats(formats)
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise OptionError("workers", f"must be a whole number >= 0, got {workers!r}")
+    for name, flag in (("overwrite", overwrite), ("save_probabilities", save_probabilities)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise OptionError(name, f"must be True or False, got {flag!r}")
+    if str(out_dir) == "":
+        raise OptionError("out_dir", "is empty; name the output folder ('.' for this one)")
     out_dir = Path(out_dir)
-    if isinstance(inputs, (str, Path)):
+    if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    inputs = list(inputs) if isinstance(inputs, Iterable) and not isinstance(inputs, (bytes, np.ndarray)) else [inputs]
+    wrong = [x for x in inputs if not isinstance(x, (str, os.PathLike))]
+    if wrong:
+        raise OptionError("inputs", f"must be file names, folders or glob patterns (str or Path), got "
+                                    f"{type(wrong[0]).__name__}; an image array is segmented with nucleiseg.segment")
     paths, problems = expand_inputs(inputs)
     existing = OutputFolder(out_dir)  # read before the lock is taken: a second run is refused there anyway
     owned = existing.owned_paths()
@@ -1100,7 +1110,9 @@ def _run_image_workers(jobs: Sequence[ImageJob], todo: Sequence[int], model: Any
     sizes = {k: _io.header_bytes(jobs[k].path) or 0 for k in todo}
     small = [k for k in todo if sizes[k] <= IMAGE_WORKER_MAX_BYTES]
     large = [k for k in todo if sizes[k] > IMAGE_WORKER_MAX_BYTES]
-    threads = max(1, pipeline.default_workers() // workers)
+    import torch
+
+    threads = max(1, torch.get_num_threads() // workers)  # the process's threads (--threads) shared out
     init = (model.path if model.path is not None else model, str(model.device), threads, str(folder.path))
     log.debug("%d images: %d image worker processes of %d threads; %d large ones here", len(small), workers,
               threads, len(large))

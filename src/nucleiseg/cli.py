@@ -230,6 +230,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                                                    for a in p._actions if a.dest != "help"})
 
 
+#: library arguments whose flag is not "--" + the name with dashes
+_LIBRARY_FLAGS = {"out_dir": "--out", "inputs": "INPUT"}
+
 # TrainConfig fields whose option is not "--" + the field with dashes
 _TRAIN_OPTIONS = {"augment_strength": "--augment", "lr": "--lr"}
 #: what may go with --resume: the run's new length, a stop, the data (by default the run's own cache)
@@ -477,6 +480,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     def say(kind: str, message: str) -> None:
+        if kind == "note" and args.quiet:  # -q: warnings and errors only
+            return
         tqdm.write(f"nucleiseg predict: {kind}: {message}", file=sys.stderr)
 
     options = _predict_options(args)
@@ -783,7 +788,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except OptionError as exc:  # the library's name for an option, as its flag here
-        print(f"nucleiseg {args.command}: error: {exc.reworded('--' + exc.option.replace('_', '-'))}", file=sys.stderr)
+        flag = _LIBRARY_FLAGS.get(exc.option, "--" + exc.option.replace("_", "-"))
+        print(f"nucleiseg {args.command}: error: {exc.reworded(flag)}", file=sys.stderr)
         return 2
     except NucleisegError as exc:
         print(f"nucleiseg {args.command}: error: {exc}", file=sys.stderr)
