@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from nucleiseg.io import write_png
@@ -57,3 +58,16 @@ def test_predict_does_not_import_the_training_machinery(tmp_path: Path) -> None:
             f"'--model', {str(tmp_path / 'tiny.safetensors')!r}]) == 0")
     imported = _imported_after(code)
     assert "torch" in imported and "nucleiseg.training" not in imported and "albumentations" not in imported
+
+
+@pytest.mark.parametrize("command", ["prepare", "train", "predict", "evaluate", "tune", "export"])
+def test_help_states_each_default_once(capsys, command: str) -> None:
+    import re
+
+    from nucleiseg.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text
+    assert not re.search(r"\(default:[^()]*(\([^()]*\))?[^()]*\) \(default:", text), text

@@ -22,7 +22,17 @@ log = logging.getLogger("nucleiseg")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults in --help and keep the description's line breaks."""
+    """Show defaults in --help and keep the description's line breaks.
+
+    A default of None says nothing ("default: None"), and a help text that states its default already
+    keeps it in its own words.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 # --------------------------------------------------------------------- prepare
