@@ -339,5 +339,12 @@ def test_a_run_that_cannot_start_leaves_no_run_folder_and_the_same_command_works
     assert "the prepare that wrote this cache was interrupted" in capsys.readouterr().err
     assert not run.exists()
     (cache / "manifest.json").write_text(json.dumps(manifest))
+    # the plateau schedule on a cache without validation images: it could never lower the learning rate
+    split = (cache / "split.csv").read_text()
+    (cache / "split.csv").write_text(split.replace(",val", ",train"))
+    assert main([*argv, "--schedule", "plateau"]) == 2
+    assert "the cache has no validation images, and the plateau schedule" in capsys.readouterr().err
+    assert not run.exists()
+    (cache / "split.csv").write_text(split)
     assert main(argv) == 0
     assert (run / "last_state.pt").is_file()

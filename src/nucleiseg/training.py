@@ -576,6 +576,10 @@ def train(cache_dir: str | Path, run_dir: str | Path, config: TrainConfig | None
     val_split = load_split(cache_dir, "val")
     if not train_split.ids:
         raise NucleisegError("the cache has no training images", cache_dir)
+    if config.schedule == "plateau" and not val_split.ids:
+        raise NucleisegError("the cache has no validation images, and the plateau schedule lowers the learning rate "
+                             "on the validation loss: use the cosine schedule, or prepare with a validation fraction",
+                             cache_dir)
     log.info("%d training and %d validation images; %s on %s", len(train_split.ids), len(val_split.ids),
              "bf16" if autocast_dtype else "fp32", device)
 
