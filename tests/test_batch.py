@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -490,6 +491,17 @@ def test_interrupted_side_by_side_finishes_the_images_in_hand(tmp_path: Path, im
         if done == 3:
             raise KeyboardInterrupt
 
+    # a second Ctrl-C while the images in hand finish (the first join): still finished, then exit as interrupted
+    real_join, joins = threading.Thread.join, []
+
+    def join(thread, *args, **kwargs):
+        if thread.name.startswith("nucleiseg-image"):
+            joins.append(thread.name)
+            if len(joins) == 1:
+                raise KeyboardInterrupt
+        return real_join(thread, *args, **kwargs)
+
+    monkeypatch.setattr(threading.Thread, "join", join)
     monkeypatch.setattr(batch, "_infer", infer)
     out = tmp_path / "out"
     before = torch.get_num_threads()
@@ -501,6 +513,9 @@ def test_interrupted_side_by_side_finishes_the_images_in_hand(tmp_path: Path, im
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+    assert len(joins) > 2  # interrupted once, then joined them all
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("nucleiseg-image")]
+    monkeypatch.setattr(threading.Thread, "join", real_join)
     done = sorted(p.stem for p in (out / ".nucleiseg" / "done").glob("*.json"))
     assert sorted(started) == done  # every image started was finished
     assert 3 <= len(done) < 8  # and the batch stopped

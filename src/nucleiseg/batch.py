@@ -1053,9 +1053,28 @@ def _run_side_by_side(jobs: Sequence[ImageJob], todo: Sequence[int], sizes: Mapp
                     put(pending.pop(future), *future.result())
                     submit_next()
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            _close_finishing(pool)
     done = set(small)
     return [k for k in todo if k not in done]
+
+
+def _close_finishing(pool: Any) -> None:
+    """Shut a thread pool down once the images in its hands are finished, whatever Ctrl-C comes meanwhile.
+
+    A second Ctrl-C while they finish (a terminal's impatient user; ``timeout`` signals twice) would otherwise
+    leave threads running PyTorch as the interpreter exits, which aborts the process ("terminate called
+    without an active exception", exit 134) instead of exit 130. It is taken as the first one was, once they
+    are done.
+    """
+    interrupted = False
+    while True:
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)  # again after an interruption: joins what is left
+            break
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def _start_image_worker(model: Any, device: str, threads: int, out_dir: str) -> None:
