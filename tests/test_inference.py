@@ -590,3 +590,108 @@ def test_flooding_only_shared_regions_changes_nothing(seed: int) -> None:
         np.testing.assert_array_equal(flood(body, markers, foreground, regions, n),
                                       watershed(-body, markers, mask=foreground))
     assert shared >= 2, "the test needs regions flooded from several markers"
+
+
+# ----------------------------------------------------------------------------- arrays in the layouts files have
+def test_segment_accepts_the_layouts_a_file_may_have(model: Model) -> None:
+    """(C, H, W) and (1, H, W) arrays give what the same pixels give as read_image returns them, not
+    "image is 3x256 pixels, too small"; a stack is refused in words that say what layout is expected."""
+    rgb = _fixture_images()[1][:64, :72]
+    grey = rgb[..., 1]
+    expected_rgb, expected_grey = segment(rgb, model=model), segment(grey, model=model)
+    for array, expected in ((np.moveaxis(rgb, -1, 0), expected_rgb), (grey[None], expected_grey),
+                            (grey[None, :, :, None], expected_grey)):
+        result = segment(array, model=model)
+        np.testing.assert_array_equal(result.labels, expected.labels)
+        assert result.table.equals(expected.table)
+    np.testing.assert_array_equal(predict_probabilities(model, np.moveaxis(rgb, -1, 0)),
+                                  predict_probabilities(model, rgb))
+    with pytest.raises(NucleisegError, match=r"expected a 2-D image as an array of shape \(H, W\), \(H, W, C\) or "
+                                             r"\(C, H, W\) with C = 1 to 4 channels .* got shape \(7, 64, 72\)"):
+        segment(np.stack([grey] * 7), model=model)
+    with pytest.raises(NucleisegError, match="expected an image of numbers"):
+        segment(grey.astype(np.complex64), model=model)
+
+
+def test_bool_array_segments_like_the_bool_tiff_read_by_the_cli(model: Model, tmp_path: Path) -> None:
+    """A boolean array and the same mask saved as a TIFF go through one conversion (read_image's: 0/1 uint8)."""
+    import tifffile
+
+    from nucleiseg.io import read_image
+
+    grey = _fixture_images()[0][:96, :96, 0]
+    mask = grey > np.percentile(grey, 80)  # the brightest fifth: the nuclei, roughly
+    tifffile.imwrite(tmp_path / "mask.tif", mask)
+    from_file = segment(read_image(tmp_path / "mask.tif"), model=model)
+    from_array = segment(mask, model=model)
+    np.testing.assert_array_equal(from_array.labels, from_file.labels)
+    np.testing.assert_array_equal(from_array.probabilities, from_file.probabilities)
+
+
+def test_mean_intensity_leaves_out_pixels_without_data() -> None:
+    """A NaN (or infinite) pixel inside a nucleus does not make its mean intensity NaN."""
+    labels = np.zeros((12, 12), np.int32)
+    labels[1:5, 1:5] = 1
+    labels[6:10, 6:10] = 2
+    labels[0, 11] = 3
+    image = np.full((12, 12), 10.0, np.float32)
+    image[1:5, 1:5] = np.arange(16, dtype=np.float32).reshape(4, 4)
+    image[2, 2], image[3, 3] = np.nan, np.inf  # 5 and 10 of 0..15 missing
+    image[0, 11] = np.nan  # a nucleus with no data at all
+    table = measure_nuclei(labels, image)
+    finite = [v for v in range(16) if v not in (5, 10)]
+    assert table["area"].tolist() == [16, 16, 1]  # the shape counts every pixel
+    assert table["mean_intensity"][0] == pytest.approx(np.mean(finite))
+    assert table["mean_intensity"][1] == 10.0 and np.isnan(table["mean_intensity"][2])
+    rgb = np.repeat(image[..., None], 3, axis=2)  # colour: the luminance of a NaN pixel is NaN, left out too
+    assert measure_nuclei(labels, rgb)["mean_intensity"][0] == pytest.approx(np.mean(finite), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- memory
+def test_prediction_refused_when_it_needs_more_memory_than_available(model: Model, monkeypatch) -> None:
+    monkeypatch.delenv(inference.MEMORY_CHECK_ENV, raising=False)
+    image = np.zeros((64, 80), np.uint8)
+    need = inference.prediction_memory(image.shape)
+    assert need == inference.BYTES_PER_PIXEL * 64 * 80
+    monkeypatch.setattr(inference, "available_memory", lambda: need - 1)
+    with pytest.raises(NucleisegError) as info:
+        predict_probabilities(model, image)
+    message = str(info.value)
+    assert "\n" not in message
+    for words in ("image of 64 x 80 pixels", "GiB of memory", "GiB is available", "--cluster", "segment_large",
+                  "NUCLEISEG_MEMORY_CHECK=0"):
+        assert words in message
+    with pytest.raises(NucleisegError, match="64 x 80 pixels"):
+        segment(image, model=model)
+    monkeypatch.setattr(inference, "available_memory", lambda: need)  # just enough
+    assert predict_probabilities(model, image).shape == (3, 64, 80)
+    monkeypatch.setattr(inference, "available_memory", lambda: 1)
+    monkeypatch.setenv(inference.MEMORY_CHECK_ENV, "0")  # the user's override
+    assert predict_probabilities(model, image).shape == (3, 64, 80)
+
+
+def test_memory_estimate_of_a_huge_image(monkeypatch) -> None:
+    """The 1.5 MB PNG that claims 40,000 x 40,000 grey pixels (1.6 GB decoded, under the reading limit) is
+    refused before prediction on a machine with 16 GiB free; 8000 x 8000 (3.6 GiB measured in all) fits."""
+    monkeypatch.delenv(inference.MEMORY_CHECK_ENV, raising=False)
+    monkeypatch.setattr(inference, "available_memory", lambda: 16 * 1024**3)
+    with pytest.raises(NucleisegError, match=r"40,000 x 40,000 pixels: predicting it needs about 46\.2 GiB .* "
+                                             r"16 GiB is available"):
+        inference.check_memory((40_000, 40_000))
+    inference.check_memory((8000, 8000, 3))
+    assert 1.4 < inference.prediction_memory((8000, 8000)) / 1024**3 < 3.62  # x + acc at least; a floor
+    # resized for the network: counted at the larger size, plus the probabilities resized back
+    assert inference.prediction_memory((1000, 1000), 2.0) == inference.BYTES_PER_PIXEL * 4e6 + 12e6
+    with pytest.raises(NucleisegError, match=r"at scale 2"):
+        inference.check_memory((16_000, 16_000), 2.0)
+
+
+def test_available_memory_is_a_figure() -> None:
+    available = inference.available_memory()
+    assert available is None or 0 < available <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_absurd_scale_is_refused_in_a_short_line(model: Model) -> None:
+    with pytest.raises(NucleisegError, match=r"256x256 pixels, 4\.608e\+303x4\.608e\+303 at scale 1\.8e\+301") as info:
+        predict_probabilities(model, np.zeros((256, 256), np.uint8), diameter=1e-300)
+    assert len(str(info.value)) < 250

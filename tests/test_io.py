@@ -282,3 +282,168 @@ def test_16bit_colour_png_keeps_its_depth(tmp_path: Path) -> None:
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageReadError, match="cut.png: cannot be read as an image"):
         read_image(tmp_path / "cut.png")
+
+
+# ----------------------------------------------------------------------------- what a file holds, as a viewer shows it
+def _dsb_rgb() -> np.ndarray:
+    """A real DSB image (stained tissue), 8-bit RGB."""
+    train = Path(__file__).resolve().parent / "fixtures" / "dsb" / "stage1_train"
+    image_id = "af576e8ec3a8d0b57eb6a311299e9e4fd2047970d3dd9d6f52e54ea6a91109da"
+    return read_image(train / image_id / "images" / f"{image_id}.png")[:96, :128, :3]
+
+
+def test_cmyk_jpeg_reads_as_rgb(tmp_path: Path) -> None:
+    """A CMYK JPEG (what print workflows save) is its RGB, not 4 channels taken for RGBA."""
+    from PIL import Image
+
+    rgb = _dsb_rgb()
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    Image.fromarray(rgb).save(tmp_path / "rgb.jpg", quality=95)
+    with Image.open(tmp_path / "cmyk.jpg") as im:
+        assert im.mode == "CMYK"  # the file really is CMYK
+    out = read_image(tmp_path / "cmyk.jpg")
+    assert out.shape == rgb.shape and out.dtype == np.uint8
+    same = read_image(tmp_path / "rgb.jpg").astype(int)
+    assert np.abs(out.astype(int) - same).mean() < 3  # JPEG's losses apart, the same colours
+
+
+def test_cmyk_tiff_reads_as_rgb(tmp_path: Path) -> None:
+    """A CMYK (separated) TIFF is converted as Pillow converts CMYK: (255 - C)(255 - K) / 255."""
+    import tifffile
+    from PIL import Image
+
+    cmyk = np.random.default_rng(1).integers(0, 256, (20, 30, 4), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "cmyk.tif", cmyk, photometric="separated")
+    expected = np.asarray(Image.fromarray(cmyk, mode="CMYK").convert("RGB"))
+    out = read_image(tmp_path / "cmyk.tif")
+    assert out.shape == (20, 30, 3)
+    assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("dtype, bits", [(np.uint8, None), (np.uint16, None), (np.uint16, 12), (np.float32, None)])
+def test_min_is_white_tiff_reads_like_min_is_black(tmp_path: Path, dtype, bits) -> None:
+    """A grey TIFF marked min-is-white (0 = white) reads as the same image stored min-is-black."""
+    import tifffile
+
+    grey = _dsb_rgb()[..., 1].astype(np.float64) / 255
+    top = {np.uint8: 255, np.uint16: (1 << bits) - 1 if bits else 65535, np.float32: 1.0}[dtype]
+    black = (grey * top).astype(dtype)
+    white = (top - black).astype(dtype) if dtype != np.float32 else -black
+    kwargs = {"bitspersample": bits} if bits else {}
+    tifffile.imwrite(tmp_path / "black.tif", black, photometric="minisblack", **kwargs)
+    tifffile.imwrite(tmp_path / "white.tif", white, photometric="miniswhite", **kwargs)
+    np.testing.assert_array_equal(read_image(tmp_path / "white.tif"), read_image(tmp_path / "black.tif"))
+
+
+def test_bilevel_tiff_keeps_its_bits(tmp_path: Path) -> None:
+    """A boolean mask saved by tifffile (which marks every bilevel image min-is-white) reads as it was saved."""
+    import tifffile
+
+    mask = _dsb_rgb()[..., 1] > 100
+    tifffile.imwrite(tmp_path / "mask.tif", mask)
+    with tifffile.TiffFile(tmp_path / "mask.tif") as tif:
+        assert tif.pages.first.photometric == tifffile.PHOTOMETRIC.MINISWHITE
+    np.testing.assert_array_equal(read_image(tmp_path / "mask.tif"), mask.astype(np.uint8))
+
+
+def test_format_is_read_from_the_content_not_the_name(tmp_path: Path) -> None:
+    """A PNG named .tif and a TIFF named .png read as what they are, the same as under their own names."""
+    import tifffile
+
+    from nucleiseg.io import header_bytes
+
+    grey = _dsb_rgb()[..., 0]
+    write_png(tmp_path / "png_as.tif", grey)
+    write_png(tmp_path / "png_as.TIFF", grey)
+    for name in ("png_as.tif", "png_as.TIFF"):
+        np.testing.assert_array_equal(read_image(tmp_path / name), grey)
+        assert header_bytes(tmp_path / name) == grey.nbytes
+    planar = np.stack([grey.astype(np.uint16) * 100, grey.astype(np.uint16), 65535 - grey.astype(np.uint16)])
+    tifffile.imwrite(tmp_path / "planar.tif", planar, photometric="minisblack")  # 3 pages of 16 bits: not for Pillow
+    (tmp_path / "tif_as.png").write_bytes((tmp_path / "planar.tif").read_bytes())
+    as_tiff = read_image(tmp_path / "planar.tif")
+    np.testing.assert_array_equal(read_image(tmp_path / "tif_as.png"), as_tiff)
+    np.testing.assert_array_equal(read_image(tmp_path / "tif_as.png", channel=3), as_tiff[..., 2])
+    assert header_bytes(tmp_path / "tif_as.png") == header_bytes(tmp_path / "planar.tif") == planar.nbytes
+
+
+# ----------------------------------------------------------------------------- pixel size
+def test_pixel_size_read_from_imagej_ome_and_resolution_tags(tmp_path: Path) -> None:
+    import tifffile
+
+    from nucleiseg.io import PixelSize, read_pixel_size
+
+    image = np.zeros((20, 30), np.uint8)
+    tifffile.imwrite(tmp_path / "ij.tif", image, imagej=True, resolution=(1 / 0.325, 1 / 0.325),
+                     metadata={"unit": "micron"})
+    assert read_pixel_size(tmp_path / "ij.tif") == PixelSize(0.325, 0.325, "um")
+    tifffile.imwrite(tmp_path / "ij_nm.tif", image, imagej=True, resolution=(1 / 65, 1 / 80), metadata={"unit": "nm"})
+    assert read_pixel_size(tmp_path / "ij_nm.tif") == PixelSize(65.0, 80.0, "nm")
+    tifffile.imwrite(tmp_path / "ome.ome.tif", image, metadata={"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.25})
+    assert read_pixel_size(tmp_path / "ome.ome.tif") == PixelSize(0.5, 0.25, "um")
+    tifffile.imwrite(tmp_path / "cm.tif", image, resolution=(10_000 / 0.65, 10_000 / 0.65), resolutionunit="CENTIMETER")
+    assert read_pixel_size(tmp_path / "cm.tif") == PixelSize(0.65, 0.65, "um")
+    tifffile.imwrite(tmp_path / "inch.tif", image, resolution=(25_400, 25_400), resolutionunit="INCH")
+    assert read_pixel_size(tmp_path / "inch.tif") == PixelSize(1.0, 1.0, "um")
+    # none recorded: tifffile's default (1 pixel per no unit), an image editor's 72 dpi, a PNG, an unreadable file
+    tifffile.imwrite(tmp_path / "plain.tif", image)
+    tifffile.imwrite(tmp_path / "72dpi.tif", image, resolution=(72, 72), resolutionunit="INCH")
+    write_png(tmp_path / "plain.png", image)
+    (tmp_path / "junk.tif").write_bytes(b"II*\0 not really")
+    for name in ("plain.tif", "72dpi.tif", "plain.png", "junk.tif", "missing.tif"):
+        assert read_pixel_size(tmp_path / name) is None, name
+
+
+def test_pixel_size_read_from_png_phys(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from nucleiseg.io import PixelSize, read_pixel_size
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "cal.png", dpi=(25_400 / 0.5, 25_400 / 0.5))
+    size = read_pixel_size(tmp_path / "cal.png")
+    assert size.unit == "um" and abs(size.x - 0.5) < 1e-3 and abs(size.y - 0.5) < 1e-3
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "72.png", dpi=(72, 72))
+    assert read_pixel_size(tmp_path / "72.png") is None
+    assert isinstance(size, PixelSize)
+
+
+@pytest.mark.parametrize("top", [5, 70_000])  # ImageJ's 16-bit labels; plain 32-bit TIFF
+def test_labels_tiff_keeps_the_pixel_size(tmp_path: Path, top: int) -> None:
+    """Written as ImageJ reads it: Fiji and napari measure the labels in micrometres, not pixels."""
+    import tifffile
+
+    from nucleiseg.io import PixelSize, read_pixel_size
+
+    tifffile.imwrite(tmp_path / "image.tif", np.zeros((60, 80), np.uint8), imagej=True,
+                     resolution=(1 / 0.325, 1 / 0.325), metadata={"unit": "um"})
+    size = read_pixel_size(tmp_path / "image.tif")
+    labels = (_labels() > 0) * top
+    write_labels_tiff(tmp_path / "labels.tif", labels, pixel_size=size)
+    assert read_pixel_size(tmp_path / "labels.tif") == PixelSize(0.325, 0.325, "um")
+    np.testing.assert_array_equal(read_labels(tmp_path / "labels.tif"), labels)
+    with tifffile.TiffFile(tmp_path / "labels.tif") as tif:
+        page = tif.pages.first
+        xres = page.tags["XResolution"].value
+        assert abs(xres[0] / xres[1] - 1 / 0.325 * (1 if top < 65536 else 10_000)) < 1e-6
+        if top < 65536:
+            assert tif.imagej_metadata["unit"] == "um"  # ImageJ's own: pixels per unit, the unit in its metadata
+        else:
+            assert page.tags["ResolutionUnit"].value == tifffile.RESUNIT.CENTIMETER
+    write_labels_tiff(tmp_path / "bare.tif", labels)  # none given: none written
+    assert read_pixel_size(tmp_path / "bare.tif") is None
+    with pytest.raises(ValueError, match="pixel_size"):
+        write_labels_tiff(tmp_path / "bad.tif", labels, pixel_size=(0, 1, "um"))
+
+
+def test_probabilities_tiff_keeps_the_pixel_size(tmp_path: Path) -> None:
+    import tifffile
+
+    from nucleiseg.io import PixelSize, read_pixel_size
+
+    probs = np.random.default_rng(0).random((3, 17, 23), dtype=np.float32)
+    write_probabilities_tiff(tmp_path / "p.tif", probs, ["body", "contour", "touch"],
+                             pixel_size=PixelSize(0.325, 0.5, "µm"))
+    assert read_pixel_size(tmp_path / "p.tif") == PixelSize(0.325, 0.5, "um")
+    with tifffile.TiffFile(tmp_path / "p.tif") as tif:
+        assert tif.imagej_metadata["unit"] == "um" and tif.imagej_metadata["Labels"] == ["body", "contour", "touch"]
+        assert tif.series[0].axes == "CYX" and np.array_equal(tif.asarray(), probs)

@@ -25,6 +25,7 @@ Examples
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +36,7 @@ import torch
 
 from .device import release_freed_memory, resolve_device, resolve_precision, reuse_freed_memory
 from .errors import NucleisegError
+from .io import as_2d_image
 from .models import UNetPlusPlus, load_model_file, resolve_model_path
 from .models.fuse import fuse_batchnorm
 from .models.metadata import DEFAULT_CHANNELS, DEFAULT_FAST_PRUNE_LEVEL, ModelMetadata, resolve_prune_level  # noqa: F401
@@ -67,12 +69,15 @@ __all__ = [
     "PredictOptions",
     "Segmentation",
     "auto_scale",
+    "available_memory",
+    "check_memory",
     "check_scale",
     "check_tiling",
     "label_nuclei",
     "load_model",
     "predict_labels",
     "predict_probabilities",
+    "prediction_memory",
     "scale_for_diameter",
     "segment",
 ]
@@ -218,28 +223,145 @@ def _as_model(model: Model | str | Path | None, device: str | torch.device = "cp
     return load_model(model, device)
 
 
+# ----------------------------------------------------------------------------- memory
+#: Bytes per pixel that segmenting an image allocates beyond the image itself, at scale 1: the normalised
+#: float32 image (3 x 4 B) and the float32 accumulator that becomes the probabilities (3 x 4 B) held together,
+#: the 8-bit RGB copy, then the labels and the watershed's bands. Measured as the slope of the peak resident
+#: set (VmHWM) over the image's size, from 2048² to 4096² random images, a tiny network (fast mode, so that
+#: the tiles' activations, which do not grow with the image, stay small), 2-core VM, 2026-11-29: segment()
+#: 30.6 B/px for 8-bit RGB; predict_probabilities alone 28.2 (8-bit RGB) and 28.6 (16-bit grey). The tiles'
+#: activations come on top (about 1.2 GiB for the shipped network's 1024² tiles in fp32; docs/benchmarks.md),
+#: so :func:`prediction_memory` is a floor: 8000² needs at least 1.8 GiB (3.6 GiB measured in all).
+BYTES_PER_PIXEL = 31
+
+#: Bytes per image pixel of the probabilities resized back to the image's size when predicting at a scale
+#: other than 1 (3 float32 channels), on top of :data:`BYTES_PER_PIXEL` per network pixel (counted, not measured).
+RESIZED_BYTES_PER_PIXEL = 12
+
+#: The environment variable that turns :func:`check_memory` off (``0``, ``off``, ``no`` or ``false``).
+MEMORY_CHECK_ENV = "NUCLEISEG_MEMORY_CHECK"
+
+
+def prediction_memory(shape: tuple[int, ...], scale: float = 1.0) -> int:
+    """Bytes that predicting an image of ``shape`` (``(H, W, ...)``) at ``scale`` needs beyond the image itself.
+
+    :data:`BYTES_PER_PIXEL` per pixel of the image or of the network's input (the image resized by
+    ``scale``), whichever has more, plus :data:`RESIZED_BYTES_PER_PIXEL` per image pixel when resized.
+    A floor: the network's activations for one batch of tiles come on top.
+
+    Examples
+    --------
+    >>> prediction_memory((8000, 8000)) / 1024**3  # doctest: +ELLIPSIS
+    1.84...
+    """
+    pixels = int(shape[0]) * int(shape[1])
+    network = pixels * float(scale) ** 2
+    need = BYTES_PER_PIXEL * max(pixels, network)
+    if scale != 1.0:
+        need += RESIZED_BYTES_PER_PIXEL * pixels
+    return int(need)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take: Linux's ``MemAvailable`` (free memory plus what the
+    kernel can reclaim), within the cgroup's limit (containers); elsewhere the machine's physical memory;
+    None when unknown."""
+    found: list[int] = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # cgroup v2: a container's limit, which MemAvailable (the host's) does not show
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
+                found.append(max(0, int(limit) - int(f.read().strip())))
+    except (OSError, ValueError):
+        pass
+    if not found:
+        try:
+            found.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (AttributeError, ValueError, OSError):
+            return None
+    return min(found)
+
+
+def check_memory(shape: tuple[int, ...], scale: float = 1.0, *, image_bytes: int = 0) -> None:
+    """Refuse, in one line, an image whose prediction needs more memory than is available.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        The image's ``(H, W, ...)``.
+    scale : float
+        The factor it is resized by for the network.
+    image_bytes : int
+        Bytes of the decoded image when it is not in memory yet (a check from a file's header,
+        before reading it); 0 when it is (already counted as used).
+
+    Raises
+    ------
+    NucleisegError
+        :func:`prediction_memory` plus ``image_bytes`` exceeds :func:`available_memory`: names the
+        image's size, the estimate, what is available and what to do. Off when the environment
+        variable ``NUCLEISEG_MEMORY_CHECK`` is ``0`` (or ``off``, ``no``, ``false``).
+
+    Examples
+    --------
+    >>> check_memory((512, 512))
+    >>> check_memory((400_000, 400_000))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    nucleiseg.errors.NucleisegError: image of 400,000 x 400,000 pixels: predicting it needs about ... GiB of memory ...
+    """
+    if os.environ.get(MEMORY_CHECK_ENV, "").strip().lower() in ("0", "off", "no", "false"):
+        return
+    need = prediction_memory(shape, scale) + int(image_bytes)
+    available = available_memory()
+    if available is None or need <= available:
+        return
+    at = "" if scale == 1.0 else f" at scale {scale:g}"
+    raise NucleisegError(
+        f"image of {int(shape[0]):,} x {int(shape[1]):,} pixels: predicting it{at} needs about {need / 1024**3:.3g} GiB "
+        f"of memory ({BYTES_PER_PIXEL} bytes a pixel, the network's tiles besides), and {available / 1024**3:.3g} GiB "
+        "is available; segment it block by block instead: as a TIFF with predict --cluster local:2, or "
+        "nucleiseg.distributed.segment_large (README, 'Prediction on a Dask cluster'), or a crop, or a smaller "
+        f"scale; {MEMORY_CHECK_ENV}=0 tries anyway")
+
+
 # ----------------------------------------------------------------------------- probabilities
+def _checked_image(image) -> np.ndarray:
+    """``image`` as :func:`~nucleiseg.io.as_2d_image` converts it, refused under ``MIN_IMAGE_SIZE`` on a side."""
+    image = as_2d_image(image)
+    height, width = image.shape[:2]
+    if min(height, width) < MIN_IMAGE_SIZE:
+        raise NucleisegError(
+            f"image is {height}x{width} pixels, too small: the minimum is {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}"
+        )
+    return image
+
+
 def prepare_image(image: np.ndarray, levels=None) -> np.ndarray:
     """The network input for ``image``: ``(3, H, W)`` float32, normalised over the whole image.
 
     ``levels`` (:class:`~nucleiseg.preprocess.IntensityLevels`): normalise with
     those of a larger image that ``image`` is a block of instead.
 
+    ``image`` may be in any layout :func:`~nucleiseg.io.read_image` accepts in a file
+    (:func:`~nucleiseg.io.as_2d_image`: ``(C, H, W)``, singleton axes, booleans).
+
     Raises
     ------
     NucleisegError
-        The image is smaller than ``MIN_IMAGE_SIZE`` on a side.
-    ValueError
-        Not a 2-D grey, grey+alpha, RGB or RGBA array.
+        The image is smaller than ``MIN_IMAGE_SIZE`` on a side, or not a 2-D grey,
+        grey+alpha, RGB or RGBA image in one of those layouts.
     """
-    image = np.asarray(image)
-    if image.ndim not in (2, 3):
-        raise ValueError(f"expected a 2-D grey, RGB or RGBA image, got shape {image.shape}")
-    height, width = image.shape[:2]
-    if min(height, width) < MIN_IMAGE_SIZE:
-        raise NucleisegError(
-            f"image is {height}x{width} pixels, too small: the minimum is {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}"
-        )
+    image = _checked_image(image)
     if levels is None:
         return normalize(to_rgb_uint8(image))
     return normalize(to_rgb_uint8(image, levels.rescale), levels=levels.normalize)
@@ -261,9 +383,11 @@ def predict_probabilities(
     model : Model
         From :func:`load_model`.
     image : ndarray, shape (H, W) or (H, W, C)
-        Grey, grey+alpha, RGB or RGBA; 8-bit, 16-bit or float (as
-        :func:`~nucleiseg.io.read_image` returns it). Normalised once as a
-        whole, so all tiles see the same intensity scale.
+        Grey, grey+alpha, RGB or RGBA; 8-bit, 16-bit, float or boolean (as
+        :func:`~nucleiseg.io.read_image` returns it, or in a layout it accepts
+        in a file: ``(C, H, W)``, singleton axes; see
+        :func:`~nucleiseg.io.as_2d_image`). Normalised once as a whole, so all
+        tiles see the same intensity scale.
     options : PredictOptions or mapping, optional
         What is used here: ``mode`` (accurate averages all heads; fast computes
         only the sub-network of head ``model.fast_prune_level``), ``prune_level``,
@@ -290,7 +414,9 @@ def predict_probabilities(
     Raises
     ------
     NucleisegError
-        The image (resized by ``scale``) is smaller than ``MIN_IMAGE_SIZE`` pixels on a side.
+        The image (resized by ``scale``) is smaller than ``MIN_IMAGE_SIZE`` pixels on a side,
+        is not an image (:func:`~nucleiseg.io.as_2d_image`), or needs more memory than is
+        available (:func:`check_memory`).
     ValueError
         An option out of range (:class:`~nucleiseg.errors.OptionError` is both).
 
@@ -307,9 +433,13 @@ def predict_probabilities(
         raise ValueError("scale='auto' needs the nuclei of a first pass: use predict_labels or segment")
     level = resolve_prune_level(model.depth, model.metadata, opts.mode, opts.prune_level)
     autocast = resolve_precision(opts.precision, model.device)  # one rule for training and prediction
+    scale = opts.scale
+    image = _checked_image(image)
+    if scale != 1.0:
+        scaled_size(image.shape[:2], scale)  # too small or too large a resizing refused first, in its own words
+    check_memory(image.shape, scale)
     if model.device.type == "cpu":
         reuse_freed_memory()  # large tiles' activations otherwise cost a page fault per 4 kB, every pass
-    scale = opts.scale
     x = prepare_image(image, levels)  # normalised at the image's own size: the same intensities at every scale
     native = x.shape[1:]
     if scale != 1.0:
@@ -436,8 +566,13 @@ def segment(
     Parameters
     ----------
     image : ndarray, shape (H, W) or (H, W, C)
-        Grey, RGB or RGBA, any bit depth. With ``options.channel``, that
-        channel alone of a multi-channel image (the table's intensities too).
+        Grey, RGB or RGBA, any bit depth, or boolean; or in another layout
+        :func:`~nucleiseg.io.read_image` accepts in a file (``(C, H, W)`` with
+        C up to 4, singleton axes such as ``(1, H, W)``): it goes through the
+        same conversion (:func:`~nucleiseg.io.as_2d_image`), so an array gives
+        the result of the same pixels read from a file. With
+        ``options.channel``, that channel alone of a multi-channel image (the
+        table's intensities too).
     model : Model, str, Path or None
         A loaded model, a model file / run folder, or None for the shipped
         model (loaded once, then reused).
@@ -469,6 +604,7 @@ def segment(
     from .measure import measure_nuclei
     from .preprocess import select_channel
 
+    image = as_2d_image(image)  # the layouts and types read_image accepts in a file, converted as it does
     opts = PredictOptions.from_any(options, **overrides)
     model = _as_model(model, resolve_device(opts.device))
     opts = opts.resolved(model.depth, model.nucleus_diameter)
@@ -540,6 +676,7 @@ def predict_labels(
     """
     from .measure import median_diameter
 
+    image = as_2d_image(image)
     opts = PredictOptions.from_any(options, **overrides).resolved(model.depth, model.nucleus_diameter)
     auto = opts.scale == "auto"
     first = 1.0 if auto else opts.scale

@@ -3,7 +3,11 @@
 Every reader here turns a user mistake (missing file, empty file, not an image,
 an image whose header claims more than :data:`MAX_IMAGE_BYTES`) into
 :class:`~nucleiseg.errors.ImageReadError` naming the file, so the command line
-can report it in one line and go on with the other images. Every writer goes
+can report it in one line and go on with the other images. A file is decoded
+as what its first bytes say it is, whatever its extension, and as a viewer
+shows it (CMYK as RGB, a min-is-white grey TIFF inverted); its pixel size is
+read by :func:`read_pixel_size` and written back into the label and
+probability TIFFs (``pixel_size=``). Every writer goes
 through :func:`atomic_path`: a reader never sees a half-written file, and a full
 disk is one line too (docs/reliability.md).
 """
@@ -20,6 +24,7 @@ import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -36,7 +41,8 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 #: Checked from the file's header before anything is decoded, so a small file claiming a huge
 #: image (a "decompression bomb": 2.4 MB of TIFF claiming 50,000 x 50,000 grew to 10 GB before
 #: failing) costs one error line. Predicting an image needs several times its decoded size
-#: (3.62 GiB peak for an 8000 x 8000 RGB image, docs/benchmarks.md). Override per call
+#: (3.62 GiB peak for an 8000 x 8000 RGB image, docs/benchmarks.md): an image within this limit whose
+#: prediction would not fit in the memory available is refused by nucleiseg.inference.check_memory. Override per call
 #: (``max_bytes=``) or per process with the environment variable ``NUCLEISEG_MAX_IMAGE_BYTES``
 #: (bytes, or with a K/M/G/T suffix, powers of 1024; 0 = no limit).
 MAX_IMAGE_BYTES = 2 * 1024**3
@@ -139,9 +145,15 @@ def _read_png_16bit_colour(path: Path, colour_type: int) -> np.ndarray:
 
 def _pil_header(path: Path) -> tuple[tuple[int, ...], int]:
     """``(shape, bytes per value)`` of the array imageio will decode, from the header (Pillow, lazily)."""
+    shape, itemsize, _ = _pil_header_mode(path)
+    return shape, itemsize
+
+
+def _pil_header_mode(path: Path) -> tuple[tuple[int, ...], int, str]:
+    """:func:`_pil_header` and Pillow's mode of the image (``"L"``, ``"RGB"``, ``"CMYK"``...)."""
     from PIL import Image
 
-    def read() -> tuple[tuple[int, ...], int]:
+    def read() -> tuple[tuple[int, ...], int, str]:
         with Image.open(path) as im:
             width, height = im.size
             frames = int(getattr(im, "n_frames", 1) or 1)
@@ -150,7 +162,7 @@ def _pil_header(path: Path) -> tuple[tuple[int, ...], int]:
         itemsize = 4 if mode in ("I", "F") or mode.startswith(("I;32", "F;")) else 2 if "16" in mode else 1
         if _png_16bit_colour(path) is not None:  # read at its own depth (_read_pil_format), not Pillow's 8 bits
             itemsize = 2
-        return ((frames,) if frames > 1 else ()) + (height, width, bands), itemsize
+        return ((frames,) if frames > 1 else ()) + (height, width, bands), itemsize, mode
 
     try:
         return read()
@@ -176,7 +188,7 @@ def header_bytes(path: str | Path) -> int | None:
     """
     path = Path(path)
     try:
-        if path.suffix.lower() in TIFF_SUFFIXES:
+        if is_tiff(path):
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
@@ -189,10 +201,16 @@ def header_bytes(path: str | Path) -> int | None:
     return int(np.prod(shape, dtype=object)) * int(itemsize)
 
 
-def _read_pil_format(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+#: Pillow's modes of ink (a CMYK JPEG or TIFF; Pillow decodes a YCCK JPEG to CMYK too), read as RGB: their four
+#: values per pixel are not red, green, blue and alpha.
+_INK_MODES = ("CMYK",)
+
+
+def _read_pil_format(path: Path, shape: tuple[int, ...], mode: str = "") -> np.ndarray:
     """Decode with imageio (Pillow); an image already checked against our limit may exceed Pillow's.
 
-    16-bit colour PNGs, which Pillow reduces to 8 bits, are decoded by libpng (OpenCV) at their own depth.
+    16-bit colour PNGs, which Pillow reduces to 8 bits, are decoded by libpng (OpenCV) at their own depth;
+    CMYK (and YCCK) images are converted to RGB by Pillow (``mode``: Pillow's mode of the file).
     """
     import imageio.v3 as iio
     from PIL import Image
@@ -200,19 +218,83 @@ def _read_pil_format(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     colour_type = _png_16bit_colour(path)
     if colour_type is not None:
         return _read_png_16bit_colour(path, colour_type)
+    kwargs = {"mode": "RGB"} if mode in _INK_MODES else {}
 
     with warnings.catch_warnings():  # imageio's plugin probing announces its own deprecations
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # sized against our own limit
         limit = Image.MAX_IMAGE_PIXELS
         if limit is None or shape[-3] * shape[-2] <= 2 * limit:
-            return iio.imread(path)
+            return iio.imread(path, **kwargs)
         with _PIL_LIMIT_LOCK:
             saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
             try:
-                return iio.imread(path)
+                return iio.imread(path, **kwargs)
             finally:
                 Image.MAX_IMAGE_PIXELS = saved
+
+
+#: The first four bytes of a TIFF (little- and big-endian) and of a BigTIFF.
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
+
+
+def is_tiff(path: str | Path) -> bool:
+    """Whether the file at ``path`` is a TIFF, from its first bytes (its magic number), whatever its name.
+
+    The readers choose their decoder by what a file holds, not by its extension, so a PNG named
+    ``.tif`` and a TIFF named ``.png`` read as what they are; a file that cannot be opened is
+    judged by its name (the reader then says why it cannot be read).
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "really_a_png.tif")
+    >>> write_png(path, np.zeros((4, 4), np.uint8))
+    >>> is_tiff(path)
+    False
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in _TIFF_MAGIC
+    except OSError:
+        return path.suffix.lower() in TIFF_SUFFIXES
+
+
+def _cmyk_to_rgb(image: np.ndarray) -> np.ndarray:
+    """8- or 16-bit ink ``(..., 4)`` (C, M, Y, K; 0 = no ink) as RGB, by Pillow's formula ``(max - C)(max - K) / max``."""
+    top = np.iinfo(image.dtype).max
+    ink = image.astype(np.float32)
+    white = (top - ink[..., 3:4]) / top
+    return np.clip((top - ink[..., :3]) * white + 0.5, 0, top).astype(image.dtype)
+
+
+def _tiff_page_fixes(page, image: np.ndarray, axes: str) -> np.ndarray:
+    """What tifffile leaves as stored and a viewer shows otherwise: a grey min-is-white TIFF (0 = white)
+    inverted to min-is-black, and a CMYK (separated, 4 inks) TIFF converted to RGB, as Pillow would.
+
+    A 1-bit (bilevel) image keeps its bits: tifffile writes every boolean array as min-is-white and
+    reads it back as written, so its set bits are the mask's foreground (ImageJ too reads them as 255).
+    """
+    import tifffile
+
+    photometric = getattr(page, "photometric", None)
+    samples = int(getattr(page, "samplesperpixel", 1) or 1)
+    bits = int(getattr(page, "bitspersample", 0) or 0)
+    if photometric == tifffile.PHOTOMETRIC.MINISWHITE and samples == 1 and bits != 1 and image.dtype != bool:
+        if image.dtype.kind == "u":
+            top = (1 << bits) - 1 if 0 < bits < 8 * image.dtype.itemsize else np.iinfo(image.dtype).max
+            return (top - image).astype(image.dtype)
+        if image.dtype.kind == "i":
+            return ~image  # -1 - value: the order reversed within the type's range
+        if image.dtype.kind == "f":
+            return -image
+        return image
+    if (photometric == tifffile.PHOTOMETRIC.SEPARATED and samples == 4 and axes.upper().endswith("S")
+            and image.shape[-1] == 4 and image.dtype in (np.uint8, np.uint16)
+            and int(getattr(page, "inkset", 1) or 1) == 1):  # InkSet 1 = CMYK
+        return _cmyk_to_rgb(image)
+    return image
 
 
 def read_image(path: str | Path, *, max_bytes: int | None = None, channel: int | None = None) -> np.ndarray:
@@ -260,9 +342,10 @@ def read_image(path: str | Path, *, max_bytes: int | None = None, channel: int |
     if path.stat().st_size == 0:
         raise ImageReadError("empty file (0 bytes)", path)
     limit = max_image_bytes(max_bytes)
+    tiff = is_tiff(path)  # by its content: a PNG named .tif reads as a PNG, a TIFF named .png as a TIFF
     _reading.active = True
     try:
-        if path.suffix.lower() in TIFF_SUFFIXES:
+        if tiff:
             import tifffile
 
             with tifffile.TiffFile(path) as tif:  # what tifffile.imread does, with a look at the header first
@@ -270,10 +353,11 @@ def read_image(path: str | Path, *, max_bytes: int | None = None, channel: int |
                 _refuse_if_too_large(path, series.shape, series.dtype.itemsize, limit)
                 image = tif.asarray()
                 axes = series.axes
+                image = _tiff_page_fixes(series.keyframe, image, axes)
         else:
-            shape, itemsize = _pil_header(path)
+            shape, itemsize, mode = _pil_header_mode(path)
             _refuse_if_too_large(path, shape, itemsize, limit)
-            image = _read_pil_format(path, shape)
+            image = _read_pil_format(path, shape, mode)
     except ImageReadError:
         raise
     except MemoryError:
@@ -289,11 +373,11 @@ def read_image(path: str | Path, *, max_bytes: int | None = None, channel: int |
     finally:
         _reading.active = False
     image = np.asarray(image)
-    if channel is not None and path.suffix.lower() in TIFF_SUFFIXES:
+    if channel is not None and tiff:
         picked = _tiff_channel(image, axes, channel, path)
         if picked is not None:
-            return _as_2d_image(picked, path)
-    image = _as_2d_image(image, path)
+            return as_2d_image(picked, path)
+    image = as_2d_image(image, path)
     if channel is None:
         return image
     from .preprocess import select_channel
@@ -332,10 +416,41 @@ def _tiff_channel(image: np.ndarray, axes: str, channel: int, path: Path) -> np.
     return np.take(image, channel - 1, axis=axis)
 
 
-def _as_2d_image(image: np.ndarray, path: Path) -> np.ndarray:
-    """Squeeze singleton axes and bring channels last, or refuse a stack."""
+def as_2d_image(image, path: str | Path | None = None) -> np.ndarray:
+    """An image as :func:`read_image` returns it: ``(H, W)`` or ``(H, W, C)``, C in 1..4; or a refusal in words.
+
+    The one conversion of a decoded file and of an array given to the Python API
+    (:func:`nucleiseg.inference.segment`): singleton axes squeezed (``(1, H, W)``,
+    ``(H, W, 1, 1)``; not those of a 1-pixel-high or -wide image), a leading axis of
+    1 to 4 channels moved last (``(3, H, W)`` -> ``(H, W, 3)``), booleans as uint8 0/1.
+
+    Parameters
+    ----------
+    image : array_like
+        Decoded pixels.
+    path : str or Path, optional
+        The file they were read from, named in the error.
+
+    Raises
+    ------
+    ImageReadError
+        With ``path``: not a 2-D grey, grey + alpha, RGB or RGBA image (a stack), no pixels, not numbers.
+    NucleisegError
+        The same, for an array (no ``path``).
+
+    Examples
+    --------
+    >>> as_2d_image(np.zeros((3, 20, 30), np.uint16)).shape, as_2d_image(np.zeros((1, 20, 30))).shape
+    ((20, 30, 3), (20, 30))
+    >>> as_2d_image(np.ones((2, 2), bool)).dtype
+    dtype('uint8')
+    """
+    error = NucleisegError if path is None else ImageReadError
+    image = np.asarray(image)
     if image.dtype == bool:
         image = image.astype(np.uint8)
+    if image.dtype.kind not in "uif":
+        raise error(f"expected an image of numbers (integers or floats), got {image.dtype} values", path)
     thin = (image.ndim == 2 and 1 in image.shape) or (
         image.ndim == 3 and image.shape[-1] in (1, 2, 3, 4) and 1 in image.shape[:2]
     )
@@ -345,13 +460,228 @@ def _as_2d_image(image: np.ndarray, path: Path) -> np.ndarray:
         image = np.moveaxis(image, 0, -1)
     if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 2, 3, 4)):
         if image.size == 0:
-            raise ImageReadError("image has no pixels", path)
+            raise error("image has no pixels", path)
         return image
+    if path is None:
+        raise error(f"expected a 2-D image as an array of shape (H, W), (H, W, C) or (C, H, W) with C = 1 to 4 "
+                    f"channels (grey, grey + alpha, RGB, RGBA), got shape {image.shape}"
+                    + ("; a stack? Pass one channel (the channel option) or one 2-D plane or a projection"
+                       if image.ndim >= 3 else ""))
     hint = ""
     if image.ndim >= 3:  # what a microscope's multi-plane file usually is
         hint = ("; a z-stack, time series or multi-channel stack? Segment one channel of it (the channel option) "
                 "or one 2-D plane or a projection (Fiji: Image > Stacks > Z Project), saved as its own image")
-    raise ImageReadError(f"expected a 2-D grey, RGB or RGBA image, got an array of shape {image.shape}{hint}", path)
+    raise error(f"expected a 2-D grey, RGB or RGBA image, got an array of shape {image.shape}{hint}", path)
+
+
+_as_2d_image = as_2d_image  # its former name (nucleiseg.distributed)
+
+
+# ------------------------------------------------------------------------------ pixel size
+class PixelSize(NamedTuple):
+    """The physical size of a pixel: its width ``x`` and height ``y``, in ``unit``.
+
+    ``unit`` is ``"um"`` for micrometres however a file spells them (ImageJ's
+    ``micron``, ``µm``), else as the file gives it (``"nm"``, ``"mm"``...).
+    """
+
+    x: float
+    y: float
+    unit: str
+
+
+#: Spellings of units in files (ImageJ, OME, users) -> the name :class:`PixelSize` uses.
+_UNIT_NAMES = {
+    "um": "um", "µm": "um", "μm": "um", "\\u00b5m": "um", "micron": "um", "microns": "um",
+    "micrometer": "um", "micrometre": "um", "micrometers": "um", "micrometres": "um",
+    "nm": "nm", "nanometer": "nm", "nanometre": "nm", "mm": "mm", "millimeter": "mm", "millimetre": "mm",
+    "cm": "cm", "centimeter": "cm", "centimetre": "cm", "m": "m", "meter": "m", "metre": "m",
+    "in": "inch", "inch": "inch", "inches": "inch",
+}
+#: Micrometres per unit of the lengths a TIFF's ResolutionUnit tag can hold (centimetre) or ImageJ converts.
+_UM_PER_UNIT = {"nm": 1e-3, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6, "inch": 25400.0}
+#: Pixels per inch that image editors and screenshots write by default (72, 96), not a calibration: ignored.
+_DEFAULT_DPI = (72.0, 96.0)
+
+
+def _unit_name(unit: object) -> str | None:
+    """The :class:`PixelSize` name of a unit as spelt in a file; None for none ("pixel", blank)."""
+    text = str(unit).strip()
+    if not text or text.lower() in ("pixel", "pixels", "px", "none"):
+        return None
+    return _UNIT_NAMES.get(text.lower(), _UNIT_NAMES.get(text, text))
+
+
+def _pixel_size(x: float, y: float, unit: str | None) -> PixelSize | None:
+    """A :class:`PixelSize`, or None unless both sizes are finite and positive and there is a unit."""
+    if unit is None or not (np.isfinite(x) and np.isfinite(y) and x > 0 and y > 0):
+        return None
+    # 12 significant digits: a resolution is a ratio of integers (ImageJ's 0.325 um comes back as 0.32499999999999996)
+    return PixelSize(float(f"{x:.12g}"), float(f"{y:.12g}"), unit)
+
+
+def _rational(tag) -> float:
+    """A TIFF RATIONAL tag's value as a float (0.0 when absent or zero)."""
+    if tag is None:
+        return 0.0
+    value = tag.value
+    if isinstance(value, tuple) and len(value) == 2:
+        return value[0] / value[1] if value[1] else 0.0
+    return float(value)
+
+
+def _tiff_pixel_size(path: Path) -> PixelSize | None:
+    """OME ``PhysicalSizeX/Y`` (and their units), else ImageJ's ``unit`` with the resolution tags, else
+    the resolution tags in centimetres or inches (converted to micrometres)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        if tif.is_ome and tif.ome_metadata:
+            found = _ome_pixel_size(tif.ome_metadata)
+            if found is not None:
+                return found
+        page = tif.pages.first
+        xres, yres = _rational(page.tags.get("XResolution")), _rational(page.tags.get("YResolution"))
+        if xres <= 0:
+            return None
+        yres = yres if yres > 0 else xres
+        imagej = tif.imagej_metadata or {}
+        if "unit" in imagej:
+            return _pixel_size(1 / xres, 1 / yres, _unit_name(imagej["unit"]))
+        unit = page.tags.get("ResolutionUnit")
+        unit = int(unit.value) if unit is not None else 2  # the TIFF default: inch
+        if unit == 2 and xres in _DEFAULT_DPI:
+            return None
+        per_unit = {2: _UM_PER_UNIT["inch"], 3: _UM_PER_UNIT["cm"]}.get(unit)
+        return None if per_unit is None else _pixel_size(per_unit / xres, per_unit / yres, "um")
+
+
+def _ome_pixel_size(xml: str) -> PixelSize | None:
+    """The first image's ``PhysicalSizeX/Y`` from OME-XML (their unit µm unless given)."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    for element in root.iter():
+        if element.tag.rsplit("}", 1)[-1] == "Pixels":
+            attrs = element.attrib
+            if "PhysicalSizeX" not in attrs:
+                return None
+            try:
+                x = float(attrs["PhysicalSizeX"])
+                y = float(attrs.get("PhysicalSizeY", x))
+            except ValueError:
+                return None
+            unit_x = _unit_name(attrs.get("PhysicalSizeXUnit", "µm"))
+            unit_y = _unit_name(attrs.get("PhysicalSizeYUnit", attrs.get("PhysicalSizeXUnit", "µm")))
+            if unit_y != unit_x and unit_x in _UM_PER_UNIT and unit_y in _UM_PER_UNIT:
+                y = y * _UM_PER_UNIT[unit_y] / _UM_PER_UNIT[unit_x]
+            return _pixel_size(x, y, unit_x)
+    return None
+
+
+def _png_pixel_size(path: Path) -> PixelSize | None:
+    """A PNG's ``pHYs`` chunk in pixels per metre, as micrometres (before the image data; none: None)."""
+    import struct
+
+    with open(path, "rb") as f:
+        if f.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            length, kind = struct.unpack(">I4s", head)
+            if kind in (b"IDAT", b"IEND") or length > 1 << 24:
+                return None
+            if kind != b"pHYs":
+                f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+                continue
+            data = f.read(length)
+            if length != 9 or len(data) != 9 or data[8] != 1:  # unit 1: the metre (0: an aspect ratio only)
+                return None
+            x, y = struct.unpack(">II", data[:8])
+            if not x or not y or round(x * 0.0254) in _DEFAULT_DPI:
+                return None
+            return _pixel_size(1e6 / x, 1e6 / y, "um")
+
+
+def read_pixel_size(path: str | Path) -> PixelSize | None:
+    """The physical size of an image file's pixels, from its header; None when the file records none.
+
+    Read, in this order, from OME-TIFF's ``PhysicalSizeX`` / ``PhysicalSizeY``;
+    an ImageJ TIFF's ``unit`` with the XResolution / YResolution tags (pixels
+    per unit); a TIFF's resolution tags in centimetres or inches; a PNG's
+    ``pHYs`` chunk (pixels per metre). Lengths in centimetres, inches or metres
+    are given in micrometres. 72 and 96 pixels per inch (image editors' and
+    screens' defaults) and resolutions without a unit count as none. Cheap: the
+    pixels are not decoded. The format is told by the file's content, as
+    :func:`read_image` does.
+
+    Parameters
+    ----------
+    path : str or Path
+        An image file.
+
+    Returns
+    -------
+    PixelSize or None
+        ``PixelSize(x, y, unit)``; None also for a file that cannot be read
+        (:func:`read_image` says why).
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "labels.tif")
+    >>> write_labels_tiff(path, np.zeros((8, 8), np.uint16), pixel_size=(0.325, 0.325, "micron"))
+    >>> read_pixel_size(path)
+    PixelSize(x=0.325, y=0.325, unit='um')
+    """
+    path = Path(path)
+    _reading.active = True  # tifffile's complaints about a damaged header are read_image's to report
+    try:
+        if is_tiff(path):
+            return _tiff_pixel_size(path)
+        return _png_pixel_size(path)
+    except Exception:  # unreadable or damaged: no pixel size
+        return None
+    finally:
+        _reading.active = False
+
+
+def _checked_pixel_size(pixel_size) -> PixelSize | None:
+    """``pixel_size`` as a :class:`PixelSize` (its unit's name normalised), or None; ValueError when malformed."""
+    if pixel_size is None:
+        return None
+    try:
+        x, y, unit = pixel_size
+        x, y = float(x), float(y)
+    except (TypeError, ValueError):
+        raise ValueError(f"pixel_size must be (x, y, unit), e.g. PixelSize(0.325, 0.325, 'um'), got {pixel_size!r}") from None
+    name = _unit_name(unit) if isinstance(unit, str) else None
+    checked = _pixel_size(x, y, name)
+    if checked is None:
+        raise ValueError(f"pixel_size must be two sizes > 0 and a unit, got {pixel_size!r}")
+    return checked
+
+
+def _tiff_resolution(pixel_size: PixelSize | None, imagej: bool) -> dict:
+    """tifffile.imwrite's arguments that record ``pixel_size`` as ImageJ reads it.
+
+    ImageJ TIFFs: pixels per unit in XResolution / YResolution and the unit in ImageJ's metadata
+    (Fiji, napari and :func:`read_pixel_size` read both). Plain TIFFs, which have no such metadata:
+    pixels per centimetre (ResolutionUnit 3) for lengths, the resolution alone otherwise.
+    """
+    if pixel_size is None:
+        return {}
+    if imagej:  # ImageJ's own TIFFs: no ResolutionUnit (tifffile writes NONE), the unit in the metadata
+        return {"resolution": (1 / pixel_size.x, 1 / pixel_size.y)}
+    if pixel_size.unit in _UM_PER_UNIT:
+        per_cm = _UM_PER_UNIT["cm"] / _UM_PER_UNIT[pixel_size.unit]
+        return {"resolution": (per_cm / pixel_size.x, per_cm / pixel_size.y), "resolutionunit": "CENTIMETER"}
+    return {"resolution": (1 / pixel_size.x, 1 / pixel_size.y), "resolutionunit": "NONE"}
 
 
 def read_csv_rows(path: str | Path, columns: Sequence[str], what: str = "CSV") -> list[dict[str, str]]:
@@ -569,11 +899,29 @@ def write_png(path: str | Path, image: np.ndarray) -> None:
         f.writelines(pieces)
 
 
-def write_labels_tiff(path: str | Path, labels: np.ndarray) -> None:
+def write_labels_tiff(path: str | Path, labels: np.ndarray, *,
+                      pixel_size: PixelSize | tuple[float, float, str] | None = None) -> None:
     """Write an instance label image as an ImageJ-compatible TIFF, atomically.
 
     16-bit when the largest label fits, else 32-bit, so napari, Fiji and QuPath
     open it as labels with one integer per nucleus and 0 as background.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output ``.tif``.
+    labels : ndarray, shape (H, W), integer
+        Instance labels, 0 for background.
+    pixel_size : PixelSize or (x, y, unit), optional
+        The image's pixel size (:func:`read_pixel_size`), recorded as ImageJ
+        reads it: pixels per unit in the resolution tags and the unit in the
+        ImageJ metadata (32-bit labels, which ImageJ's format lacks: pixels per
+        centimetre), so Fiji and napari measure in that unit. Default: none
+        (resolution 1 pixel per pixel).
+
+    Examples
+    --------
+    >>> write_labels_tiff("labels.tif", labels, pixel_size=read_pixel_size("image.tif"))  # doctest: +SKIP
     """
     import tifffile
 
@@ -583,11 +931,15 @@ def write_labels_tiff(path: str | Path, labels: np.ndarray) -> None:
     top = int(labels.max()) if labels.size else 0
     if labels.min(initial=0) < 0:
         raise ValueError("labels must be non-negative")
+    pixel_size = _checked_pixel_size(pixel_size)
     dtype = np.uint16 if top <= np.iinfo(np.uint16).max else np.uint32
     # ImageJ's hyperstack format has no 32-bit integer type; write plain TIFF then.
     imagej = dtype == np.uint16
+    extra = _tiff_resolution(pixel_size, imagej)
+    if imagej and pixel_size is not None:
+        extra["metadata"] = {"unit": pixel_size.unit}
     with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, labels.astype(dtype), imagej=imagej, compression=None if imagej else "zlib")
+        tifffile.imwrite(tmp, labels.astype(dtype), imagej=imagej, compression=None if imagej else "zlib", **extra)
 
 
 def read_labels(path: str | Path, *, max_bytes: int | None = None) -> np.ndarray:
@@ -998,11 +1350,13 @@ def write_geojson(path: str | Path, labels: np.ndarray) -> None:
     write_feature_collection(path, nucleus_features(labels))
 
 
-def write_probabilities_tiff(path: str | Path, probabilities: np.ndarray, channels: Sequence[str] | None = None) -> None:
+def write_probabilities_tiff(path: str | Path, probabilities: np.ndarray, channels: Sequence[str] | None = None, *,
+                             pixel_size: PixelSize | tuple[float, float, str] | None = None) -> None:
     """Write ``(C, H, W)`` float32 probability maps as an ImageJ hyperstack TIFF, atomically.
 
     Fiji opens it as C channels; their names (``channels``) are stored as the
-    ImageJ channel labels.
+    ImageJ channel labels. ``pixel_size``: the image's pixel size, recorded as
+    ImageJ reads it (see :func:`write_labels_tiff`).
 
     Examples
     --------
@@ -1013,10 +1367,13 @@ def write_probabilities_tiff(path: str | Path, probabilities: np.ndarray, channe
     probabilities = np.asarray(probabilities, dtype=np.float32)
     if probabilities.ndim != 3:
         raise ValueError(f"probabilities must be (C, H, W), got shape {probabilities.shape}")
+    pixel_size = _checked_pixel_size(pixel_size)
     metadata: dict = {"axes": "CYX"}
     if channels is not None:
         if len(channels) != probabilities.shape[0]:
             raise ValueError(f"{len(channels)} channel names for {probabilities.shape[0]} channels")
         metadata["Labels"] = [str(c) for c in channels]
+    if pixel_size is not None:
+        metadata["unit"] = pixel_size.unit
     with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, probabilities, imagej=True, metadata=metadata)
+        tifffile.imwrite(tmp, probabilities, imagej=True, metadata=metadata, **_tiff_resolution(pixel_size, True))

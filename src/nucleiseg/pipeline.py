@@ -14,8 +14,12 @@ they on it. Here:
 
 Worker processes are started with ``spawn``: they share no lock, file or
 thread with the caller (the output folder's lock stays with the run), import
-no PyTorch, and die with the process that started them. Torch-free; imports
-no NumPy itself.
+no PyTorch, and die with the process that started them. They ignore Ctrl-C
+(SIGINT, which a terminal sends to every process of the command): the process
+that started them handles it, and a pool shut down while its
+``KeyboardInterrupt`` unwinds terminates its workers instead of waiting for
+their tasks, so an interrupted run ends at once with its one line, without a
+traceback from each worker. Torch-free; imports no NumPy itself.
 
 Examples
 --------
@@ -28,8 +32,11 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing.context
 import os
 import queue
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -219,8 +226,73 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="nucleiseg-watch-parent", daemon=True).start()
 
 
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """SIGINT blocked in this thread meanwhile (POSIX): a process started meanwhile inherits the block,
+    so it cannot be interrupted before :func:`_ignore_interrupts` runs in it. One that arrives for this
+    process meanwhile is delivered to another thread or, when the block ends, to this one: never lost."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _ignore_interrupts() -> None:
+    """Worker: ignore SIGINT (Ctrl-C is the parent's to handle: it terminates the workers), then unblock it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+class _SpawnProcess(multiprocessing.context.SpawnProcess):
+    """A spawned worker process started with SIGINT blocked (:func:`_interrupts_held`): a Ctrl-C while
+    it starts up (Python, the imports its task's module needs) is not a traceback of its own."""
+
+    def start(self) -> None:
+        with _interrupts_held():
+            super().start()
+
+
+class _SpawnContext(multiprocessing.context.SpawnContext):
+    """The ``spawn`` start method, its processes :class:`_SpawnProcess`."""
+
+    Process = _SpawnProcess
+
+
+class _WorkerProcesses(ProcessPoolExecutor):
+    """A process pool whose workers ignore SIGINT, and are terminated when the pool is shut down while a
+    ``KeyboardInterrupt`` unwinds (``finally: pool.shutdown()``, or leaving a ``with`` block): the run
+    stops now rather than when the workers' tasks (an image each) are done."""
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if isinstance(sys.exc_info()[1], KeyboardInterrupt):
+            self._stop_workers()
+            cancel_futures = True
+        super().shutdown(wait=wait, cancel_futures=cancel_futures)
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self._stop_workers()
+            self.shutdown(wait=True, cancel_futures=True)
+            return False
+        return super().__exit__(exc_type, exc_val, exc_tb)
+
+    def _stop_workers(self) -> None:
+        """Terminate the worker processes (SIGTERM): what they were doing is lost, as a Ctrl-C loses it."""
+        for process in list((getattr(self, "_processes", None) or {}).values()):
+            with contextlib.suppress(Exception):
+                if process.is_alive():
+                    process.terminate()
+
+
 def _start_worker(parent: int, init: Callable[..., None] | None, initargs: tuple) -> None:
-    """Worker initialiser: :func:`_die_with_parent`, then the caller's own ``init(*initargs)``."""
+    """Worker initialiser: :func:`_ignore_interrupts`, :func:`_die_with_parent`, then the caller's own
+    ``init(*initargs)``."""
+    _ignore_interrupts()
     _die_with_parent(parent)
     if init is not None:
         init(*initargs)
@@ -231,12 +303,12 @@ def worker_pool(workers: int, processes: bool, init: Callable[..., None] | None 
     """An executor of ``workers`` processes (spawned, see the module's notes) or threads.
 
     ``init(*initargs)`` runs once in each worker process as it starts (after it has lowered its
-    priority and tied its life to this process): loading a model, for example.
+    priority, tied its life to this process and set Ctrl-C aside for this process to handle):
+    loading a model, for example. A process pool shut down while a ``KeyboardInterrupt`` unwinds
+    terminates its workers (see the module's notes).
     """
     if not processes:
         return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nucleiseg-worker",
                                   initializer=_lower_priority)
-    import multiprocessing
-
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_start_worker, initargs=(os.getpid(), init, initargs))
+    return _WorkerProcesses(max_workers=workers, mp_context=_SpawnContext(),
+                            initializer=_start_worker, initargs=(os.getpid(), init, initargs))

@@ -141,7 +141,7 @@ def scaled_size(shape: tuple[int, int], scale: float) -> tuple[int, int]:
     # the exact product, not the rounded sizes': auto_scale's largest factor lands on the cap itself
     if scale > 1.0 and scale * scale * shape[0] * shape[1] > MAX_ENLARGED_PIXELS * (1 + 1e-9):
         raise NucleisegError(
-            f"image is {shape[0]}x{shape[1]} pixels, {height}x{width} at scale {scale:g}: enlarging past "
+            f"image is {shape[0]}x{shape[1]} pixels, {height:g}x{width:g} at scale {scale:g}: enlarging past "
             f"{MAX_ENLARGED_PIXELS / 1e6:g} Mpixel is refused (about 24 bytes a pixel of memory); "
             "use a smaller scale or a crop of the image"
         )
