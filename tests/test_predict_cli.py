@@ -461,3 +461,19 @@ def test_a_run_into_its_input_folder_can_be_run_again(tmp_path: Path, capsys, mo
     summary = pd.read_csv(tmp_path / "summary.csv")
     assert summary["name"].tolist() == ["a", "b"]  # a's own outputs are not taken for inputs
     assert summary["status"].tolist() == ["skipped", "ok"]
+
+
+def test_outputs_keep_the_pixel_size_of_the_input(tmp_path: Path, capsys, model: str) -> None:
+    import tifffile
+
+    from nucleiseg.io import read_pixel_size
+
+    tifffile.imwrite(tmp_path / "calibrated.tif", _fixture(FLUO, 64)[..., 0], imagej=True,
+                     resolution=(1 / 0.325, 1 / 0.325), metadata={"unit": "um"})
+    _good(tmp_path, "plain.png")
+    out = tmp_path / "out"
+    assert _run(capsys, tmp_path, "-o", out, "--model", model, "--save-probabilities")[0] == 0
+    for name in ("calibrated_labels.tif", "calibrated_probabilities.tif"):
+        size = read_pixel_size(out / name)
+        assert size is not None and size.unit == "um" and size.x == pytest.approx(0.325, rel=1e-6), name
+    assert read_pixel_size(out / "plain_labels.tif") is None

@@ -552,8 +552,10 @@ def _finish(predicted: _Predicted, folder: OutputFolder | Path,
             labels = label_nuclei(predicted.probabilities, predicted.channels, predicted.params)
         stage = folder.staging(job.name)
         staged = {kind: stage / path.name for kind, path in job.outputs.items()}
+        pixel_size = _io.read_pixel_size(job.path)  # the input's calibration, kept for Fiji, napari, QuPath
         if "probabilities" in staged:
-            _io.write_probabilities_tiff(staged["probabilities"], predicted.probabilities, predicted.channels)
+            _io.write_probabilities_tiff(staged["probabilities"], predicted.probabilities, predicted.channels,
+                                         pixel_size=pixel_size)
         predicted.probabilities = None  # free the largest array before the writers' temporaries
         # The overlay's PNG is encoded in a second thread (zlib releases the GIL) while this one writes the
         # mask, measures and writes the rest: the finishing stage then uses two cores. The thread gets little
@@ -575,7 +577,7 @@ def _finish(predicted: _Predicted, folder: OutputFolder | Path,
                 _io.write_geojson(staged["geojson"], labels)
             with _io.atomic_path(staged["table"]) as tmp:
                 table.to_csv(tmp, index=False)
-            _io.write_labels_tiff(staged["labels"], labels)
+            _io.write_labels_tiff(staged["labels"], labels, pixel_size=pixel_size)
         except BaseException:
             if pngs is not None:
                 pngs.thread.join()  # done with the staging folder before it is discarded; this error is reported
@@ -668,7 +670,8 @@ def _failure(exc: BaseException, path: Path) -> str:
     if isinstance(exc, NucleisegError):
         return display(exc.message if exc.path is not None else str(exc))
     if isinstance(exc, MemoryError):
-        return "out of memory: try a smaller tile or batch size"
+        return ("out of memory: the whole image's buffers did not fit; segment it in blocks (--cluster local:2, "
+                "see the README) or a crop of it, or free memory")
     if isinstance(exc, OSError) and exc.strerror:
         where = f" ({display(exc.filename)})" if exc.filename else ""
         return f"cannot write its outputs: {exc.strerror}{where}"
