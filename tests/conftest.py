@@ -17,6 +17,29 @@ def _few_threads():
     torch.set_num_threads(1)
 
 
+@pytest.fixture
+def outliving():
+    """Factory: ``outliving(pids, seconds=10)`` -> the processes of ``pids`` still running (zombies count as
+    ended) after waiting up to ``seconds`` for them to end."""
+    import time
+
+    psutil = pytest.importorskip("psutil")
+
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def outliving(pids, seconds: float = 10.0) -> list[int]:
+        deadline = time.monotonic() + seconds
+        while any(running(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return [pid for pid in pids if running(pid)]
+
+    return outliving
+
+
 @pytest.fixture(scope="session")
 def fixture_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The four-image DSB fixture as a prepared cache; the brightfield crop is its validation image.

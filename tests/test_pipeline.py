@@ -75,10 +75,9 @@ _CTRL_C_WHILE_LOADING = """
 
 @posix_only
 @pytest.mark.parametrize("when", ["starting", "loading"])
-def test_ctrl_c_while_workers_start_is_one_line(tmp_path: Path, when: str) -> None:
+def test_ctrl_c_while_workers_start_is_one_line(tmp_path: Path, when: str, outliving) -> None:
     """A terminal's Ctrl-C (SIGINT to the whole process group) while the workers start up or run their
     initializer: the parent's one line, no traceback from each worker, no worker left running."""
-    psutil = pytest.importorskip("psutil")
     script = tmp_path / "pool.py"
     script.write_text(textwrap.dedent(_CTRL_C_WHILE_LOADING))
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE,
@@ -99,17 +98,7 @@ def test_ctrl_c_while_workers_start_is_one_line(tmp_path: Path, when: str) -> No
         assert proc.returncode == 130
         assert stderr == "interrupted\n", stderr
         workers = [int(p.name.split("-")[1]) for p in tmp_path.glob("worker-*")]
-
-        def running(pid: int) -> bool:
-            try:
-                return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-            except psutil.NoSuchProcess:
-                return False
-
-        deadline = time.monotonic() + 10
-        while any(running(pid) for pid in workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(running(pid) for pid in workers)
+        assert not outliving(workers)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # only the group this test started, should an assertion fail

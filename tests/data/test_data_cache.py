@@ -369,7 +369,7 @@ def test_a_cache_of_an_earlier_version_is_still_up_to_date(dsb_copy, tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux: workers die with prepare by PR_SET_PDEATHSIG")
-def test_pool_workers_die_with_a_killed_prepare(tmp_path):
+def test_pool_workers_die_with_a_killed_prepare(tmp_path, outliving):
     """SIGKILL of prepare ends its pool's worker processes too (pipeline.worker_pool), none left running."""
     psutil = pytest.importorskip("psutil")
     script = tmp_path / "slow_prepare.py"
@@ -397,17 +397,7 @@ def test_pool_workers_die_with_a_killed_prepare(tmp_path):
         assert len(workers) == 2, "the pool's workers did not start"
         proc.kill()
         proc.wait()
-
-        def running(pid):
-            try:
-                return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-            except psutil.NoSuchProcess:
-                return False
-
-        deadline = time.monotonic() + 10
-        while any(running(pid) for pid in workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(running(pid) for pid in workers), "prepare's workers outlived it"
+        assert not outliving(workers), "prepare's workers outlived it"
     finally:
         proc.kill()
         for pid in workers:  # only what this test started, should the assertion above fail
