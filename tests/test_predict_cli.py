@@ -477,3 +477,19 @@ def test_outputs_keep_the_pixel_size_of_the_input(tmp_path: Path, capsys, model:
         size = read_pixel_size(out / name)
         assert size is not None and size.unit == "um" and size.x == pytest.approx(0.325, rel=1e-6), name
     assert read_pixel_size(out / "plain_labels.tif") is None
+
+
+def test_records_of_an_earlier_version_keep_their_names(tmp_path: Path, capsys, model: str) -> None:
+    """Records written before they named their image: each image is matched by its name, as then."""
+    _good(tmp_path, "a.png")
+    _good(tmp_path, "b.png", TISSUE)
+    out = tmp_path / "out"
+    assert _run(capsys, tmp_path, "-o", out, "--model", model)[0] == 0
+    counts = pd.read_csv(out / "summary.csv").set_index("name")["nuclei"].to_dict()
+    for record in (out / ".nucleiseg" / "done").glob("*.json"):
+        data = json.loads(record.read_text())
+        del data["source"]
+        record.write_text(json.dumps(data))
+    assert _run(capsys, tmp_path / "b.png", "-o", out, "--model", model)[0] == 0
+    row = pd.read_csv(out / "summary.csv").iloc[0]
+    assert (row["name"], row["status"], row["nuclei"]) == ("b", "skipped", counts["b"])

@@ -237,6 +237,7 @@ class OutputFolder:
         self.path = Path(path)
         self.state = self.path / STATE_DIR
         self._lock_file: Any = None
+        self._sources: tuple[dict, dict] | None = None  # recorded images -> their names (recorded_name)
 
     # -- opening and locking
     def open(self, lock: bool = True) -> OutputFolder:
@@ -364,11 +365,27 @@ class OutputFolder:
         return {(self.path / f).resolve() for name in names for f in self.recorded_files(name)}
 
     def recorded_name(self, path: Path) -> str | None:
-        """The name under which an earlier run recorded ``path``'s outputs here, or None."""
+        """The name under which an earlier run recorded ``path``'s outputs here (its path, or a file of its name,
+        size and modification time: moved with its folder), or None. The records are read once."""
         if not (self.state / "done").is_dir():
             return None
-        found = [name for name, record in self._records() if _same_image(record, path) == "same"]
-        return found[0] if found else None
+        if self._sources is None:
+            by_path: dict[str, str] = {}
+            by_stamp: dict[tuple, str] = {}
+            for name, record in self._records():
+                source = record.get("source")
+                if isinstance(source, dict) and source.get("path"):  # records of older runs name no image
+                    by_path.setdefault(str(source["path"]), name)
+                    if "size" in source:
+                        stamp = (Path(str(source["path"])).name, source["size"], source.get("mtime_ns"))
+                        by_stamp.setdefault(stamp, name)
+            self._sources = (by_path, by_stamp)
+        by_path, by_stamp = self._sources
+        now = _source(path)
+        name = by_path.get(now["path"])
+        if name is None and "size" in now:
+            name = by_stamp.get((path.name, now["size"], now["mtime_ns"]))
+        return name
 
     def free_for(self, name: str, path: Path) -> bool:
         """Whether ``name`` may name ``path``'s outputs: unrecorded, or recorded for this very image (or
