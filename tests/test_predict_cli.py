@@ -493,3 +493,15 @@ def test_records_of_an_earlier_version_keep_their_names(tmp_path: Path, capsys, 
     assert _run(capsys, tmp_path / "b.png", "-o", out, "--model", model)[0] == 0
     row = pd.read_csv(out / "summary.csv").iloc[0]
     assert (row["name"], row["status"], row["nuclei"]) == ("b", "skipped", counts["b"])
+
+
+def test_a_broken_link_in_an_input_folder_is_named(tmp_path: Path, capsys, model: str) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _good(folder, "cells.png")
+    (folder / "gone.png").symlink_to(tmp_path / "deleted.png")
+    status, lines = _run(capsys, folder, "-o", tmp_path / "out", "--model", model)
+    assert status == 1 and lines == [f"nucleiseg predict: error: {folder / 'gone.png'}: a link to a file that does "
+                                     "not exist"]
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    assert summary["status"].tolist() == ["ok", "failed"]

@@ -121,7 +121,10 @@ def expand_inputs(specs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[s
         path = Path(spec)
         if path.is_dir():
             found = _io.list_images(path)
-            if not found:
+            broken = sorted(p for p in path.iterdir()
+                            if p.suffix.lower() in _io.IMAGE_SUFFIXES and p.is_symlink() and not p.exists())
+            problems.extend((str(p), "a link to a file that does not exist") for p in broken)
+            if not found and not broken:
                 problems.append((spec, f"folder holds no images ({', '.join(_io.IMAGE_SUFFIXES)}) directly inside"))
         elif path.exists() or path.is_symlink():
             found = [path]
