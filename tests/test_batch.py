@@ -227,6 +227,7 @@ def test_options_checked_once_with_the_cli_words(tmp_path: Path, images: Path, m
         (["--batch-size", "0"], "--batch-size must be a whole number >= 1, got 0"),
         (["--channel", "0"], "--channel counts from 1"),
         (["--workers", "-1"], "--workers must be a whole number >= 0, got -1"),
+        (["--diameter", "1e-310"], "--diameter must be a number of pixels > 0, got 1e-310: too small to resize"),
     ]:
         assert main(["-q", "predict", str(images), "-o", str(tmp_path / "refused"), *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -273,4 +273,7 @@ class PredictOptions:
         if self.diameter is None:
             return self
         scale = "auto" if self.diameter == "auto" else nucleus_diameter / self.diameter
+        if scale != "auto" and not math.isfinite(scale):  # a diameter so small that no resize factor follows
+            raise OptionError("diameter", f"must be a number of pixels > 0, got {self.diameter:g}: too small to "
+                                          "resize the image by")
         return dataclasses.replace(self, diameter=None, scale=scale)
