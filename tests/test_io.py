@@ -447,3 +447,10 @@ def test_probabilities_tiff_keeps_the_pixel_size(tmp_path: Path) -> None:
     with tifffile.TiffFile(tmp_path / "p.tif") as tif:
         assert tif.imagej_metadata["unit"] == "um" and tif.imagej_metadata["Labels"] == ["body", "contour", "touch"]
         assert tif.series[0].axes == "CYX" and np.array_equal(tif.asarray(), probs)
+
+
+def test_atomic_writes_of_names_near_the_systems_limit(tmp_path: Path) -> None:
+    """A 250-character file name (the limit is 255 bytes) leaves no room for the temporary name's additions."""
+    path = tmp_path / ("n" * 239 + "_labels.tif")
+    write_labels_tiff(path, _labels())
+    assert np.array_equal(read_labels(path), _labels()) and [p.name for p in tmp_path.iterdir()] == [path.name]

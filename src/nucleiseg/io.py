@@ -784,7 +784,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        # the name's first 100 characters: a name near the system's 255 must still leave room for the rest
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=".tmp" + path.suffix[:16],
+                                        dir=path.parent)
         os.close(fd)
     except OSError as exc:
         error = _write_error(exc, path)
