@@ -4,7 +4,8 @@ Run from the repository root (a few minutes on 2 cores):
 
     .venv/bin/python benchmarks/predict_speed.py [--images 32] [--modes fast accurate] [--large 8000]
         [--variants default sequential pipelined threads] [--paired 3]
-        [--large-stages] [--tile-side-by-side 976] [--same-outputs CACHE] [--json OUT]
+        [--large-stages] [--large-tiles 1024 1408 1760] [--tile-side-by-side 976] [--same-outputs CACHE]
+        [--json OUT]
 
 For each mode, in one process, with the model loaded once and the default
 options (precision auto, default outputs: labels, mask, overlay, table):
@@ -26,6 +27,9 @@ options (precision auto, default outputs: labels, mask, overlay, table):
   timed image by image in turn, robust to the machine's drift; and folder by
   folder (:func:`paired_folder_ratio`): network-only on as many inputs, then
   ``predict_files`` on the folder (the default, and one image at a time), in turn;
+- with ``--large-tiles T ...``: that image with each tile side in turn, in
+  ``--rounds`` interleaved rounds (a larger tile predicts fewer overlap pixels
+  and holds more activations);
 - with ``--large-stages``: that image once more, its reading, network and
   finishing stage timed apart;
 - with ``--tile-side-by-side SIDE``: the accurate network alone on one
@@ -76,8 +80,9 @@ def load() -> float:
 
 
 def timed_predict(folder: Path, model: Any, mode: str, workers: int | None, repeats: int,
-                  images: int | None = None, device: str = "auto") -> tuple[float, float]:
-    """(best seconds of ``repeats`` predict_files runs into fresh folders, load average during the best)."""
+                  images: int | None = None, device: str = "auto", tile: int | None = None) -> tuple[float, float]:
+    """(best seconds of ``repeats`` predict_files runs into fresh folders, load average during the best);
+    ``tile``: the tile side (default: predict's)."""
     from nucleiseg.batch import predict_files
 
     best, best_load = float("inf"), 0.0
@@ -86,7 +91,8 @@ def timed_predict(folder: Path, model: Any, mode: str, workers: int | None, repe
         try:
             before = load()
             t0 = time.perf_counter()
-            summary = predict_files([folder], out, model=model, options={"mode": mode, "device": device},
+            options = {"mode": mode, "device": device, **({"tile": tile} if tile else {})}
+            summary = predict_files([folder], out, model=model, options=options,
                                     progress=False, say=lambda kind, text: None, workers=workers)
             seconds = time.perf_counter() - t0
             assert (summary["status"] == "ok").all(), summary
@@ -325,6 +331,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--large-stages", action="store_true",
                         help="with --large: the large image once more, timing reading, the network (with "
                         "normalising) and the finishing stage (labels, measurements, writing) apart")
+    parser.add_argument("--large-tiles", type=int, nargs="+", default=None, metavar="TILE",
+                        help="with --large: the large image with each of these tile sides in turn, --rounds "
+                        "interleaved rounds, seconds each (a larger tile predicts fewer overlap pixels)")
     parser.add_argument("--tile-side-by-side", type=int, default=None, metavar="SIDE",
                         help="also the network alone (accurate) on SIDE x SIDE inputs: one on all threads against "
                         "two side by side, in Mpixel/s (large images' tiles)")
@@ -481,6 +490,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             say(f"\n{args.large}x{args.large} accurate: {seconds:.1f} s = {seconds / mpix:.2f} s/Mpixel"
                 f" = {seconds / mpix / per_small:.2f}x the 256x256 folder's {per_small:.2f} s/Mpixel"
                 f" (load {results['large']['load']:.1f})")
+            if args.large_tiles:
+                from nucleiseg.tiling import DEFAULT_OVERLAP, tile_spans
+
+                runs = []
+                for _ in range(args.rounds):
+                    runs.append({t: timed_predict(big, model, "accurate", None, 1, images=1, device=args.device,
+                                                  tile=t)[0] for t in args.large_tiles})
+                pixels = {t: (sum(b - a for a, b in tile_spans(args.large, t, DEFAULT_OVERLAP, 16)) / args.large) ** 2
+                          for t in args.large_tiles}
+                results["large"]["tiles"] = {"seconds": runs, "predicted_pixels": pixels}
+                for t in args.large_tiles:
+                    say(f"{args.large}x{args.large} accurate, tile {t} ({pixels[t]:.2f}x the pixels): "
+                        + ", ".join(f"{r[t]:.1f} s" for r in runs))
             if args.large_stages:
                 stages = large_stages(big / "large.png", model, args.device)
                 results["large"]["stages_seconds"] = stages
