@@ -240,7 +240,8 @@ class OutputFolder:
         self.path = Path(path)
         self.state = self.path / STATE_DIR
         self._lock_file: Any = None
-        self._sources: tuple[dict, dict] | None = None  # recorded images -> their names (recorded_name)
+        self._scanned: dict[str, tuple[dict | None, dict | None]] | None = None  # _scan's, read once
+        self._by_key: dict[Any, str] | None = None  # recorded images' keys -> their names (recorded_name)
 
     # -- opening and locking
     def open(self, lock: bool = True) -> OutputFolder:
@@ -344,51 +345,31 @@ class OutputFolder:
         return sorted(e.stem for e in (self.state / where).glob("*.json")
                       if not (e.name.startswith(".") and ".tmp" in e.name))
 
-    def _records(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        for name in self._entries("done"):
-            record = self._read_entry("done", name)
-            if record is not None:
-                yield name, record
+    def _scan(self) -> dict[str, tuple[dict[str, Any] | None, dict[str, Any] | None]]:
+        """Every name's done record and journal entry, read once: what names a run's images before it starts
+        (:meth:`owned_paths`, :meth:`recorded_name`); the run itself reads them afresh."""
+        if self._scanned is None:
+            names = sorted(set(self._entries("done")) | set(self._entries("journal")))
+            self._scanned = {n: (self._read_entry("done", n), self._read_entry("journal", n)) for n in names}
+        return self._scanned
 
     def recorded_files(self, name: str) -> set[str]:
         """The file names that this folder's bookkeeping says ``name``'s outputs are (done record and journal)."""
-        files: set[str] = set()
-        for where in ("done", "journal"):
-            entry = self._read_entry(where, name) or {}
-            listed = entry.get("files")
-            files.update(str(f) for f in (listed.values() if isinstance(listed, dict) else ()))
-            files.update(str(f) for f in entry.get("stale", ()) if isinstance(entry.get("stale"), list))
-        return {f for f in files if f and Path(f).name == f}  # plain names in this folder, nothing else
+        return _listed_files(self._read_entry("done", name), self._read_entry("journal", name))
 
     def owned_paths(self) -> set[Path]:
         """Every output file this folder's records list, resolved: never an input of a run into this folder."""
-        if not (self.state / "done").is_dir():
-            return set()
-        names = {name for where in ("done", "journal") for name in self._entries(where)}
-        return {(self.path / f).resolve() for name in names for f in self.recorded_files(name)}
+        return {(self.path / f).resolve() for entries in self._scan().values() for f in _listed_files(*entries)}
 
     def recorded_name(self, path: Path) -> str | None:
-        """The name under which an earlier run recorded ``path``'s outputs here (its path, or a file of its name,
-        size and modification time: moved with its folder), or None. The records are read once."""
-        if not (self.state / "done").is_dir():
-            return None
-        if self._sources is None:
-            by_path: dict[str, str] = {}
-            by_stamp: dict[tuple, str] = {}
-            for name, record in self._records():
-                source = record.get("source")
-                if isinstance(source, dict) and source.get("path"):  # records of older runs name no image
-                    by_path.setdefault(str(source["path"]), name)
-                    if "size" in source:
-                        stamp = (Path(str(source["path"])).name, source["size"], source.get("mtime_ns"))
-                        by_stamp.setdefault(stamp, name)
-            self._sources = (by_path, by_stamp)
-        by_path, by_stamp = self._sources
-        now = _source(path)
-        name = by_path.get(now["path"])
-        if name is None and "size" in now:
-            name = by_stamp.get((path.name, now["size"], now["mtime_ns"]))
-        return name
+        """The name under which an earlier run recorded ``path``'s outputs here (see :func:`_same_image`), or None."""
+        if self._by_key is None:
+            self._by_key = {}
+            for name, (record, _) in reversed(self._scan().items()):  # the first name in order wins
+                source = (record or {}).get("source")
+                if isinstance(source, dict):  # records of older runs name no image
+                    self._by_key.update((key, name) for key in _image_keys(source) if key is not None)
+        return next((self._by_key[key] for key in _image_keys(_source(path)) if key in self._by_key), None)
 
     def free_for(self, name: str, path: Path) -> bool:
         """Whether ``name`` may name ``path``'s outputs: unrecorded, or recorded for this very image (or
@@ -477,20 +458,36 @@ def _source(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def _image_keys(source: Mapping[str, Any]) -> tuple[str, tuple | None]:
+    """What a :func:`_source` is matched by: its path, and its file name with size and modification time
+    (None without them), so that a file moved with its folder is still found."""
+    path = str(source.get("path"))
+    stamp = (Path(path).name, source["size"], source.get("mtime_ns")) if "size" in source else None
+    return path, stamp
+
+
 def _same_image(record: Mapping[str, Any], path: Path) -> str:
-    """Whether a done record is of the image file ``path``: ``"same"``, ``"changed"`` (the same file,
+    """Whether a done record is of the image file ``path``: ``"same"``, ``"changed"`` (the same path, the file
     rewritten since), or ``"other"``. A record without ``source`` (written before records named their
     image) counts as the same. A file moved with its folder (same name, size and time) is the same."""
     source = record.get("source")
     if not isinstance(source, dict):
         return "same"
-    now = _source(path)
-    stamp = lambda s: (s.get("size"), s.get("mtime_ns"))  # noqa: E731
-    if source.get("path") == now["path"]:
-        return "same" if stamp(source) == stamp(now) else "changed"
-    if Path(str(source.get("path"))).name == path.name and stamp(source) == stamp(now) and "size" in now:
-        return "same"
-    return "other"
+    (was, was_stamp), (now, now_stamp) = _image_keys(source), _image_keys(_source(path))
+    if was == now:
+        return "same" if was_stamp == now_stamp else "changed"
+    return "same" if was_stamp is not None and was_stamp == now_stamp else "other"
+
+
+def _listed_files(*entries: Mapping[str, Any] | None) -> set[str]:
+    """The output file names a done record and a journal entry list (``files``, and the journal's ``stale``)."""
+    files: set[str] = set()
+    for entry in entries:
+        entry = entry or {}
+        listed, stale = entry.get("files"), entry.get("stale")
+        files.update(str(f) for f in (listed.values() if isinstance(listed, dict) else ()))
+        files.update(str(f) for f in (stale if isinstance(stale, list) else ()))
+    return {f for f in files if f and Path(f).name == f}  # plain names in this folder, nothing else
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:

@@ -340,10 +340,10 @@ def open_image(source: str | Path | np.ndarray, name: str | None = None) -> tupl
     >>> source.shape, source.read(slice(0, 10), slice(5, 9)).shape, name
     ((300, 200, 3), (10, 4, 3), 'image')
     """
-    from .io import IMAGE_SUFFIXES, TIFF_SUFFIXES, _as_2d_image, read_image
+    from .io import IMAGE_SUFFIXES, TIFF_SUFFIXES, as_2d_image, read_image
 
     if isinstance(source, np.ndarray) or hasattr(source, "__array__") and not isinstance(source, (str, Path)):
-        array = _as_2d_image(np.asarray(source), Path("<array>"))
+        array = as_2d_image(np.asarray(source), Path("<array>"))
         return ImageSource("array", None, None, ("y", "x", "c")[: array.ndim], array.shape, str(array.dtype),
                            array), name or "image"
     path = Path(source)

@@ -474,9 +474,6 @@ def as_2d_image(image, path: str | Path | None = None) -> np.ndarray:
     raise error(f"expected a 2-D grey, RGB or RGBA image, got an array of shape {image.shape}{hint}", path)
 
 
-_as_2d_image = as_2d_image  # its former name (nucleiseg.distributed)
-
-
 # ------------------------------------------------------------------------------ pixel size
 class PixelSize(NamedTuple):
     """The physical size of a pixel: its width ``x`` and height ``y``, in ``unit``.
